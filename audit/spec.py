@@ -1,0 +1,192 @@
+"""The audit spec: a YAML file declaring a model pair, data, crosscoder settings and later stages.
+
+``load_spec(path)`` validates with pydantic and reports problems as ``file:line: field: message``
+so that a user can go straight to the offending line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from crosscoder.config import CrosscoderConfig
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be used; the message names the file, line and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """One side of the comparison."""
+
+    id: str = Field(description="Hugging Face hub id, local folder, or zoo:<name>")
+    revision: str | None = None
+    layer: int = Field(ge=0, description="0-based decoder block whose output is captured")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(default=None, description="override the tokenizer's chat template")
+
+    @field_validator("id")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model id must not be empty")
+        return value
+
+
+class DataSource(_Strict):
+    """A text source: a hub dataset id (streamed) or a local jsonl/parquet/txt file."""
+
+    path: str
+    split: str = "train"
+    name: str | None = Field(default=None, description="dataset configuration name, for hub datasets")
+    text_field: str | None = "text"
+    messages_field: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_field(self) -> DataSource:
+        if self.messages_field:
+            self.text_field = None
+        if not self.text_field and not self.messages_field:
+            raise ValueError("set text_field (plain text) or messages_field (chat transcripts)")
+        return self
+
+
+class DataSpec(_Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    max_tokens: int = Field(default=200_000, gt=0, description="token budget (model A's tokens)")
+    context_length: int = Field(default=256, gt=8)
+    seed: int = 0
+
+
+class TrainSpec(_Strict):
+    steps: int = Field(default=3000, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    checkpoint_every: int = Field(default=1000, gt=0)
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class CrosscoderSpec(_Strict):
+    """Crosscoder settings; widths come from the models, so ``d_a``/``d_b`` are not set here."""
+
+    architecture: Literal["batchtopk", "dfc", "dsf"] = "dfc"
+    dict_size: int = Field(gt=1)
+    k: int = Field(gt=0)
+    exclusive_fraction: float = 0.05
+    shared_fraction: float = 0.125
+    shared_cost_ratio: float = 0.15
+    seed: int = 0
+    lr: float | None = None
+    aux_k: int | None = None
+    aux_alpha: float = 1 / 32
+    outlier_factor: float | None = 2.0
+    exclusive_init: Literal["random", "residual"] = "residual"
+    train: TrainSpec = TrainSpec()
+
+    def to_config(self, d_a: int, d_b: int) -> CrosscoderConfig:
+        fields = self.model_dump(exclude={"train"})
+        return CrosscoderConfig(d_a=d_a, d_b=d_b, **fields)
+
+    @model_validator(mode="after")
+    def _check_with_placeholder_widths(self) -> CrosscoderSpec:
+        # Width-independent checks (k < D, fraction ranges) run now, with dummy widths.
+        self.to_config(d_a=1, d_b=1)
+        return self
+
+
+class ScreenSpec(_Strict):
+    """Screen stage (explain + flag); filled in by the screen-and-verify work."""
+
+    explainer: str = "offline"
+    top_n_standard: int = Field(default=50, gt=0, description="batchtopk: flag this many by relative norm")
+    relative_norm_cut: float = Field(default=0.9, gt=0.5, lt=1.0)
+    contexts_per_feature: int = Field(default=20, gt=0)
+
+
+class VerifySpec(_Strict):
+    grader: str = "offline"
+    alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+    rubrics: list[str] = Field(default_factory=list)
+
+
+class ReportSpec(_Strict):
+    title: str | None = None
+    formats: list[Literal["html", "markdown"]] = Field(default_factory=lambda: ["html", "markdown"])
+
+
+class AuditSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    model_a: ModelSpec
+    model_b: ModelSpec
+    data: DataSpec
+    crosscoder: CrosscoderSpec
+    screen: ScreenSpec = ScreenSpec()
+    verify: VerifySpec = VerifySpec()
+    report: ReportSpec = ReportSpec()
+
+    def content_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none), for keying stage artefacts."""
+        dumped = self.model_dump(mode="json")
+        chosen = {key: dumped[key] for key in sections} if sections else dumped
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path) -> AuditSpec:
+    """Read and validate a spec file; raise :class:`SpecError` naming file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec must be a YAML mapping (name, model_a, model_b, data, crosscoder)")
+    try:
+        return AuditSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+            field = ".".join(str(part) for part in loc) or "(top level)"
+            line = _line_of(root, loc)
+            where = f"{path}:{line}" if line else str(path)
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {field}: {message}")
+        raise SpecError("\n".join(lines)) from None
+
+
+def _line_of(node: Any, loc: list) -> int | None:
+    """1-based line of the deepest YAML node along ``loc`` that exists."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    child = value
+                    line = key.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line

@@ -1,0 +1,499 @@
+"""Training loop: BatchTopK with k-annealing, AuxK revival, outlier masking, resumable checkpoints.
+
+Loss (per step, over the pairs that survive outlier masking)::
+
+    L = mean_i ( |x_A,i - x̂_A,i|² + |x_B,i - x̂_B,i|² ) + aux_alpha · L_aux
+
+Squared error summed over dimensions, as in METHOD §4: it is what FVE measures, so the optimiser
+and the headline metric agree. ``L_aux`` is the AuxK error of reconstructing the residual from the
+top ``aux_k`` dead features, divided by the residual's total variance so its scale does not depend
+on the data; it is dropped for a step where it is not finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import CrosscoderConfig
+from .model import Crosscoder, check_pair_batch, write_json_atomic
+from .sparse import row_topk, selected_pre_activations
+
+PairBatch = tuple[Tensor, Tensor]
+StepCallback = Callable[[int, dict], None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The main loss became NaN or infinite; the last checkpoint is left untouched."""
+
+
+@dataclass
+class TrainerState:
+    """Everything beyond the weights that a resumed run needs to continue identically."""
+
+    step: int = 0
+    pairs_seen: int = 0
+    pairs_since_fired: Tensor | None = None  # [D] int64, for dead-feature detection
+    threshold_ema: float = 0.0  # un-corrected EMA of the smallest kept score
+    threshold_updates: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def median_norm_scale(x_nd: Tensor, target: float) -> float:
+    """Scalar that brings the median L2 norm of rows of ``x`` to ``target``."""
+    median = float(x_nd.float().norm(dim=1).median())
+    if not math.isfinite(median) or median <= 0:
+        raise ValueError("cannot normalise: the median activation norm is zero or not finite")
+    return target / median
+
+
+def estimate_norm_scales(x_a: Tensor, x_b: Tensor, config: CrosscoderConfig) -> tuple[float, float]:
+    """METHOD §3: both models scaled so their median norm is ``sqrt((d_a + d_b) / 2)``."""
+    target = math.sqrt((config.d_a + config.d_b) / 2)
+    return median_norm_scale(x_a, target), median_norm_scale(x_b, target)
+
+
+# ---- data sources ---------------------------------------------------------------------------------
+
+
+class _TensorBatches:
+    """Deterministic minibatches from in-memory tensors: the batch of step t depends only on t."""
+
+    def __init__(self, x_a: Tensor, x_b: Tensor, batch_size: int, seed: int):
+        self.x_a, self.x_b = x_a, x_b
+        self.n = x_a.shape[0]
+        self.batch_size = min(batch_size, self.n)
+        self.seed = seed
+        self.batches_per_epoch = self.n // self.batch_size
+        self._epoch, self._perm = -1, None
+
+    def batch(self, step: int) -> PairBatch:
+        epoch, within = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=generator)
+            self._epoch = epoch
+        index = self._perm[within * self.batch_size : (within + 1) * self.batch_size]
+        return self.x_a[index], self.x_b[index]
+
+
+class _IteratorBatches:
+    """Batches from any iterator; a resumed run skips the batches already consumed."""
+
+    def __init__(self, batches: Iterable[PairBatch], start_step: int):
+        self._iterator: Iterator[PairBatch] = iter(batches)
+        self._next_step = 0
+        self._peeked: list[PairBatch] = []
+        while self._next_step < start_step:
+            self._pull()
+            self._next_step += 1
+
+    def _pull(self) -> PairBatch:
+        if self._peeked:
+            return self._peeked.pop(0)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise StopIteration from None
+
+    def peek(self, n_pairs: int) -> list[PairBatch]:
+        """Look ahead at batches totalling at least ``n_pairs`` (they are still served later)."""
+        seen = sum(b[0].shape[0] for b in self._peeked)
+        while seen < n_pairs:
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                break
+            self._peeked.append(batch)
+            seen += batch[0].shape[0]
+        return list(self._peeked)
+
+    def batch(self, step: int) -> PairBatch | None:
+        try:
+            return self._pull()
+        except StopIteration:
+            return None
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+_STATE_DIR = re.compile(r"^state-(\d{8})$")
+
+
+def _state_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STATE_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _save_state(root: Path, model: Crosscoder, optimizer: torch.optim.Optimizer, state: TrainerState, keep: int) -> Path:
+    """Write a resumable state folder atomically (build under a temp name, then rename)."""
+    final = root / f"state-{state.step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    tensors: dict[str, Tensor] = {"pairs_since_fired": state.pairs_since_fired.cpu()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    opt_steps = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            slot = optimizer.state.get(param, {})
+            name = names[id(param)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in slot:
+                    tensors[f"adam.{name}.{key}"] = slot[key].detach().cpu().contiguous()
+            if "step" in slot:
+                opt_steps[name] = float(slot["step"])
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    write_json_atomic(
+        tmp / "trainer.json",
+        {
+            "step": state.step,
+            "pairs_seen": state.pairs_seen,
+            "threshold_ema": state.threshold_ema,
+            "threshold_updates": state.threshold_updates,
+            "elapsed_s": state.elapsed_s,
+            "history": state.history,
+            "adam_steps": opt_steps,
+        },
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in _state_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_state(folder: Path, model: Crosscoder, optimizer: torch.optim.Optimizer) -> TrainerState:
+    saved = Crosscoder.load(folder, device=model.W_enc_AD.device)
+    model.load_state_dict(saved.state_dict())
+    tensors = load_file(str(folder / "trainer.safetensors"))
+    meta = json.loads((folder / "trainer.json").read_text())
+    device = model.W_enc_AD.device
+    for name, param in model.named_parameters():
+        if f"adam.{name}.exp_avg" in tensors:
+            optimizer.state[param] = {
+                "step": torch.tensor(meta["adam_steps"][name]),
+                "exp_avg": tensors[f"adam.{name}.exp_avg"].to(device),
+                "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(device),
+            }
+    return TrainerState(
+        step=meta["step"],
+        pairs_seen=meta["pairs_seen"],
+        pairs_since_fired=tensors["pairs_since_fired"].to(device),
+        threshold_ema=meta["threshold_ema"],
+        threshold_updates=meta["threshold_updates"],
+        elapsed_s=meta["elapsed_s"],
+        history=meta["history"],
+    )
+
+
+def _settings_that_differ(a: CrosscoderConfig, b: CrosscoderConfig) -> list[str]:
+    da, db = a.model_dump(), b.model_dump()
+    return sorted(k for k in da if da[k] != db[k])
+
+
+# ---- the step -------------------------------------------------------------------------------------
+
+
+def k_at_step(config: CrosscoderConfig, step: int) -> int:
+    """Linear k-annealing from ``k_start`` to ``k`` over ``k_anneal_steps``."""
+    if not config.k_anneal_steps or step >= config.k_anneal_steps:
+        return config.k
+    frac = step / config.k_anneal_steps
+    return int(round(config.k_start + (config.k - config.k_start) * frac))
+
+
+def lr_at_step(config: CrosscoderConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last 20 % of steps."""
+    lr = config.lr_value()
+    if config.warmup_steps and step < config.warmup_steps:
+        return lr * (step + 1) / config.warmup_steps
+    decay_start = int(total_steps * 0.8)
+    if step >= decay_start and total_steps > decay_start:
+        return lr * (total_steps - step) / (total_steps - decay_start)
+    return lr
+
+
+def outlier_mask(x_nA: Tensor, x_nB: Tensor, factor: float | None) -> Tensor:
+    """Pairs to keep: neither vector's norm exceeds ``factor`` × its batch median."""
+    if factor is None:
+        return torch.ones(x_nA.shape[0], dtype=torch.bool, device=x_nA.device)
+    norm_a, norm_b = x_nA.norm(dim=1), x_nB.norm(dim=1)
+    return (norm_a <= factor * norm_a.median()) & (norm_b <= factor * norm_b.median())
+
+
+def training_step(
+    model: Crosscoder,
+    x_nA: Tensor,
+    x_nB: Tensor,
+    k: int,
+    dead_D: Tensor | None,
+) -> tuple[Tensor, dict, Tensor, float]:
+    """Forward pass and loss on *normalised* inputs.
+
+    Returns ``(loss, stats, fired_D, min_kept_score)``; ``fired_D`` marks features active in the batch.
+    """
+    cfg = model.config
+    keep = outlier_mask(x_nA, x_nB, cfg.outlier_factor)
+    if not bool(keep.all()):
+        x_nA, x_nB = x_nA[keep], x_nB[keep]
+    n = x_nA.shape[0]
+
+    codes = model.sparse_codes(x_nA, x_nB, k=k)
+    x_hat_a, x_hat_b = model.decode_sparse(codes.entries, codes.values)
+    err_a, err_b = x_nA - x_hat_a, x_nB - x_hat_b
+    sq_a, sq_b = err_a.pow(2).sum(), err_b.pow(2).sum()
+    loss = (sq_a + sq_b) / n
+
+    scores = codes.scores_nD[codes.entries.rows, codes.entries.cols]
+    min_kept = float(scores.min()) if scores.numel() else float("nan")
+    fired = torch.zeros(cfg.dict_size, dtype=torch.bool, device=x_nA.device)
+    fired[codes.entries.cols] = True
+
+    aux_loss = torch.zeros((), device=x_nA.device)
+    n_dead = 0
+    if dead_D is not None and cfg.aux_alpha > 0:
+        n_dead = int(dead_D.sum())
+        if n_dead:
+            aux_loss = _aux_loss(model, codes, x_nA, x_nB, err_a.detach(), err_b.detach(), dead_D)
+            if not bool(torch.isfinite(aux_loss)):
+                aux_loss = torch.zeros((), device=x_nA.device)
+            loss = loss + cfg.aux_alpha * aux_loss
+
+    with torch.no_grad():
+        var_a = (x_nA - x_nA.mean(0)).pow(2).sum()
+        var_b = (x_nB - x_nB.mean(0)).pow(2).sum()
+    stats = {
+        "loss": float(loss.detach()),
+        "aux_loss": float(aux_loss.detach()),
+        "fve_a": float(1 - sq_a.detach() / var_a.clamp_min(1e-12)),
+        "fve_b": float(1 - sq_b.detach() / var_b.clamp_min(1e-12)),
+        "l0": codes.entries.rows.numel() / max(n, 1),
+        "masked": int((~keep).sum()),
+        "dead": n_dead,
+    }
+    return loss, stats, fired, min_kept
+
+
+def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_D) -> Tensor:
+    """AuxK: reconstruct the residual from the top ``aux_k`` dead features of each pair."""
+    cfg = model.config
+    scores = codes.scores_nD * dead_D
+    entries = row_topk(scores, min(cfg.aux_k, int(dead_D.sum())))
+    if entries.rows.numel() == 0:
+        return torch.zeros((), device=x_nA.device)
+    values = selected_pre_activations(
+        codes.pre_nD, entries, x_nA, x_nB, model.W_enc_AD, model.W_enc_BD, model.b_enc_D, model.offset_b
+    )
+    e_hat_a, e_hat_b = model.decode_sparse(entries, values, with_bias=False)
+    residual_sq = (err_a - e_hat_a).pow(2).sum() + (err_b - e_hat_b).pow(2).sum()
+    residual_var = (err_a - err_a.mean(0)).pow(2).sum() + (err_b - err_b.mean(0)).pow(2).sum()
+    return residual_sq / residual_var.clamp_min(1e-12)
+
+
+def geometric_median(x_nd: Tensor, iterations: int = 20) -> Tensor:
+    """Weiszfeld's algorithm: a robust centre for the decoder bias at initialisation."""
+    centre = x_nd.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (x_nd - centre).norm(dim=1).clamp_min(1e-6)
+        centre = (weights[:, None] * x_nd).sum(0) / weights.sum()
+    return centre
+
+
+# ---- public entry point ---------------------------------------------------------------------------
+
+
+def train_crosscoder(
+    config: CrosscoderConfig,
+    data: PairBatch | Iterable[PairBatch],
+    steps: int = 3000,
+    batch_size: int = 256,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
+    keep_checkpoints: int = 2,
+    norm_scales: tuple[float, float] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+    log_every: int = 50,
+) -> Crosscoder:
+    """Train a crosscoder on paired activations and return it (``eval()`` mode, on ``device``).
+
+    ``data`` is either ``(x_a [n, d_a], x_b [n, d_b])`` raw tensors, sampled in seeded epochs, or
+    any iterable of such batches (one batch per step; training stops early if it runs out).
+    With ``checkpoint_dir``, a resumable state is written every ``checkpoint_every`` steps and the
+    final model is saved there; calling again with the same settings resumes from the newest
+    state, or returns the finished model without training.
+    ``callback(step, stats)`` runs after each step (after any checkpoint of that step).
+    """
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be positive")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    resume_from = _state_dirs(root)[-1] if root is not None and _state_dirs(root) else None
+    start_step = 0
+    if resume_from is not None:
+        start_step = json.loads((resume_from / "trainer.json").read_text())["step"]
+
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x_a, x_b = data
+        check_pair_batch(x_a, x_b, config.d_a, config.d_b, where="train_crosscoder data")
+        source: _TensorBatches | _IteratorBatches = _TensorBatches(x_a, x_b, batch_size, config.seed)
+        sample = (x_a[:100_000], x_b[:100_000])
+    else:
+        source = _IteratorBatches(data, start_step)
+        peeked = source.peek(8192)
+        if not peeked:
+            raise ValueError("train_crosscoder: the batch iterator yielded no data")
+        sample = (torch.cat([b[0] for b in peeked]), torch.cat([b[1] for b in peeked]))
+        check_pair_batch(*sample, config.d_a, config.d_b, where="train_crosscoder data")
+
+    if norm_scales is None and (config.norm_scale_a is None or config.norm_scale_b is None):
+        norm_scales = estimate_norm_scales(*sample, config)
+    if norm_scales is not None:
+        config = config.model_copy(update={"norm_scale_a": norm_scales[0], "norm_scale_b": norm_scales[1]})
+    config = config.resolved(steps, batch_size)
+
+    if root is not None and (root / "config.json").is_file():
+        finished = Crosscoder.load(root, device=device)
+        if finished.config == config and finished.training_metrics.get("steps") == steps:
+            return finished.eval()
+
+    model = Crosscoder(config).to(device=device, dtype=dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_value(), betas=config.adam_betas)
+    state = TrainerState(pairs_since_fired=torch.zeros(config.dict_size, dtype=torch.long, device=device))
+
+    if resume_from is not None:
+        saved_config = CrosscoderConfig.model_validate(json.loads((resume_from / "config.json").read_text())["config"])
+        if saved_config != config:
+            raise ValueError(
+                f"{root} holds a run with different settings ({', '.join(_settings_that_differ(saved_config, config))}); "
+                "use another checkpoint_dir or delete it to start over"
+            )
+        state = _load_state(resume_from, model, optimizer)
+    else:
+        with torch.no_grad():
+            x0_a, x0_b = model.normalise(sample[0][:4096].to(device, dtype), sample[1][:4096].to(device, dtype))
+            model.b_dec_A.copy_(geometric_median(x0_a))
+            model.b_dec_B.copy_(geometric_median(x0_b))
+            if config.exclusive_init == "residual":
+                model.init_exclusive_from_residuals(x0_a, x0_b)
+
+    model.train()
+    # θ is averaged once k has reached its target. Published runs (100k steps) start after ~1k
+    # steps with β = 0.999; a short run starts after a quarter of its steps and shortens the EMA
+    # window to a tenth of what remains, so that early, untrained batches do not dominate θ.
+    threshold_from = max(config.k_anneal_steps or 0, config.warmup_steps or 0, min(1000, steps // 4))
+    threshold_beta = min(config.threshold_beta, 1 - 10 / max(steps - threshold_from, 10))
+    bar = _progress_bar(progress, steps, state.step)
+    start_time = time.perf_counter() - state.elapsed_s
+    last_stats: dict = {}
+    try:
+        while state.step < steps:
+            batch = source.batch(state.step)
+            if batch is None:  # iterator exhausted
+                break
+            raw_a, raw_b = batch
+            if isinstance(source, _IteratorBatches):
+                check_pair_batch(raw_a, raw_b, config.d_a, config.d_b, where=f"batch of step {state.step}")
+            x_nA, x_nB = model.normalise(raw_a.to(device, dtype), raw_b.to(device, dtype))
+
+            dead = state.pairs_since_fired >= config.dead_after_pairs
+            k = k_at_step(config, state.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at_step(config, state.step, steps)
+
+            loss, stats, fired, min_kept = training_step(model, x_nA, x_nB, k, dead)
+            if not math.isfinite(stats["loss"]):
+                where = f"; the last good state is in {root}" if root is not None else ""
+                raise TrainingDivergedError(
+                    f"training loss became {stats['loss']} at step {state.step}{where}. "
+                    "Lower lr, check the activations for extreme values, or keep outlier masking on."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+
+            with torch.no_grad():
+                state.pairs_since_fired += x_nA.shape[0]
+                state.pairs_since_fired[fired] = 0
+                if state.step >= threshold_from and math.isfinite(min_kept):
+                    beta = threshold_beta
+                    state.threshold_ema = beta * state.threshold_ema + (1 - beta) * min_kept
+                    state.threshold_updates += 1
+                    # Bias-corrected EMA, so short runs get a usable θ too.
+                    model.threshold.fill_(state.threshold_ema / (1 - beta**state.threshold_updates))
+            state.step += 1
+            state.pairs_seen += x_nA.shape[0]
+            state.elapsed_s = time.perf_counter() - start_time
+            stats |= {"k": k, "step": state.step}
+            last_stats = stats
+            if state.step % log_every == 0 or state.step == steps:
+                state.history.append({key: round(v, 6) if isinstance(v, float) else v for key, v in stats.items()})
+            if root is not None and (state.step % checkpoint_every == 0) and state.step < steps:
+                _save_state(root, model, optimizer, state, keep_checkpoints)
+            if bar is not None:
+                bar.update(state.step, stats)
+            if callback is not None:
+                callback(state.step, stats)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    model.training_metrics = {
+        "steps": state.step,
+        "steps_requested": steps,
+        "batch_size": batch_size,
+        "pairs_seen": state.pairs_seen,
+        "elapsed_s": round(state.elapsed_s, 3),
+        "final": last_stats,
+        "dead_fraction": float((state.pairs_since_fired >= config.dead_after_pairs).float().mean()),
+        "history": state.history,
+    }
+    model.eval()
+    if root is not None:
+        model.save(root)
+    return model
+
+
+def _progress_bar(enabled: bool, total: int, start: int) -> _TrainProgress | None:
+    return _TrainProgress(total, start) if enabled else None
+
+
+class _TrainProgress:
+    """A rich progress bar showing loss, FVE per model and L0."""
+
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self._task = self._progress.add_task("train", total=total, completed=start, info="")
+        self._progress.start()
+
+    def update(self, step: int, stats: dict) -> None:
+        info = f"loss {stats['loss']:.3g}  FVE {stats['fve_a']:.3f}/{stats['fve_b']:.3f}  L0 {stats['l0']:.1f}"
+        self._progress.update(self._task, completed=step, info=info)
+
+    def close(self) -> None:
+        self._progress.stop()

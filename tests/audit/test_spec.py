@@ -1,0 +1,91 @@
+"""The audit spec schema and `audit validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from audit.cli import app
+from audit.spec import SpecError, load_spec
+
+SPECS = sorted((Path(__file__).parents[2] / "specs").glob("*.yaml"))
+
+GOOD = """\
+name: tiny
+model_a:
+  id: zoo:alpha
+  layer: 1
+model_b:
+  id: zoo:beta
+  layer: 2
+data:
+  sources:
+    - path: corpus.jsonl
+crosscoder:
+  dict_size: 256
+  k: 8
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_shipped_spec_validates(path):
+    spec = load_spec(path)
+    assert spec.crosscoder.to_config(d_a=64, d_b=96).dict_size == spec.crosscoder.dict_size
+
+
+def test_defaults_and_hash(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.crosscoder.architecture == "dfc" and spec.model_a.trust_remote_code is False
+    assert spec.data.sources[0].text_field == "text"
+    changed = load_spec(write(tmp_path, GOOD.replace("k: 8", "k: 9")))
+    assert spec.content_hash("model_a", "model_b", "data") == changed.content_hash("model_a", "model_b", "data")
+    assert spec.content_hash("crosscoder") != changed.content_hash("crosscoder")
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (("layer: 2", "layer: -1"), ":7: model_b.layer: Input should be greater than or equal to 0"),
+        (("k: 8", "k: 256"), ":11: crosscoder: k=256 must be smaller than dict_size=256"),
+        (("  dict_size: 256", "  dict_size: 256\n  exclusive_fraction: 0.7"), "crosscoder: exclusive_fraction=0.7 must lie in [0, 0.5)"),
+        (("  layer: 1", "  layer: 1\n  colour: red"), ":5: model_a.colour: Extra inputs are not permitted"),
+        (("    - path: corpus.jsonl", "    - path: corpus.jsonl\n      text_field: null"), "data.sources.0: set text_field"),
+        (("name: tiny", "name: 'bad name!'"), ":1: name: String should match pattern"),
+        (("crosscoder:\n  dict_size: 256\n  k: 8\n", ""), "crosscoder: Field required"),
+    ],
+)
+def test_errors_name_file_line_and_field(tmp_path, edit, expected):
+    path = write(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_broken_yaml_and_missing_file(tmp_path):
+    with pytest.raises(SpecError, match=r"spec.yaml:4: not valid YAML"):
+        load_spec(write(tmp_path, "name: x\nmodel_a:\n  id: [unclosed\n"))
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "absent.yaml")
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        load_spec(write(tmp_path, "- a list\n"))
+
+
+def test_validate_command_exit_codes(tmp_path):
+    runner = CliRunner()
+    good = write(tmp_path, GOOD)
+    result = runner.invoke(app, ["validate", str(good)])
+    assert result.exit_code == 0 and "ok" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("k: 8", "k: 0"))
+    result = runner.invoke(app, ["validate", str(good), str(bad)])
+    assert result.exit_code == 1
+    assert "crosscoder.k" in result.output
