@@ -40,6 +40,47 @@ def validate(spec: list[Path] = typer.Argument(..., help="spec files to check"))
         raise typer.Exit(code=1)
 
 
+@app.command()
+def harvest(
+    spec: Path = typer.Argument(..., help="audit spec"),
+    out: Path | None = typer.Option(None, help="store folder (default runs/<name>/harvest-<input hash>)"),
+    device: str | None = typer.Option(None, help="cuda, cpu, ... (default: CUDA when present)"),
+) -> None:
+    """Run the harvest stage alone: paired, aligned activations into an activation store."""
+    from crosscoder.data import DataSourceError
+    from crosscoder.harvest import harvest as run_harvest
+    from crosscoder.models import ModelLoadError
+    from crosscoder.store import StoreError
+
+    from .spec import harvest_settings
+
+    loaded = _load_or_exit(spec)
+    settings = harvest_settings(loaded, device)
+    folder = out or Path("runs") / loaded.name / f"harvest-{settings.input_hash()}"
+    try:
+        store = run_harvest(settings, folder, progress=True)
+    except (ModelLoadError, DataSourceError, StoreError) as exc:
+        errors.print(f"[red]harvest failed[/red]: {exc}", highlight=False)
+        errors.print(f"finished shards in {folder} are kept; fix the problem and rerun to resume", highlight=False)
+        raise typer.Exit(code=1) from None
+    alignment = store.meta["alignment"]
+    console.print(
+        f"{store.n_pairs:,} pairs in {len(store.meta['shards'])} shards → {folder}\n"
+        f"fully aligned {alignment['fully_aligned']}/{alignment['sequences']} sequences "
+        f"({100 * alignment['fully_aligned_frac']:.2f} %), pairs per token A {alignment['pairs_per_token_a']:.3f}, "
+        f"B {alignment['pairs_per_token_b']:.3f}, merged {100 * alignment['merged_frac']:.1f} %",
+        highlight=False,
+    )
+
+
+def _load_or_exit(path: Path):
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        errors.print(f"[red]invalid spec[/red] {exc}", highlight=False)
+        raise typer.Exit(code=2) from None
+
+
 @bench_app.command("toy")
 def bench_toy(
     out: Path = typer.Option(Path("runs/bench-toy"), help="folder for table.md, results.json, recall.png"),

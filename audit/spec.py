@@ -143,6 +143,25 @@ class AuditSpec(_Strict):
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def harvest_settings(spec: AuditSpec, device: str | None = None):
+    """The harvest stage's settings for this spec."""
+    from crosscoder.data import SourceSettings
+    from crosscoder.harvest import HarvestSettings, ModelSettings
+
+    def model(entry: ModelSpec) -> ModelSettings:
+        return ModelSettings(entry.id, entry.layer, entry.revision, entry.dtype, entry.trust_remote_code)
+
+    return HarvestSettings(
+        model_a=model(spec.model_a),
+        model_b=model(spec.model_b),
+        sources=[SourceSettings(**source.model_dump()) for source in spec.data.sources],
+        max_tokens=spec.data.max_tokens,
+        context_length=spec.data.context_length,
+        seed=spec.data.seed,
+        device=device or spec.crosscoder.train.device,
+    )
+
+
 def load_spec(path: str | Path) -> AuditSpec:
     """Read and validate a spec file; raise :class:`SpecError` naming file, line and field."""
     path = Path(path)

@@ -335,8 +335,9 @@ def train_crosscoder(
 ) -> Crosscoder:
     """Train a crosscoder on paired activations and return it (``eval()`` mode, on ``device``).
 
-    ``data`` is either ``(x_a [n, d_a], x_b [n, d_b])`` raw tensors, sampled in seeded epochs, or
-    any iterable of such batches (one batch per step; training stops early if it runs out).
+    ``data`` is ``(x_a [n, d_a], x_b [n, d_b])`` raw tensors, sampled in seeded epochs; an
+    :class:`~crosscoder.store.ActivationStore` (streamed, shuffled, with the store's normalisation
+    scalars); or any iterable of raw batches (one per step; training stops early if it runs out).
     With ``checkpoint_dir``, a resumable state is written every ``checkpoint_every`` steps and the
     final model is saved there; calling again with the same settings resumes from the newest
     state, or returns the finished model without training.
@@ -352,6 +353,12 @@ def train_crosscoder(
     if resume_from is not None:
         start_step = json.loads((resume_from / "trainer.json").read_text())["step"]
 
+    from .store import ActivationStore
+
+    if isinstance(data, ActivationStore):
+        if norm_scales is None:
+            norm_scales = data.norm_scales
+        data = data.batches(batch_size, seed=config.seed, epochs=None)
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x_a, x_b = data
         check_pair_batch(x_a, x_b, config.d_a, config.d_b, where="train_crosscoder data")

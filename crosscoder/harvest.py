@@ -1,0 +1,240 @@
+"""Harvest: run two causal LMs over the same text, pair their activations across tokenizers, store.
+
+For each record: tokenize with both tokenizers (chat records through each model's own chat
+template), align by character offsets (``crosscoder.align``), run both models up to the captured
+block, and keep the activations at the paired positions. Special tokens, template markers and
+whitespace-only tokens are never paired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .align import align_chat, align_text
+from .data import SourceSettings, iter_records
+from .models import LoadedModel, bos_prefix, capture_block_output, load_model
+from .store import ActivationStore, StoreWriter
+
+HARVEST_CODE_VERSION = 1  # bump when a change alters which pairs are produced
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    id: str
+    layer: int
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class HarvestSettings:
+    model_a: ModelSettings
+    model_b: ModelSettings
+    sources: list[SourceSettings]
+    max_tokens: int = 200_000  # budget counted in model A's tokens
+    context_length: int = 256
+    seed: int = 0
+    shard_pairs: int = 65_536
+    batch_docs: int = 16
+    device: str | None = None
+    extra: dict = field(default_factory=dict)  # anything else that should change the hash
+
+    def input_hash(self) -> str:
+        """What determines the pairs: models, layers, data, budget, context, seed, code version."""
+        payload = asdict(self)
+        for key in ("shard_pairs", "batch_docs", "device"):
+            payload.pop(key)
+        payload["code_version"] = HARVEST_CODE_VERSION
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Prepared:
+    record: dict
+    ids_a: list[int]
+    ids_b: list[int]
+    pos_a: list[int]
+    pos_b: list[int]
+    merged: list[bool]
+    complete: bool
+    cut_reason: str | None
+    in_chat: bool
+
+
+def prepare_record(record: dict, model_a: LoadedModel, model_b: LoadedModel, context_length: int) -> _Prepared:
+    """Token ids both models will read, and the aligned positions in those ids."""
+    if "messages" in record:
+        # Templates put a space or newline next to the content ("user: How", ".\n"); a token
+        # that only overhangs the content by whitespace still read the same content.
+        alignment = align_chat(record["messages"], model_a.tokenizer, model_b.tokenizer, whitespace_overhang=True)
+        ids_a, ids_b = list(alignment.ids_a), list(alignment.ids_b)
+        shift_a = shift_b = 0
+        in_chat = True
+    else:
+        # Trailing whitespace carries nothing, and one tokenizer may merge it into the last
+        # content token while the other splits it off, which would leave that token unpaired.
+        text = record["text"].rstrip()
+        alignment = align_text(text, model_a.tokenizer, model_b.tokenizer)
+        prefix_a, prefix_b = bos_prefix(model_a.tokenizer), bos_prefix(model_b.tokenizer)
+        ids_a, ids_b = prefix_a + list(alignment.ids_a), prefix_b + list(alignment.ids_b)
+        shift_a, shift_b = len(prefix_a), len(prefix_b)
+        in_chat = False
+    ids_a, ids_b = ids_a[:context_length], ids_b[:context_length]
+    pos_a, pos_b, merged = [], [], []
+    for (i, j), was_merged in zip(alignment.pairs, alignment.merged, strict=True):
+        i, j = i + shift_a, j + shift_b
+        if i >= len(ids_a) or j >= len(ids_b):
+            break  # pairs are increasing in both: the rest are beyond the context too
+        pos_a.append(i)
+        pos_b.append(j)
+        merged.append(was_merged)
+    return _Prepared(record, ids_a, ids_b, pos_a, pos_b, merged, alignment.complete, alignment.cut_reason, in_chat)
+
+
+def _run_batch(model: LoadedModel, sequences: list[list[int]]) -> Tensor:
+    """Block outputs for a right-padded batch, ``[batch, max_len, d]`` on CPU."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    return capture_block_output(model, ids, mask).cpu()
+
+
+def _new_stats() -> dict:
+    return {"sequences": 0, "fully_aligned": 0, "chat_sequences": 0, "pairs": 0, "tokens_a": 0, "tokens_b": 0,
+            "merged_pairs": 0, "cut_reasons": {}, "elapsed_s": 0.0}
+
+
+def harvest(
+    settings: HarvestSettings,
+    folder: str | Path,
+    *,
+    models: tuple[LoadedModel, LoadedModel] | None = None,
+    progress: bool = False,
+) -> ActivationStore:
+    """Harvest into ``folder`` and return the finished store.
+
+    A finished store with the same input hash is returned as is; an interrupted one resumes after
+    its last committed shard. ``models`` lets a caller pass already-loaded models.
+    """
+    folder = Path(folder)
+    input_hash = settings.input_hash()
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        store = ActivationStore(folder)
+        if store.meta.get("input_hash") == input_hash:
+            return store
+    if models is None:
+        models = (
+            load_model(settings.model_a.id, settings.model_a.layer, settings.model_a.revision, settings.model_a.dtype,
+                       settings.device, settings.model_a.trust_remote_code, field="model_a"),
+            load_model(settings.model_b.id, settings.model_b.layer, settings.model_b.revision, settings.model_b.dtype,
+                       settings.device, settings.model_b.trust_remote_code, field="model_b"),
+        )
+    model_a, model_b = models
+    writer = StoreWriter(folder, input_hash, settings.shard_pairs)
+    stats = writer.stats or _new_stats()
+    records = iter_records(settings.sources, settings.seed)
+    for _ in range(writer.docs_consumed):  # resume: these records are already in committed shards
+        next(records, None)
+
+    bar = _HarvestProgress(settings.max_tokens, stats) if progress else None
+    started = time.perf_counter() - stats["elapsed_s"]
+    try:
+        while stats["tokens_a"] < settings.max_tokens:
+            batch: list[_Prepared] = []
+            for record in records:
+                prepared = prepare_record(record, model_a, model_b, settings.context_length)
+                batch.append(prepared)
+                stats["tokens_a"] += len(prepared.ids_a)
+                if len(batch) >= settings.batch_docs or stats["tokens_a"] >= settings.max_tokens:
+                    break
+            if not batch:
+                break  # the sources ran out before the budget
+            hidden_a = _run_batch(model_a, [p.ids_a for p in batch])
+            hidden_b = _run_batch(model_b, [p.ids_b for p in batch])
+            for row, prepared in enumerate(batch):
+                pos_a, pos_b = torch.tensor(prepared.pos_a, dtype=torch.long), torch.tensor(prepared.pos_b, dtype=torch.long)
+                doc = {"id": prepared.record["id"], "ids_a": prepared.ids_a, "ids_b": prepared.ids_b,
+                       "chat": prepared.in_chat}
+                writer.add_document(doc, hidden_a[row, pos_a], hidden_b[row, pos_b], pos_a, pos_b,
+                                    torch.tensor(prepared.merged, dtype=torch.bool), prepared.in_chat)
+                _count(stats, prepared)
+            stats["elapsed_s"] = time.perf_counter() - started
+            if writer.should_flush():
+                writer.flush(stats)
+            if bar is not None:
+                bar.update(stats)
+        writer.flush(stats)
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {
+        "model_a": model_a.describe(),
+        "model_b": model_b.describe(),
+        "data": {"sources": [asdict(s) for s in settings.sources], "max_tokens": settings.max_tokens,
+                 "context_length": settings.context_length, "seed": settings.seed},
+        "dtype": {"a": str(model_a.dtype).removeprefix("torch."), "b": str(model_b.dtype).removeprefix("torch.")},
+        "alignment": alignment_summary(stats),
+    }
+    writer.finalize(meta, target_norm=math.sqrt((model_a.d_model + model_b.d_model) / 2))
+    return ActivationStore(folder)
+
+
+def _count(stats: dict, prepared: _Prepared) -> None:
+    stats["sequences"] += 1
+    stats["fully_aligned"] += int(prepared.complete)
+    stats["chat_sequences"] += int(prepared.in_chat)
+    stats["pairs"] += len(prepared.pos_a)
+    stats["tokens_b"] += len(prepared.ids_b)
+    stats["merged_pairs"] += sum(prepared.merged)
+    if prepared.cut_reason:
+        reason = prepared.cut_reason.split(" after char")[0]
+        stats["cut_reasons"][reason] = stats["cut_reasons"].get(reason, 0) + 1
+
+
+def alignment_summary(stats: dict) -> dict:
+    """The alignment statistics the store's meta.json reports (METHOD §2)."""
+    sequences = max(stats["sequences"], 1)
+    return {
+        "sequences": stats["sequences"],
+        "fully_aligned": stats["fully_aligned"],
+        "fully_aligned_frac": stats["fully_aligned"] / sequences,
+        "pairs": stats["pairs"],
+        "pairs_per_token_a": stats["pairs"] / max(stats["tokens_a"], 1),
+        "pairs_per_token_b": stats["pairs"] / max(stats["tokens_b"], 1),
+        "merged_frac": stats["merged_pairs"] / max(stats["pairs"], 1),
+        "cut_reasons": dict(Counter(stats["cut_reasons"])),
+        "chat_sequences": stats["chat_sequences"],
+    }
+
+
+class _HarvestProgress:
+    def __init__(self, total_tokens: int, stats: dict):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("harvest"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
+                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self._task = self._progress.add_task("harvest", total=total_tokens, completed=stats["tokens_a"], info="")
+        self._progress.start()
+
+    def update(self, stats: dict) -> None:
+        rate = (stats["tokens_a"] + stats["tokens_b"]) / max(stats["elapsed_s"], 1e-9)
+        aligned = stats["fully_aligned"] / max(stats["sequences"], 1)
+        self._progress.update(self._task, completed=stats["tokens_a"],
+                              info=f"{stats['pairs']:,} pairs · {rate:,.0f} tok/s · {100 * aligned:.1f}% aligned")
+
+    def close(self) -> None:
+        self._progress.stop()

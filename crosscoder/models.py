@@ -1,0 +1,173 @@
+"""Loading causal LMs by hub id, local folder or ``zoo:`` id, and capturing one block's output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be used; the message names the spec field."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    revision: str | None
+    layer: int
+    d_model: int
+    n_layers: int
+    dtype: torch.dtype
+    device: torch.device
+    local_path: str | None  # where the weights were read from, when known
+
+    def describe(self) -> dict:
+        return {
+            "id": self.model_id,
+            "revision": self.revision,
+            "layer": self.layer,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "architecture": type(self.model).__name__,
+            "local_path": self.local_path,
+        }
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_model_path(model_id: str, field: str = "model") -> str:
+    """``zoo:<name>`` → the built zoo folder; anything else is returned unchanged."""
+    if model_id.startswith("zoo:"):
+        try:
+            from .zoo import resolve_model
+        except ImportError as exc:  # pragma: no cover - the zoo ships with the package
+            raise ModelLoadError(f"{field}.id: {model_id!r} needs the tiny zoo, which failed to import: {exc}") from exc
+        try:
+            return str(resolve_model(model_id.removeprefix("zoo:")))
+        except KeyError as exc:
+            raise ModelLoadError(f"{field}.id: {exc.args[0] if exc.args else model_id}") from None
+    return model_id
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks, for the common causal-LM layouts."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
+        node = model
+        for attribute in path.split("."):
+            node = getattr(node, attribute, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise ModelLoadError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def load_model(
+    model_id: str,
+    layer: int,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    field: str = "model",
+) -> LoadedModel:
+    """Load a causal LM and its fast tokenizer; check that ``layer`` exists.
+
+    ``field`` (e.g. ``"model_a"``) prefixes every error so that the user knows which spec entry
+    to fix. Weights come from a local folder when ``model_id`` is one, else from the hub cache.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"{field}.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    source = resolve_model_path(model_id, field)
+    is_local = Path(source).is_dir()
+    common = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        hint = "" if is_local else " (no local folder by that name; on an offline machine use a local folder or a zoo: id)"
+        raise ModelLoadError(f"{field}.id: cannot load the config of {model_id!r}{hint}: {_first_line(exc)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **common)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{field}.id: {model_id!r} ({type(config).__name__}) is not a causal language model: {_first_line(exc)}"
+        ) from None
+    except OSError as exc:
+        raise ModelLoadError(f"{field}.id: cannot load the weights of {model_id!r}: {_first_line(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{field}.id: {model_id!r} has no usable tokenizer: {_first_line(exc)}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"{field}.id: {model_id!r} has only a slow tokenizer; alignment needs a fast one (offsets)")
+
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise ModelLoadError(
+            f"{field}.layer: {layer} is out of range: {model_id!r} has {len(blocks)} decoder blocks (0–{len(blocks) - 1})"
+        )
+    device = torch.device(device) if device is not None else default_device()
+    model = model.to(device).eval()
+    d_model = int(getattr(model.config, "hidden_size", 0) or blocks[layer].self_attn.o_proj.out_features)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_id=model_id, revision=revision, layer=layer, d_model=d_model,
+        n_layers=len(blocks), dtype=DTYPES[dtype], device=device, local_path=source if is_local else None,
+    )
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: blocks above the captured one need not run."""
+
+
+@torch.no_grad()
+def capture_block_output(loaded: LoadedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Output of decoder block ``loaded.layer`` (== ``hidden_states[layer + 1]``), ``[batch, seq, d]``.
+
+    transformers 5.x blocks return a tensor, 4.x a tuple whose first element is the hidden state;
+    both are handled. The forward pass stops after the captured block.
+    """
+    captured: list[Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = decoder_layers(loaded.model)[loaded.layer].register_forward_hook(hook)
+    try:
+        loaded.model(input_ids=input_ids.to(loaded.device),
+                     attention_mask=None if attention_mask is None else attention_mask.to(loaded.device),
+                     use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the capture hook did not run: the model skipped its decoder blocks")
+    return captured[0]
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """Token ids the tokenizer's own post-processor puts before a text (e.g. Llama's BOS)."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    without = tokenizer("x", add_special_tokens=False)["input_ids"]
+    prefix_len = len(with_special) - len(without)
+    if prefix_len > 0 and with_special[prefix_len:] == without:
+        return list(with_special[:prefix_len])
+    return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,188 @@
+"""Harvest: model loading, block capture, pairing, the store, resume, and the streaming reader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import crosscoder.harvest as harvest_module
+from crosscoder import CrosscoderConfig, train_crosscoder
+from crosscoder.data import DataSourceError, SourceSettings, iter_records
+from crosscoder.harvest import HarvestSettings, ModelSettings, harvest
+from crosscoder.models import ModelLoadError, capture_block_output, load_model
+from crosscoder.store import StoreError
+
+
+def settings_for(dirs, corpus, **overrides) -> HarvestSettings:
+    base = dict(
+        model_a=ModelSettings(str(dirs["llama"]), layer=0),
+        model_b=ModelSettings(str(dirs["qwen"]), layer=1),
+        sources=[SourceSettings(str(corpus["prose"])),
+                 SourceSettings(str(corpus["chat"]), text_field=None, messages_field="conversation")],
+        max_tokens=100_000, context_length=64, shard_pairs=200, batch_docs=4, device="cpu",
+    )
+    return HarvestSettings(**(base | overrides))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dirs):
+    # Not the last block: transformers' last hidden_states entry is after the final norm.
+    return (load_model(str(tiny_model_dirs["llama"]), 0, device="cpu", field="model_a"),
+            load_model(str(tiny_model_dirs["qwen"]), 1, device="cpu", field="model_b"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dirs, tiny_corpus, loaded):
+    folder = tmp_path_factory.mktemp("store")
+    return harvest(settings_for(tiny_model_dirs, tiny_corpus), folder, models=loaded)
+
+
+def test_capture_equals_hidden_states_of_the_block(loaded):
+    model = loaded[0]
+    ids = torch.tensor([[128000, 791, 4062, 14198, 39935]])
+    captured = capture_block_output(model, ids)
+    reference = model.model(ids, output_hidden_states=True).hidden_states[model.layer + 1]
+    assert torch.allclose(captured, reference, atol=1e-6)
+
+
+def test_load_errors_name_the_field(tiny_model_dirs, tmp_path):
+    with pytest.raises(ModelLoadError, match=r"model_b.layer: 3 is out of range: .* has 3 decoder blocks \(0–2\)"):
+        load_model(str(tiny_model_dirs["qwen"]), 3, device="cpu", field="model_b")
+    with pytest.raises(ModelLoadError, match="model_a.id: cannot load the config of 'no/such-model'"):
+        load_model("no/such-model", 0, device="cpu", field="model_a")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 1, "intermediate_size": 8, "vocab_size": 10}))
+    with pytest.raises(ModelLoadError, match="model_a.id: .* not a causal language model|model_a.id: cannot load"):
+        load_model(str(tmp_path), 0, device="cpu", field="model_a")
+    with pytest.raises(ModelLoadError, match="model_a.dtype"):
+        load_model(str(tiny_model_dirs["qwen"]), 0, dtype="int4", field="model_a")
+
+
+def test_store_contents_are_block_activations_of_the_paired_tokens(store, loaded):
+    meta = store.meta
+    assert meta["n_pairs"] > 500 and len(meta["shards"]) >= 3
+    assert meta["model_a"]["d_model"] == 32 and meta["model_b"]["d_model"] == 48
+    assert meta["alignment"]["fully_aligned_frac"] >= 0.95
+    assert 0 < meta["alignment"]["pairs_per_token_a"] <= 1
+    docs = {d["doc"]: d for d in store.documents()}
+    shard = store.load_shard(1, keys=("a", "b", "doc", "pos_a", "pos_b", "in_chat"))
+    model_a, model_b = loaded
+    for row in (0, len(shard["doc"]) // 2, len(shard["doc"]) - 1):
+        doc = docs[int(shard["doc"][row])]
+        pos_a, pos_b = int(shard["pos_a"][row]), int(shard["pos_b"][row])
+        hidden_a = model_a.model(torch.tensor([doc["ids_a"]]), output_hidden_states=True).hidden_states[model_a.layer + 1][0]
+        hidden_b = model_b.model(torch.tensor([doc["ids_b"]]), output_hidden_states=True).hidden_states[model_b.layer + 1][0]
+        assert torch.allclose(shard["a"][row], hidden_a[pos_a], atol=1e-4)
+        assert torch.allclose(shard["b"][row], hidden_b[pos_b], atol=1e-4)
+        # The two tokens end on the same text.
+        text_a = model_a.tokenizer.decode(doc["ids_a"][: pos_a + 1], skip_special_tokens=True)
+        text_b = model_b.tokenizer.decode(doc["ids_b"][: pos_b + 1], skip_special_tokens=True)
+        if not doc["chat"]:
+            assert text_a == text_b
+
+
+def test_special_and_template_tokens_are_never_paired(store, loaded):
+    model_a, model_b = loaded
+    special_a = set(model_a.tokenizer.all_special_ids) | {128000}
+    special_b = set(model_b.tokenizer.all_special_ids) | {151644, 151645}
+    docs = {d["doc"]: d for d in store.documents()}
+    for index in range(len(store.meta["shards"])):
+        shard = store.load_shard(index, keys=("doc", "pos_a", "pos_b"))
+        for doc, i, j in zip(shard["doc"].tolist(), shard["pos_a"].tolist(), shard["pos_b"].tolist(), strict=True):
+            assert docs[doc]["ids_a"][i] not in special_a
+            assert docs[doc]["ids_b"][j] not in special_b
+    assert store.meta["alignment"]["chat_sequences"] == 12
+
+
+def test_same_inputs_are_reused_and_other_inputs_refused(store, tiny_model_dirs, tiny_corpus, loaded):
+    again = harvest(settings_for(tiny_model_dirs, tiny_corpus), store.folder, models=loaded)
+    assert again.meta == store.meta
+    with pytest.raises(StoreError, match="harvest of other inputs"):
+        harvest(settings_for(tiny_model_dirs, tiny_corpus, context_length=32), store.folder, models=loaded)
+
+
+def test_killed_harvest_resumes_to_the_same_store(tmp_path, tiny_model_dirs, tiny_corpus, loaded, store, monkeypatch):
+    settings = settings_for(tiny_model_dirs, tiny_corpus)
+    real_run = harvest_module._run_batch
+    calls = {"n": 0}
+
+    def crash_on_the_ninth(model, sequences):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real_run(model, sequences)
+
+    monkeypatch.setattr(harvest_module, "_run_batch", crash_on_the_ninth)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(settings, tmp_path, models=loaded)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert len(progress["shards"]) >= 1 and not (tmp_path / "meta.json").exists()
+    monkeypatch.setattr(harvest_module, "_run_batch", real_run)
+    resumed = harvest(settings, tmp_path, models=loaded)
+    assert resumed.n_pairs == store.n_pairs
+    for index in range(len(store.meta["shards"])):
+        want = store.load_shard(index, keys=("a", "b", "doc", "pos_a"))
+        got = resumed.load_shard(index, keys=("a", "b", "doc", "pos_a"))
+        for key in want:
+            assert torch.equal(want[key], got[key]), key
+
+
+def test_reader_shuffles_normalises_and_feeds_the_trainer(store):
+    seen = list(store.batches(64, shuffle_buffer=300, seed=1))
+    assert all(a.shape == (64, 32) and b.shape == (64, 48) for a, b in seen)
+    total = sum(a.shape[0] for a, _ in seen)
+    assert store.n_pairs - 64 < total <= store.n_pairs
+    first = store.load_shard(0)["a"][:64]
+    assert not torch.equal(seen[0][0], first)  # shuffled
+    # Every yielded row is a stored row.
+    all_a = torch.cat([store.load_shard(i)["a"] for i in range(len(store.meta["shards"]))])
+    assert torch.isin(seen[3][0][:, 0], all_a[:, 0]).all()
+    # Normalised batches have median norm sqrt((d_a + d_b) / 2).
+    norm_a = torch.cat([a for a, _ in store.batches(64, normalise=True)]).norm(dim=1).median()
+    assert abs(float(norm_a) - (40 ** 0.5)) / 40 ** 0.5 < 0.05
+    model = train_crosscoder(CrosscoderConfig(architecture="dfc", d_a=32, d_b=48, dict_size=64, k=4), store,
+                             steps=30, batch_size=64)
+    assert model.norm_scales.tolist() == pytest.approx(list(store.norm_scales))
+    assert model.training_metrics["steps"] == 30  # the store is looped as long as needed
+
+
+def test_harvest_command(tmp_path, tiny_model_dirs, tiny_corpus):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""
+name: tiny
+model_a: {{id: "{tiny_model_dirs['llama']}", layer: 0}}
+model_b: {{id: "{tiny_model_dirs['qwen']}", layer: 1}}
+data:
+  sources: [{{path: "{tiny_corpus['prose']}"}}]
+  max_tokens: 300
+crosscoder: {{dict_size: 64, k: 4}}
+""")
+    result = CliRunner().invoke(app, ["harvest", str(spec), "--out", str(tmp_path / "store"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "pairs in" in result.output and (tmp_path / "store" / "meta.json").is_file()
+    spec.write_text(spec.read_text().replace("layer: 1}", "layer: 9}").replace("max_tokens: 300", "max_tokens: 301"))
+    result = CliRunner().invoke(app, ["harvest", str(spec), "--out", str(tmp_path / "store2"), "--device", "cpu"])
+    assert result.exit_code == 1 and "model_b.layer: 9 is out of range" in result.output
+
+
+def test_data_sources(tiny_corpus, tmp_path):
+    records = list(iter_records([SourceSettings(str(tiny_corpus["prose"]), weight=1),
+                                 SourceSettings(str(tiny_corpus["chat"]), text_field=None, messages_field="conversation", weight=3)], seed=5))
+    assert len(records) == 40 + 12
+    again = list(iter_records([SourceSettings(str(tiny_corpus["prose"]), weight=1),
+                               SourceSettings(str(tiny_corpus["chat"]), text_field=None, messages_field="conversation", weight=3)], seed=5))
+    assert [r["id"] for r in records] == [r["id"] for r in again]
+    assert sum("messages" in r for r in records[:20]) > 6  # the chat source is drawn more often early
+    with pytest.raises(DataSourceError, match=r"data.sources.0.path: no such file"):
+        list(iter_records([SourceSettings(str(tmp_path / "absent.jsonl"))]))
+    with pytest.raises(DataSourceError, match=r"data.sources.0.text_field: .* no column 'body'"):
+        list(iter_records([SourceSettings(str(tiny_corpus["prose"]), text_field="body")]))
+    txt = tmp_path / "notes.txt"
+    txt.write_text("first paragraph\nstill first\n\nsecond paragraph\n")
+    assert [r["text"].strip() for r in iter_records([SourceSettings(str(txt))])] == ["first paragraph\nstill first", "second paragraph"]
