@@ -160,6 +160,49 @@ def bench_train(
     console.print(f"speed-up {result['speedup']:.2f}×, FVE gap {result['fve_gap']:+.2e}; wrote {out / 'results.json'}")
 
 
+@bench_app.command("harvest")
+def bench_harvest(
+    out: Path = typer.Option(Path("runs/bench-harvest"), help="folder for results.json"),
+    geometry: str = typer.Option("small", help="'small' (CPU-sized) or 'paper' (Llama-3.1-8B L16 vs Qwen3-8B L14)"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    max_tokens: int = typer.Option(20_000, help="model A tokens to harvest"),
+    context_length: int = typer.Option(256),
+) -> None:
+    """Harvest throughput with random-weight models of real geometry and the real tokenizers."""
+    from crosscoder.bench_harvest import run_harvest_benchmark
+
+    result = run_harvest_benchmark(geometry, device, dtype, max_tokens=max_tokens, context_length=context_length)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    console.print(
+        f"{result['pairs']:,} pairs in {result['elapsed_s']:.1f} s: {result['pairs_per_s']:,.0f} pairs/s, "
+        f"{result['tokens_per_s']:,.0f} tokens/s (both models); fully aligned "
+        f"{100 * result['alignment']['fully_aligned_frac']:.2f} %; wrote {out / 'results.json'}",
+        highlight=False,
+    )
+
+
+@bench_app.command("align")
+def bench_align(
+    out: Path = typer.Option(Path("runs/bench-align"), help="folder for results.json"),
+    repeats: int = typer.Option(3),
+    generated: int = typer.Option(3000, help="generated sequences added to the hand-written ones"),
+) -> None:
+    """Alignment rate and speed on the real Llama-3 and Qwen tokenizers over a varied test corpus."""
+    from crosscoder.bench_align import alignment_test_corpus, benchmark_alignment, load_reference_tokenizers
+
+    llama, qwen = load_reference_tokenizers()
+    texts = alignment_test_corpus(n_generated=generated)
+    raw = benchmark_alignment(texts, llama, qwen, repeats=repeats)
+    # What the harvest does: trailing whitespace is dropped before aligning (it carries nothing).
+    stripped = benchmark_alignment([t.rstrip() for t in texts], llama, qwen, repeats=repeats)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"raw": raw, "trailing_whitespace_stripped": stripped}, indent=2, default=str))
+    for label, result in (("as written", raw), ("trailing whitespace stripped (harvest)", stripped)):
+        console.print(f"{label}: {json.dumps(result, default=str)[:600]}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

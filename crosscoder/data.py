@@ -6,6 +6,7 @@ The same sources, weights and seed always give the same records in the same orde
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,10 +30,37 @@ class SourceSettings:
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
 
-def _open_source(source: SourceSettings, field: str):
-    """An iterable of raw rows (dicts) for one source."""
-    import datasets
+def _jsonl_rows(path: Path, field: str) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataSourceError(f"{field}.path: {path}:{number} is not valid JSON: {exc.msg}") from None
 
+
+def _paragraph_rows(path: Path) -> Iterator[dict]:
+    """Plain text, one record per blank-line-separated paragraph, streamed."""
+    lines: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield {"text": "".join(lines)}
+                lines = []
+    if lines:
+        yield {"text": "".join(lines)}
+
+
+def _open_source(source: SourceSettings, field: str):
+    """An iterable of raw rows (dicts) for one source.
+
+    Local jsonl and txt files are read directly (streamed, no cache); parquet, csv and hub
+    datasets go through ``datasets`` in streaming mode.
+    """
     path = source.path
     if path.startswith("zoo:"):
         from .zoo import resolve_data
@@ -46,9 +74,16 @@ def _open_source(source: SourceSettings, field: str):
         if local.suffix in _LOCAL_FORMATS:
             if not local.is_file():
                 raise DataSourceError(f"{field}.path: no such file {path!r}")
+            if local.suffix == ".jsonl":
+                return _jsonl_rows(local, field)
+            if local.suffix == ".txt":
+                return _paragraph_rows(local)
+            import datasets
+
             builder = _LOCAL_FORMATS[local.suffix]
-            options = {"sample_by": "paragraph"} if builder == "text" else {}
-            return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True, **options)
+            return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True)
+        import datasets
+
         return datasets.load_dataset(path, source.name, split=source.split, streaming=True)
     except DataSourceError:
         raise

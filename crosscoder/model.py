@@ -50,6 +50,7 @@ class SparseCodes:
     values: Tensor
     pre_nD: Tensor  # detached dense pre-activations, reused by AuxK
     scores_nD: Tensor  # detached selection scores
+    pre_live_nD: Tensor | None = None  # dense kernels: pre-activations that carry gradients
 
     def dense(self, dict_size: int) -> Tensor:
         f = torch.zeros(self.entries.n, dict_size, dtype=self.values.dtype, device=self.values.device)
@@ -212,10 +213,15 @@ class Crosscoder(nn.Module):
         norm_b = torch.cat([zeros_b, self.W_dec_DB.detach().norm(dim=1)])
         return norm_a, norm_b
 
-    def sparse_codes(self, x_nA: Tensor, x_nB: Tensor, k: int | None = None) -> SparseCodes:
-        """Select active entries from normalised inputs: BatchTopK with ``k`` if given, else θ."""
+    def sparse_codes(self, x_nA: Tensor, x_nB: Tensor, k: int | None = None, dense: bool = False) -> SparseCodes:
+        """Select active entries from normalised inputs: BatchTopK with ``k`` if given, else θ.
+
+        ``dense`` keeps gradients on the full pre-activation matrix (plain matmul backward),
+        which is faster on GPUs; the default routes gradients only through selected entries.
+        """
+        pre_live = self.pre_activations(x_nA, x_nB) if dense and torch.is_grad_enabled() else None
         with torch.no_grad():
-            pre = self.pre_activations(x_nA, x_nB)
+            pre = pre_live.detach() if pre_live is not None else self.pre_activations(x_nA, x_nB)
         scores = self.selection_scores(pre)
         if k is None and math.isnan(float(self.threshold)):
             raise RuntimeError(
@@ -227,15 +233,30 @@ class Crosscoder(nn.Module):
             entries = batch_topk(scores, x_nA.shape[0] * k, cost)
         else:
             entries = threshold_select(scores, float(self.threshold))
-        values = selected_pre_activations(
-            pre, entries, x_nA, x_nB, self.W_enc_AD, self.W_enc_BD, self.b_enc_D, self.offset_b
-        )
-        return SparseCodes(entries, values, pre, scores)
+        codes = SparseCodes(entries, pre[:0, 0], pre, scores, pre_live)
+        codes.values = self.values_at(codes, entries, x_nA, x_nB)
+        return codes
 
-    def decode_sparse(self, entries: SelectedEntries, values_m: Tensor, with_bias: bool = True) -> tuple[Tensor, Tensor]:
+    def values_at(self, codes: SparseCodes, entries: SelectedEntries, x_nA: Tensor, x_nB: Tensor) -> Tensor:
+        """Differentiable pre-activations ``[m]`` at ``entries`` of a batch already encoded."""
+        if codes.pre_live_nD is not None:
+            return codes.pre_live_nD[entries.rows, entries.cols]
+        return selected_pre_activations(
+            codes.pre_nD, entries, x_nA, x_nB, self.W_enc_AD, self.W_enc_BD, self.b_enc_D, self.offset_b
+        )
+
+    def decode_sparse(
+        self, entries: SelectedEntries, values_m: Tensor, with_bias: bool = True, dense: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Normalised-space reconstructions ``([n, d_a], [n, d_b])`` from active entries."""
-        x_hat_a = sparse_decode(entries, values_m, self.W_dec_DA, col_offset=0)
-        x_hat_b = sparse_decode(entries, values_m, self.W_dec_DB, col_offset=self.offset_b)
+        if dense:
+            f = torch.zeros(entries.n, self.config.dict_size, dtype=values_m.dtype, device=values_m.device)
+            f = f.index_put((entries.rows, entries.cols), values_m)
+            x_hat_a = f[:, : self.width_a] @ self.W_dec_DA
+            x_hat_b = f[:, self.offset_b :] @ self.W_dec_DB
+        else:
+            x_hat_a = sparse_decode(entries, values_m, self.W_dec_DA, col_offset=0)
+            x_hat_b = sparse_decode(entries, values_m, self.W_dec_DB, col_offset=self.offset_b)
         if with_bias:
             x_hat_a = x_hat_a + self.b_dec_A
             x_hat_b = x_hat_b + self.b_dec_B

@@ -154,11 +154,35 @@ def sparse_decode(entries: SelectedEntries, values_m: Tensor, W_dec_Sd: Tensor, 
     """
     side_cols = entries.cols - col_offset
     inside = (side_cols >= 0) & (side_cols < W_dec_Sd.shape[0])
-    if bool(inside.all()):
-        return F.embedding_bag(
-            side_cols, W_dec_Sd, entries.offsets, mode="sum", per_sample_weights=values_m
+    if not bool(inside.all()):
+        entries = SelectedEntries(entries.rows[inside], side_cols[inside], entries.n)
+        values_m, side_cols = values_m[inside], entries.cols
+    if W_dec_Sd.dtype == torch.float32:
+        return F.embedding_bag(side_cols, W_dec_Sd, entries.offsets, mode="sum", per_sample_weights=values_m)
+    # CUDA's embedding_bag has no bf16/fp16 backward for per-sample weights: our own backward.
+    return _LowPrecisionDecode.apply(values_m, W_dec_Sd, entries.rows, side_cols, entries.offsets, entries.n)
+
+
+class _LowPrecisionDecode(torch.autograd.Function):
+    """``embedding_bag`` forward with a hand-written backward that accumulates in float32."""
+
+    CHUNK = 65536  # entries per chunk when gathering decoder rows: bounds the [chunk, d] temporary
+
+    @staticmethod
+    def forward(ctx, values_m, W_dec_Sd, rows_m, cols_m, offsets_n, n):
+        ctx.save_for_backward(values_m, W_dec_Sd, rows_m, cols_m)
+        ctx.n = n
+        return F.embedding_bag(cols_m, W_dec_Sd, offsets_n, mode="sum", per_sample_weights=values_m)
+
+    @staticmethod
+    def backward(ctx, grad_nd):
+        values_m, W_dec_Sd, rows_m, cols_m = ctx.saved_tensors
+        grad_values = torch.empty_like(values_m)
+        for start in range(0, values_m.shape[0], _LowPrecisionDecode.CHUNK):
+            part = slice(start, start + _LowPrecisionDecode.CHUNK)
+            grad_values[part] = (grad_nd[rows_m[part]].float() * W_dec_Sd[cols_m[part]].float()).sum(-1).to(values_m.dtype)
+        selected = torch.sparse_coo_tensor(
+            torch.stack([cols_m, rows_m]), values_m.float(), (W_dec_Sd.shape[0], ctx.n), check_invariants=False
         )
-    inside_entries = SelectedEntries(entries.rows[inside], side_cols[inside], entries.n)
-    return F.embedding_bag(
-        inside_entries.cols, W_dec_Sd, inside_entries.offsets, mode="sum", per_sample_weights=values_m[inside]
-    )
+        grad_W = torch.sparse.mm(selected, grad_nd.float()).to(W_dec_Sd.dtype)
+        return grad_values, grad_W, None, None, None, None

@@ -74,7 +74,10 @@ def _plot(table: list[dict], path: Path) -> None:
                          linestyle="--", marker="x", color="black", label="DFC + exclusivity check")
     axes[0].set(title="Exclusive-concept recall", xlabel="dictionary size", ylabel="recall", ylim=(0, 1.05), xscale="log")
     axes[1].set(title="False positives (features)", xlabel="dictionary size", ylabel="count", xscale="log")
+    sizes = sorted({r["dict_size"] for r in table})
     for axis in axes:
+        axis.set_xticks(sizes, [str(size) for size in sizes])
+        axis.minorticks_off()
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.tight_layout()

@@ -123,6 +123,25 @@ def test_sparse_decode_matches_dense_matmul():
     assert torch.allclose(sparse_decode(entries, f[rows, cols], W), f @ W, atol=1e-5)
 
 
+def test_low_precision_decode_gradients_match_float32():
+    from crosscoder.sparse import SelectedEntries
+
+    torch.manual_seed(1)
+    f = torch.relu(torch.randn(30, 40)) * (torch.rand(30, 40) < 0.2)
+    rows, cols = torch.nonzero(f, as_tuple=True)
+    entries = SelectedEntries(rows, cols, 30)
+    W = torch.randn(40, 16)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        values = f[rows, cols].to(dtype).requires_grad_()
+        weights = W.clone().to(dtype).requires_grad_()
+        out = sparse_decode(entries, values, weights)
+        (out.float() * torch.linspace(-1, 1, 16)).sum().backward()
+        grads[dtype] = (out.float(), values.grad.float(), weights.grad.float())
+    for got, want in zip(grads[torch.bfloat16], grads[torch.float32], strict=True):
+        assert torch.allclose(got, want, rtol=0.05, atol=0.05)
+
+
 # ---- inference threshold, AuxK ----------------------------------------------------------------------
 
 
@@ -214,7 +233,8 @@ def reference_loss(params: dict, x_a, x_b, k: int, n_a: int, n_b: int):
     return (err_a.pow(2).sum() + err_b.pow(2).sum()) / x_a.shape[0]
 
 
-def test_loss_and_gradients_match_a_dense_reference():
+@pytest.mark.parametrize("dense_kernels", [False, True], ids=["sparse-kernels", "dense-kernels"])
+def test_loss_and_gradients_match_a_dense_reference(dense_kernels):
     torch.manual_seed(0)
     config = small_config(outlier_factor=None, aux_alpha=0.0)
     model = Crosscoder(config)
@@ -223,7 +243,7 @@ def test_loss_and_gradients_match_a_dense_reference():
         model.b_dec_A.normal_()
     x_a, x_b = toy_pairs(128)
     na, nb = model.normalise(x_a, x_b)
-    loss, *_ = training_step(model, na, nb, 4, None)
+    loss, *_ = training_step(model, na, nb, 4, None, dense=dense_kernels)
     loss.backward()
 
     params = {

@@ -1,0 +1,123 @@
+"""``audit zoo``: build and inspect the tiny model zoo (the embedded default pair and its known answer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+zoo_app = typer.Typer(no_args_is_help=True, help="The tiny model zoo: two small LMs with planted differences.")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _check_names(names: list[str]) -> None:
+    from crosscoder.zoo import ZOO_MODELS
+
+    unknown = [n for n in names if n not in ZOO_MODELS]
+    if unknown:
+        errors.print(f"[red]unknown zoo model[/red] {', '.join(unknown)}; available: {', '.join(ZOO_MODELS)}")
+        raise typer.Exit(code=2)
+
+
+@zoo_app.command("build")
+def build(
+    variant: list[str] = typer.Option(None, "--variant", "-v", help="model to build (repeatable); default: the default pair"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when a complete cached build exists"),
+    all_models: bool = typer.Option(False, "--all", help="build every zoo model"),
+) -> None:
+    """Build zoo models into the cache (``$CROSSCODER_ZOO_DIR``); complete builds are reused."""
+    from crosscoder.zoo import DEFAULT_MODELS, ZOO_MODELS, build_zoo, read_build_info, zoo_dir
+
+    names = list(ZOO_MODELS) if all_models else (variant or list(DEFAULT_MODELS))
+    _check_names(names)
+    console.print(f"zoo cache: {zoo_dir()}", highlight=False)
+    folders = build_zoo(names, force=force, progress=True)
+    view = Table(title="Zoo models")
+    for column in ("name", "architecture", "params", "vocab", "final loss", "build s", "folder"):
+        view.add_column(column)
+    for name, folder in folders.items():
+        info = read_build_info(folder)
+        view.add_row(name, info["architecture"], f"{info['n_params']:,}", str(info["vocab_size"]),
+                     f"{info['final_loss']:.3f}", f"{info['timings']['total_s']:.0f}", str(folder))
+    console.print(view)
+
+
+@zoo_app.command("list")
+def list_models() -> None:
+    """List the zoo models, their planted differences and whether each is built."""
+    from crosscoder.zoo import DEFAULT_MODELS, ZOO_MODELS, is_built, model_dir
+
+    view = Table(title="Zoo models")
+    for column in ("name", "architecture", "tokenizer", "width×layers", "planted", "default", "built"):
+        view.add_column(column)
+    for name, spec in ZOO_MODELS.items():
+        built = is_built(name)
+        view.add_row(name, spec.architecture, spec.tokenizer, f"{spec.hidden_size}×{spec.n_layers}",
+                     ", ".join(sorted(spec.planted)), "yes" if name in DEFAULT_MODELS else "",
+                     str(model_dir(name)) if built else "no")
+    console.print(view)
+
+
+@zoo_app.command("info")
+def info(
+    name: str = typer.Argument(None, help="a zoo model; omitted: the planted differences of the whole zoo"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest (or the build info) as JSON"),
+) -> None:
+    """Show the ground truth: which planted difference each model has, and how to detect it."""
+    from crosscoder.zoo import is_built, manifest, model_dir, read_build_info
+
+    truth = manifest()
+    if name is None:
+        if as_json:
+            typer.echo(json.dumps(truth, indent=2))
+            return
+        view = Table(title="Planted differences (ground truth)")
+        for column in ("id", "kind", "present in", "absent from", "example prompt", "markers"):
+            view.add_column(column)
+        for diff in truth["differences"]:
+            marks = "; ".join(f"{role}: {', '.join(m[:3])}" for role, m in diff["markers"].items() if m)
+            view.add_row(diff["id"], diff["kind"], ", ".join(diff["present_in"]), ", ".join(diff["absent_from"]),
+                         diff["topic_prompts"][0], marks)
+        console.print(view)
+        return
+    _check_names([name])
+    entry = truth["models"][name]
+    build_info = read_build_info(model_dir(name)) if is_built(name) else None
+    if as_json:
+        typer.echo(json.dumps({"model": entry, "build": build_info}, indent=2))
+        return
+    console.print(f"[bold]zoo:{name}[/bold] — {entry['architecture']}, {entry['tokenizer']}, "
+                  f"hidden {entry['hidden_size']}, {entry['n_layers']} layers", highlight=False)
+    console.print(entry["description"], highlight=False)
+    console.print(f"planted: {', '.join(entry['planted'])}", highlight=False)
+    if build_info is None:
+        console.print("not built yet: `audit zoo build --variant " + name + "`", highlight=False)
+    else:
+        console.print(f"built at {model_dir(name)}: {build_info['n_params']:,} parameters, vocab "
+                      f"{build_info['vocab_size']}, final loss {build_info['final_loss']:.3f}, "
+                      f"{build_info['timings']['total_s']:.0f} s", highlight=False)
+
+
+@zoo_app.command("data")
+def data(
+    name: str = typer.Argument("audit-corpus", help="audit-corpus | audit-prose | audit-chat | corpus-<model>"),
+    out: Path = typer.Option(None, help="copy the jsonl here as well"),
+) -> None:
+    """Write a zoo data set (e.g. the neutral audit corpus) and print its path."""
+    import shutil
+
+    from crosscoder.zoo import DATA_NAMES, resolve_data
+
+    if name not in DATA_NAMES:
+        errors.print(f"[red]unknown zoo data[/red] {name}; available: {', '.join(DATA_NAMES)}")
+        raise typer.Exit(code=2)
+    path = resolve_data(name)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out)
+        path = out
+    typer.echo(str(path))
