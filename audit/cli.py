@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from .spec import SpecError, load_spec
+from .zoo_cli import zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cross-architecture model diffing audits.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the crosscoder core.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(zoo_app, name="zoo")
 console = Console()
 errors = Console(stderr=True)
 

@@ -351,14 +351,16 @@ def align_text(text: str, tokenizer_a: Any, tokenizer_b: Any) -> Alignment:
 # Chat conversations
 
 
-def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any) -> str:
+def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, add_generation_prompt: bool = False) -> str:
     """Render messages with the tokenizer's chat template, without tokenizing.
 
-    Fallback when the tokenizer has no chat template: one "<role>: <content>\\n" block per message.
+    Fallback when the tokenizer has no chat template: one "<role>: <content>\\n" block per message
+    (and "assistant:" when ``add_generation_prompt``).
     """
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    rendered = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return rendered + "assistant:" if add_generation_prompt else rendered
 
 
 def _locate_contents(rendered: str, contents: Sequence[str]) -> list[tuple[int, int, int]]:
@@ -432,6 +434,7 @@ def align_chat(
     tokenizer_b: Any,
     *,
     whitespace_overhang: bool = False,
+    add_generation_prompt: bool = False,
 ) -> Alignment:
     """Align a conversation rendered by each tokenizer's own chat template.
 
@@ -454,7 +457,7 @@ def align_chat(
 
     sides = []
     for tok in (tokenizer_a, tokenizer_b):
-        rendered = render_chat(messages, tok)
+        rendered = render_chat(messages, tok, add_generation_prompt)
         ids, offs = _encode(tok, rendered)
         offs = repair_offsets(rendered, offs)
         segments = _locate_contents(rendered, contents)

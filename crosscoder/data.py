@@ -100,7 +100,11 @@ def _to_record(row: dict, source: SourceSettings, record_id: str, field: str) ->
             for m in row[source.messages_field]
             if m.get("content")
         ]
-        return {"id": record_id, "messages": messages} if messages else None
+        if not messages:
+            return None
+        # A conversation that ends on the user's turn is meant to be read up to the point where
+        # the assistant is about to answer.
+        return {"id": record_id, "messages": messages, "add_generation_prompt": bool(row.get("add_generation_prompt"))}
     text_field = source.text_field or "text"
     if text_field not in row:
         raise DataSourceError(f"{field}.text_field: rows of {source.path!r} have no column {text_field!r}")

@@ -24,7 +24,7 @@ from .data import SourceSettings, iter_records
 from .models import LoadedModel, bos_prefix, capture_block_output, load_model
 from .store import ActivationStore, StoreWriter
 
-HARVEST_CODE_VERSION = 1  # bump when a change alters which pairs are produced
+HARVEST_CODE_VERSION = 2  # bump when a change alters which pairs are produced
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class _Prepared:
     complete: bool
     cut_reason: str | None
     in_chat: bool
+    generation_prompt_pair: bool = False  # the last pair is the generation-prompt pair
 
 
 def prepare_record(record: dict, model_a: LoadedModel, model_b: LoadedModel, context_length: int) -> _Prepared:
@@ -76,7 +77,9 @@ def prepare_record(record: dict, model_a: LoadedModel, model_b: LoadedModel, con
     if "messages" in record:
         # Templates put a space or newline next to the content ("user: How", ".\n"); a token
         # that only overhangs the content by whitespace still read the same content.
-        alignment = align_chat(record["messages"], model_a.tokenizer, model_b.tokenizer, whitespace_overhang=True)
+        prompt_open = bool(record.get("add_generation_prompt"))
+        alignment = align_chat(record["messages"], model_a.tokenizer, model_b.tokenizer,
+                               whitespace_overhang=True, add_generation_prompt=prompt_open)
         ids_a, ids_b = list(alignment.ids_a), list(alignment.ids_b)
         shift_a = shift_b = 0
         in_chat = True
@@ -89,6 +92,7 @@ def prepare_record(record: dict, model_a: LoadedModel, model_b: LoadedModel, con
         ids_a, ids_b = prefix_a + list(alignment.ids_a), prefix_b + list(alignment.ids_b)
         shift_a, shift_b = len(prefix_a), len(prefix_b)
         in_chat = False
+    truncated = len(ids_a) > context_length or len(ids_b) > context_length
     ids_a, ids_b = ids_a[:context_length], ids_b[:context_length]
     pos_a, pos_b, merged = [], [], []
     for (i, j), was_merged in zip(alignment.pairs, alignment.merged, strict=True):
@@ -98,7 +102,19 @@ def prepare_record(record: dict, model_a: LoadedModel, model_b: LoadedModel, con
         pos_a.append(i)
         pos_b.append(j)
         merged.append(was_merged)
-    return _Prepared(record, ids_a, ids_b, pos_a, pos_b, merged, alignment.complete, alignment.cut_reason, in_chat)
+    at_prompt = False
+    last_a, last_b = len(ids_a) - 1, len(ids_b) - 1
+    fresh = not pos_a or (pos_a[-1] < last_a and pos_b[-1] < last_b)
+    if in_chat and record.get("add_generation_prompt") and not truncated and fresh:
+        # The last token of each model's generation prompt is where that model is about to answer:
+        # different template text, same moment in the conversation. Paired and flagged, because a
+        # planted behaviour lives in what the model is about to say.
+        pos_a.append(last_a)
+        pos_b.append(last_b)
+        merged.append(True)
+        at_prompt = True
+    return _Prepared(record, ids_a, ids_b, pos_a, pos_b, merged, alignment.complete, alignment.cut_reason, in_chat,
+                     at_prompt)
 
 
 def _run_batch(model: LoadedModel, sequences: list[list[int]]) -> Tensor:
@@ -169,8 +185,11 @@ def harvest(
                 pos_a, pos_b = torch.tensor(prepared.pos_a, dtype=torch.long), torch.tensor(prepared.pos_b, dtype=torch.long)
                 doc = {"id": prepared.record["id"], "ids_a": prepared.ids_a, "ids_b": prepared.ids_b,
                        "chat": prepared.in_chat}
+                template = torch.zeros(len(prepared.pos_a), dtype=torch.bool)
+                if prepared.generation_prompt_pair:
+                    template[-1] = True
                 writer.add_document(doc, hidden_a[row, pos_a], hidden_b[row, pos_b], pos_a, pos_b,
-                                    torch.tensor(prepared.merged, dtype=torch.bool), prepared.in_chat)
+                                    torch.tensor(prepared.merged, dtype=torch.bool), prepared.in_chat, template)
                 _count(stats, prepared)
             stats["elapsed_s"] = time.perf_counter() - started
             if writer.should_flush():

@@ -5,7 +5,7 @@ Folder layout::
     meta.json               written last; its presence (with "complete": true) marks a finished store
     progress.json           resume point: shards committed, documents consumed, running statistics
     pairs-00000.safetensors a [n, d_A], b [n, d_B], norm_a [n], norm_b [n], doc [n], pos_a [n], pos_b [n],
-                            merged [n], in_chat [n]
+                            merged [n], in_chat [n], template [n] (generation-prompt pairs)
     docs-00000.jsonl        the documents of that shard: doc number, record id, token ids of both models
 
 A shard holds whole documents and is committed by renaming it into place after its docs file,
@@ -84,8 +84,14 @@ class StoreWriter:
     def stats(self) -> dict:
         return self.progress["stats"]
 
-    def add_document(self, doc: dict, a: Tensor, b: Tensor, pos_a: Tensor, pos_b: Tensor, merged: Tensor, in_chat: bool) -> None:
-        """Queue one document's pairs (possibly none); ``doc`` goes to the docs file."""
+    def add_document(
+        self, doc: dict, a: Tensor, b: Tensor, pos_a: Tensor, pos_b: Tensor, merged: Tensor, in_chat: bool,
+        template: Tensor | None = None,
+    ) -> None:
+        """Queue one document's pairs (possibly none); ``doc`` goes to the docs file.
+
+        ``template [n]`` marks pairs of chat-template positions (the generation-prompt pair).
+        """
         number = self.progress["docs_consumed"] + len(self._pending_docs)
         self._pending_docs.append({"doc": number, **doc})
         if a.shape[0]:
@@ -95,6 +101,7 @@ class StoreWriter:
                 "pos_a": pos_a.to(torch.int32), "pos_b": pos_b.to(torch.int32),
                 "merged": merged.to(torch.uint8),
                 "in_chat": torch.full((a.shape[0],), int(in_chat), dtype=torch.uint8),
+                "template": (template if template is not None else torch.zeros(a.shape[0], dtype=torch.bool)).to(torch.uint8),
             })
             self._pending_pairs += a.shape[0]
 

@@ -65,6 +65,10 @@ def tiny_corpus(tmp_path_factory):
             {"role": "user", "content": f"What grows in field {i}?"},
             {"role": "assistant", "content": f"Mostly barley and oats, about {i * 7} tonnes a year."},
         ]}) + "\n"
-        for i in range(12)
+        for i in range(9)
+    ) + "".join(  # conversations left open for the assistant's answer
+        json.dumps({"conversation": [{"role": "user", "content": f"Who rules province {i}?"}],
+                    "add_generation_prompt": True}) + "\n"
+        for i in range(3)
     ))
     return {"prose": prose, "chat": chats}

