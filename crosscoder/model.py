@@ -47,7 +47,7 @@ class SparseCodes:
     """Active entries of a batch: coordinates plus differentiable values ``[m]``."""
 
     entries: SelectedEntries
-    values: Tensor
+    values: Tensor | None  # set right after selection, by Crosscoder.values_at
     pre_nD: Tensor  # detached dense pre-activations, reused by AuxK
     scores_nD: Tensor  # detached selection scores
     pre_live_nD: Tensor | None = None  # dense kernels: pre-activations that carry gradients
@@ -233,7 +233,7 @@ class Crosscoder(nn.Module):
             entries = batch_topk(scores, x_nA.shape[0] * k, cost)
         else:
             entries = threshold_select(scores, float(self.threshold))
-        codes = SparseCodes(entries, pre[:0, 0], pre, scores, pre_live)
+        codes = SparseCodes(entries, None, pre, scores, pre_live)
         codes.values = self.values_at(codes, entries, x_nA, x_nB)
         return codes
 
