@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from crosscoder.config import CrosscoderConfig
+from crosscoder.yamlfile import load_yaml_model
 
 
 class SpecError(ValueError):
@@ -164,48 +164,4 @@ def harvest_settings(spec: AuditSpec, device: str | None = None):
 
 def load_spec(path: str | Path) -> AuditSpec:
     """Read and validate a spec file; raise :class:`SpecError` naming file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a spec must be a YAML mapping (name, model_a, model_b, data, crosscoder)")
-    try:
-        return AuditSpec.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
-            field = ".".join(str(part) for part in loc) or "(top level)"
-            line = _line_of(root, loc)
-            where = f"{path}:{line}" if line else str(path)
-            message = error["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {field}: {message}")
-        raise SpecError("\n".join(lines)) from None
-
-
-def _line_of(node: Any, loc: list) -> int | None:
-    """1-based line of the deepest YAML node along ``loc`` that exists."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        child = None
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if key.value == str(part):
-                    child = value
-                    line = key.start_mark.line + 1
-                    break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            child = node.value[part]
-            line = child.start_mark.line + 1
-        if child is None:
-            break
-        node = child
-    return line
+    return load_yaml_model(path, AuditSpec, SpecError, "spec")

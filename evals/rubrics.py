@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from crosscoder.yamlfile import load_yaml_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUBRIC_DIR = REPO_ROOT / "specs" / "rubrics"
@@ -65,23 +66,7 @@ def _resolve(path_or_name: str | Path) -> Path:
 
 def load_rubric(path_or_name: str | Path) -> Rubric:
     """Load a rubric from a YAML path or by name from ``specs/rubrics/``."""
-    path = _resolve(path_or_name)
-    if not path.is_file():
-        raise RubricError(f"{path}: rubric file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RubricError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RubricError(f"{path}: top level must be a mapping of rubric fields")
-    try:
-        return Rubric.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"field '{'.'.join(str(part) for part in err['loc']) or '<rubric>'}': {err['msg']}"
-            for err in exc.errors()
-        )
-        raise RubricError(f"{path}: {problems}") from exc
+    return load_yaml_model(_resolve(path_or_name), Rubric, RubricError, "rubric")
 
 
 def list_rubrics() -> list[str]:

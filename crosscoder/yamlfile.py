@@ -1,0 +1,66 @@
+"""Validated YAML files: pydantic models loaded from YAML with errors as ``file:line: field: message``.
+
+Shared by audit specs and rubric files, so that every configuration a user writes reports its
+problems the same way: the file, the line of the offending key, the field path, and what is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def load_yaml_model(path: str | Path, model: type[Model], error: type[Exception], what: str) -> Model:
+    """Read ``path`` and validate it as ``model``; raise ``error`` naming file, line and field.
+
+    ``what`` names the kind of file in messages (e.g. "spec", "rubric").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {what} file (path not found)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise error(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: a {what} must be a YAML mapping of its fields")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for problem in exc.errors():
+            loc = [part for part in problem["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+            field = ".".join(str(part) for part in loc) or "(top level)"
+            line = line_of(root, loc)
+            where = f"{path}:{line}" if line else str(path)
+            lines.append(f"{where}: {field}: {problem['msg'].removeprefix('Value error, ')}")
+        raise error("\n".join(lines)) from None
+
+
+def line_of(node: Any, loc: list) -> int | None:
+    """1-based line of the deepest YAML node along ``loc`` that exists."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    child = value
+                    line = key.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
