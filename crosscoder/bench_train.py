@@ -8,7 +8,6 @@ a fresh subprocess per implementation on CPU.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import resource
 import time
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from .config import CrosscoderConfig
 from .model import Crosscoder
 from .synthetic import make_world
-from .train import training_step
+from .train import estimate_norm_scales, training_step
 
 
 class DenseReference(nn.Module):
@@ -60,13 +59,12 @@ def _train_one(kind: str, settings: dict) -> dict:
     generator = torch.Generator().manual_seed(1)
     n = settings["batch_size"] * 16
     x_a, x_b = world.sample(n, generator)
-    scale_a = math.sqrt((settings["d_a"] + settings["d_b"]) / 2) / float(x_a.norm(dim=1).median())
-    scale_b = math.sqrt((settings["d_a"] + settings["d_b"]) / 2) / float(x_b.norm(dim=1).median())
-    x_a, x_b = (x_a * scale_a).to(device, dtype), (x_b * scale_b).to(device, dtype)
     config = CrosscoderConfig(
         architecture="batchtopk", d_a=settings["d_a"], d_b=settings["d_b"], dict_size=settings["dict_size"],
         k=settings["k"], aux_alpha=0.0, outlier_factor=None, k_start=settings["k"], k_anneal_steps=0,
     )
+    scale_a, scale_b = estimate_norm_scales(x_a, x_b, config)
+    x_a, x_b = (x_a * scale_a).to(device, dtype), (x_b * scale_b).to(device, dtype)
     ours = Crosscoder(config)
     with torch.no_grad():
         ours.b_dec_A.copy_(x_a.float().mean(0).cpu())

@@ -34,7 +34,7 @@ class Evaluation:
             "n_pairs": self.n_pairs,
         }
 
-    def exclusivity(self, model: Crosscoder) -> Tensor:
+    def exclusivity(self) -> Tensor:
         """Cross-architecture exclusivity check ``[D]``: variance explained in the *other* model
         divided by that in the feature's own model (near 0: truly exclusive; near 1: shared).
 
@@ -184,10 +184,22 @@ def seed_stability(models: list[Crosscoder], threshold: float = 0.9) -> dict:
     return {"threshold": threshold, "per_run": per_run}
 
 
-def _exclusive_ids(model: Crosscoder, side: str, relative_norm_cut: float = 0.9) -> Tensor:
-    """DFC: the partition; other variants: features whose relative norm passes the cut."""
+def classify_exclusive(model: Crosscoder, relative_norm_cut: float = 0.9) -> tuple[Tensor, Tensor]:
+    """Boolean ``[D]`` masks of features classified A-exclusive and B-exclusive.
+
+    DFC: by partition. Standard and DSF: by relative decoder norm (> cut: A, < 1 − cut: B).
+    """
+    D = model.config.dict_size
     if model.config.architecture == "dfc":
-        return model.index_a if side == "a" else model.index_b
-    r = model.relative_norm().detach()
-    ids = torch.nonzero(r > relative_norm_cut if side == "a" else r < 1 - relative_norm_cut).squeeze(1)
-    return ids
+        is_a = torch.zeros(D, dtype=torch.bool)
+        is_b = torch.zeros(D, dtype=torch.bool)
+        is_a[model.index_a] = True
+        is_b[model.index_b] = True
+        return is_a, is_b
+    r = model.relative_norm().detach().cpu()
+    return r > relative_norm_cut, r < 1 - relative_norm_cut
+
+
+def _exclusive_ids(model: Crosscoder, side: str) -> Tensor:
+    is_a, is_b = classify_exclusive(model)
+    return torch.nonzero(is_a if side == "a" else is_b).squeeze(1)

@@ -45,6 +45,11 @@ def shard_name(index: int) -> str:
     return f"pairs-{index:05d}.safetensors"
 
 
+def docs_name(shard_file: str) -> str:
+    """The documents file committed with a shard: ``pairs-00003.safetensors`` → ``docs-00003.jsonl``."""
+    return shard_file.replace("pairs-", "docs-").replace(".safetensors", ".jsonl")
+
+
 class StoreWriter:
     """Appends documents' pairs and commits a shard once it holds ``shard_pairs`` pairs."""
 
@@ -71,7 +76,7 @@ class StoreWriter:
     def _drop_uncommitted(self) -> None:
         """Remove shards or temp files written after the last progress.json (a kill mid-shard)."""
         committed = {s["file"] for s in self.progress["shards"]}
-        committed |= {s["file"].replace("pairs-", "docs-").replace(".safetensors", ".jsonl") for s in self.progress["shards"]}
+        committed |= {docs_name(s["file"]) for s in self.progress["shards"]}
         for path in self.folder.iterdir():
             if path.name.startswith((".", "pairs-", "docs-")) and path.name not in committed and path.is_file():
                 path.unlink()
@@ -114,17 +119,17 @@ class StoreWriter:
             return
         index = len(self.progress["shards"])
         name = shard_name(index)
-        docs_name = name.replace("pairs-", "docs-").replace(".safetensors", ".jsonl")
+        docs_file = docs_name(name)
         n_pairs = self._pending_pairs
         if self._pending:
             tensors = {key: torch.cat([p[key] for p in self._pending]) for key in self._pending[0]}
             tensors["norm_a"] = tensors["a"].float().norm(dim=1)
             tensors["norm_b"] = tensors["b"].float().norm(dim=1)
-            tmp_docs = self.folder / f".{docs_name}.tmp"
+            tmp_docs = self.folder / f".{docs_file}.tmp"
             with open(tmp_docs, "w") as handle:
                 for doc in self._pending_docs:
                     handle.write(json.dumps(doc) + "\n")
-            os.replace(tmp_docs, self.folder / docs_name)
+            os.replace(tmp_docs, self.folder / docs_file)
             tmp = self.folder / f".{name}.tmp"
             save_file(tensors, str(tmp), metadata={"format": STORE_FORMAT})
             os.replace(tmp, self.folder / name)
@@ -199,8 +204,7 @@ class ActivationStore:
 
     def documents(self) -> Iterator[dict]:
         for path in self.shard_paths():
-            docs = path.with_name(path.name.replace("pairs-", "docs-").replace(".safetensors", ".jsonl"))
-            with open(docs) as handle:
+            with open(path.with_name(docs_name(path.name))) as handle:
                 for line in handle:
                     yield json.loads(line)
 

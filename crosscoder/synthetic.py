@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import CrosscoderConfig
-from .metrics import Evaluation, evaluate
+from .metrics import Evaluation, classify_exclusive, evaluate
 from .model import Crosscoder
 from .train import train_crosscoder
 
@@ -66,22 +66,6 @@ def make_world(
     return ToyWorld(dirs_a, dirs_b, kind, frequency, noise)
 
 
-def classify_exclusive(model: Crosscoder, relative_norm_cut: float = 0.9) -> tuple[Tensor, Tensor]:
-    """Boolean ``[D]`` masks of features classified A-exclusive and B-exclusive.
-
-    DFC: by partition. Standard and DSF: by relative decoder norm (> cut: A, < 1 − cut: B).
-    """
-    D = model.config.dict_size
-    if model.config.architecture == "dfc":
-        is_a = torch.zeros(D, dtype=torch.bool)
-        is_b = torch.zeros(D, dtype=torch.bool)
-        is_a[model.index_a] = True
-        is_b[model.index_b] = True
-        return is_a, is_b
-    r = model.relative_norm().detach().cpu()
-    return r > relative_norm_cut, r < 1 - relative_norm_cut
-
-
 def score_recovery(
     model: Crosscoder,
     world: ToyWorld,
@@ -97,7 +81,7 @@ def score_recovery(
     is_a, is_b = classify_exclusive(model)
     alive = evaluation.firing_frequency > 0
     if exclusivity_cut is not None:
-        ratio = evaluation.exclusivity(model)
+        ratio = evaluation.exclusivity()
         passes = torch.nan_to_num(ratio, nan=float("inf")) < exclusivity_cut
         is_a, is_b = is_a & passes, is_b & passes
     is_a, is_b = is_a & alive, is_b & alive

@@ -32,7 +32,7 @@ def test_exclusivity_check_separates_private_from_shared_concepts():
                               outlier_factor=None)
     model = train_crosscoder(config, (x_a, x_b), steps=800, batch_size=256)
     result = evaluate(model, *world.sample(3000, g))
-    ratio = result.exclusivity(model)
+    ratio = result.exclusivity()
     # Features matching a private concept: the other model explains almost nothing of them.
     cos_a = torch.nn.functional.normalize(model.decoder_raw("a").detach(), dim=1) @ world.dirs_a.T
     private_a = [i for i, kind in enumerate(world.kind) if kind == "a"]
