@@ -75,6 +75,159 @@ def harvest(
     )
 
 
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="audit spec (YAML)"),
+    workspace: Path = typer.Option(Path("runs"), help="workspace: stage cache, run folders, audit.duckdb"),
+    db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
+    only: str | None = typer.Option(None, help="run only this stage (earlier stages must be cached)"),
+    start: str | None = typer.Option(None, "--from", help="run from this stage on"),
+    force: bool = typer.Option(False, help="rerun the selected stages even when cached"),
+    device: str | None = typer.Option(None, help="cuda, cpu, ... (default: CUDA when present)"),
+) -> None:
+    """Run an audit end to end: validate → models → harvest → train → analyse → screen → verify → report."""
+    from .runner import STAGES, AuditRunner, StageError
+
+    loaded = _load_or_exit(spec)
+    runner = AuditRunner(loaded, spec, workspace=workspace, db_path=db, device=device, console=console)
+    console.print(f"run [bold]{runner.run_id}[/bold] → {runner.run_dir}", highlight=False)
+    try:
+        result = runner.run(only=only, start=start, force=force)
+    except StageError as exc:
+        errors.print(f"[red]stage failed[/red] {exc}", highlight=False)
+        errors.print(f"finished stages are kept in {runner.cache}; fix the problem and rerun the same command "
+                     f"(stages: {', '.join(STAGES)})", highlight=False)
+        raise typer.Exit(code=1) from None
+    view = Table(title=f"run {result.run_id}")
+    for column in ("stage", "status", "seconds", "artefact"):
+        view.add_column(column)
+    for r in result.stages:
+        view.add_row(r.stage, "cached" if r.cached else "done", f"{r.seconds:.1f}", str(r.artefact or ""))
+    console.print(view)
+    for path in result.report_paths:
+        console.print(f"report: {path}", highlight=False)
+    _exit_on_gates(result.gate_failures)
+
+
+def _resolve_run(store, ref: str) -> str:
+    """A run id, a spec file (its run id) or a spec name (its latest run) → a run id in the store."""
+    from .runner import run_id_for
+
+    if store.run(ref) is not None:
+        return ref
+    if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
+        run_id = run_id_for(_load_or_exit(Path(ref)))
+        if store.run(run_id) is not None:
+            return run_id
+        errors.print(f"{ref}: its run {run_id} is not in {store.path}; run `audit run {ref}` first", highlight=False)
+        raise typer.Exit(code=1)
+    latest = store.query("SELECT run_id FROM runs WHERE spec_name = ? ORDER BY updated_at DESC LIMIT 1", [ref])
+    if latest:
+        return latest[0]["run_id"]
+    errors.print(f"no run {ref!r} in {store.path} (not a run id, spec file or spec name); `audit runs` lists them",
+                 highlight=False)
+    raise typer.Exit(code=1)
+
+
+def _exit_on_gates(failures: list[str]) -> None:
+    if failures:
+        for message in failures:
+            errors.print(f"[red]gate failed[/red] {message}", highlight=False)
+        raise typer.Exit(code=3)
+
+
+@app.command()
+def runs(
+    workspace: Path = typer.Option(Path("runs")),
+    db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
+) -> None:
+    """List the runs in the workspace's store."""
+    from .store import AuditStore
+
+    store = AuditStore(db or workspace / "audit.duckdb")
+    view = Table(title=str(store.path))
+    view.add_column("run", no_wrap=True)  # the id is what users copy; never wrap it
+    for column in ("models", "status", "updated", "flagged", "verified", "report"):
+        view.add_column(column, overflow="fold")
+    for row in store.query("""
+        SELECT r.run_id, r.model_a, r.model_b, r.status, r.updated_at, r.report_path,
+               (SELECT count(*) FROM features f WHERE f.run_id = r.run_id) AS flagged,
+               (SELECT count(DISTINCT feature) FROM effects e WHERE e.run_id = r.run_id AND e.verified) AS verified
+        FROM runs r ORDER BY r.updated_at DESC"""):
+        view.add_row(row["run_id"], f"{row['model_a']} vs {row['model_b']}", row["status"],
+                     str(row["updated_at"])[:19], str(row["flagged"]), str(row["verified"]), row["report_path"] or "")
+    console.print(view)
+
+
+@app.command()
+def report(
+    run_id: str = typer.Argument(..., help="run id (see `audit runs`)"),
+    workspace: Path = typer.Option(Path("runs")),
+    db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
+    out: Path | None = typer.Option(None, help="folder for report.html / report.md (default: the run folder)"),
+) -> None:
+    """Re-render a run's report from the store."""
+    from reports.render import render_run
+
+    from .spec import AuditSpec
+    from .store import AuditStore
+
+    store = AuditStore(db or workspace / "audit.duckdb")
+    found = store.run(run_id)
+    if found is None:
+        errors.print(f"no run {run_id!r} in {store.path}; `audit runs` lists them", highlight=False)
+        raise typer.Exit(code=1)
+    spec = AuditSpec.model_validate_json(found["spec_json"])
+    for path in render_run(store, run_id, out or Path(found["run_dir"]), spec.report):
+        console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def show(
+    run_id: str = typer.Argument(..., help="run id (see `audit runs`)"),
+    feature: int = typer.Argument(..., help="feature id"),
+    workspace: Path = typer.Option(Path("runs")),
+    db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
+) -> None:
+    """Print one feature's card in the terminal."""
+    from .show import feature_card
+    from .store import AuditStore
+
+    store = AuditStore(db or workspace / "audit.duckdb")
+    try:
+        feature_card(store, run_id, feature, console)
+    except KeyError as exc:
+        errors.print(str(exc.args[0]), highlight=False)
+        raise typer.Exit(code=1) from None
+
+
+@app.command()
+def diff(
+    run_a: str = typer.Argument(..., help="the earlier run (baseline): a run id, a spec file or a spec name"),
+    run_b: str = typer.Argument(..., help="the later run: a run id, a spec file or a spec name"),
+    workspace: Path = typer.Option(Path("runs")),
+    db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
+    out: Path | None = typer.Option(None, help="folder for diff.json and diff.md (default <workspace>/diffs/A__B)"),
+    spec: Path | None = typer.Option(None, help="spec whose gates apply (default: the later run's spec)"),
+) -> None:
+    """Compare two audits: new, vanished and changed exclusive features; exits 3 when a gate fires."""
+    from .diff import diff_runs, render_diff_markdown
+    from .spec import AuditSpec
+    from .store import AuditStore
+
+    store = AuditStore(db or workspace / "audit.duckdb")
+    run_a, run_b = _resolve_run(store, run_a), _resolve_run(store, run_b)
+    gates_spec = load_spec(spec) if spec else AuditSpec.model_validate_json(store.run(run_b)["spec_json"])
+    result = diff_runs(store, run_a, run_b, gates_spec.gates)
+    folder = out or workspace / "diffs" / f"{run_a}__{run_b}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "diff.json").write_text(json.dumps(result, indent=2, default=str))
+    (folder / "diff.md").write_text(render_diff_markdown(result))
+    console.print(render_diff_markdown(result), highlight=False, markup=False)
+    console.print(f"wrote {folder / 'diff.json'} and {folder / 'diff.md'}", highlight=False)
+    _exit_on_gates(result["gate_failures"])
+
+
 def _load_or_exit(path: Path):
     try:
         return load_spec(path)

@@ -75,6 +75,18 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(default=1000, gt=0)
     device: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    template_weight: float = Field(
+        default=1.0, gt=0, le=1000,
+        description="sampling weight of generation-prompt pairs (where a chat model is about to answer) "
+                    "against 1 for every other pair",
+    )
+
+    def train_kwargs(self) -> dict:
+        """Keyword arguments of ``crosscoder.train_crosscoder`` for these settings (data from a store)."""
+        import torch
+
+        return {"steps": self.steps, "batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every,
+                "device": self.device, "dtype": getattr(torch, self.dtype), "template_weight": self.template_weight}
 
 
 class CrosscoderSpec(_Strict):
@@ -106,23 +118,62 @@ class CrosscoderSpec(_Strict):
 
 
 class ScreenSpec(_Strict):
-    """Screen stage (explain + flag); filled in by the screen-and-verify work."""
+    """Screen stage: which features are flagged, how many are explained, by which explainer."""
 
-    explainer: str = "offline"
-    top_n_standard: int = Field(default=50, gt=0, description="batchtopk: flag this many by relative norm")
+    explainer: str = Field(default="offline", description="'offline' or an Inspect model, e.g. anthropic/claude-opus-4-1")
+    detector: str | None = Field(default=None, description="model for the detection score (default: the explainer)")
+    top_n_standard: int = Field(default=50, gt=0, description="batchtopk/dsf: flag this many per model by relative norm")
     relative_norm_cut: float = Field(default=0.9, gt=0.5, lt=1.0)
     contexts_per_feature: int = Field(default=20, gt=0)
+    max_features: int = Field(default=40, gt=0, description="explain at most this many flagged features (triage order)")
+    detection_contexts: int = Field(default=5, ge=0, description="activating and non-activating contexts per feature "
+                                    "for the detection score (0: skip it)")
 
 
 class VerifySpec(_Strict):
-    grader: str = "offline"
-    alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
-    rubrics: list[str] = Field(default_factory=list)
+    """Verify stage: steering sweeps graded by rubrics."""
+
+    grader: str = Field(default="offline", description="'offline' or an Inspect model, e.g. anthropic/claude-opus-4-1")
+    alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], min_length=2)
+    rubrics: list[str] = Field(default_factory=list, description="rubric names (specs/rubrics/<name>.yaml) or paths")
+    max_features: int = Field(default=8, ge=0, description="sweep at most this many features: safety-critical first, "
+                              "then content features in triage order")
+    rubrics_per_feature: int = Field(default=1, gt=0, description="sweep each feature on the rubrics whose topic "
+                                     "prompts its contexts match best")
+    features: dict[int, list[str]] = Field(default_factory=dict, description="extra sweeps: feature id → rubrics")
+    max_tokens: int = Field(default=48, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0)
+    samples_per_prompt: int = Field(default=1, gt=0)
+    max_prompts: int | None = Field(default=None, gt=0, description="cap on topic and on control prompts per rubric")
+
+    @field_validator("alphas")
+    @classmethod
+    def _has_zero(cls, alphas: list[float]) -> list[float]:
+        if 0.0 not in alphas:
+            raise ValueError("the α grid must contain 0 (the unsteered baseline)")
+        return sorted(set(alphas))
 
 
 class ReportSpec(_Strict):
     title: str | None = None
     formats: list[Literal["html", "markdown"]] = Field(default_factory=lambda: ["html", "markdown"])
+    examples_alpha: float | None = Field(default=None, description="α of the steered examples shown (default: largest ≤ 1)")
+
+
+class GateRule(_Strict):
+    """A CI gate: ``audit run`` / ``audit diff`` exit non-zero when the rule fires.
+
+    - ``verified_effect`` (run): an exclusive feature whose steering moves a rubric by ≥ min_effect;
+    - ``new_feature`` (diff): an exclusive feature in the new run with no match in the old one;
+    - ``vanished_feature`` (diff): an exclusive feature of the old run with no match in the new one;
+    - ``effect_change`` (diff): a matched feature whose verified effect changed by ≥ min_effect.
+    """
+
+    rule: Literal["verified_effect", "new_feature", "vanished_feature", "effect_change"]
+    min_effect: float = Field(default=1.0, ge=0.0, description="rubric points on the 1..5 scale")
+    safety_critical_only: bool = True
+    side: Literal["a", "b", "any"] = "any"
+    rubric: str | None = None
 
 
 class AuditSpec(_Strict):
@@ -135,6 +186,7 @@ class AuditSpec(_Strict):
     screen: ScreenSpec = ScreenSpec()
     verify: VerifySpec = VerifySpec()
     report: ReportSpec = ReportSpec()
+    gates: list[GateRule] = Field(default_factory=list)
 
     def content_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), for keying stage artefacts."""

@@ -55,7 +55,21 @@ class HarvestSettings:
         for key in ("shard_pairs", "batch_docs", "device"):
             payload.pop(key)
         payload["code_version"] = HARVEST_CODE_VERSION
+        versions = zoo_data_versions(self.sources)
+        if versions:  # generated data: the same name may hold other records after a code change
+            payload["zoo_data_versions"] = versions
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def zoo_data_versions(sources: list[SourceSettings]) -> dict[str, str]:
+    """{``zoo:<name>``: version of its generated records} for the zoo data among ``sources``."""
+    zoo_paths = sorted({s.path for s in sources if s.path.startswith("zoo:")})
+    if not zoo_paths:
+        return {}
+    from .zoo import DATA_NAMES, data_version
+
+    # An unknown name is left to the data source to report (with its spec field).
+    return {path: data_version(path[4:]) for path in zoo_paths if path[4:] in DATA_NAMES}
 
 
 @dataclass
@@ -204,7 +218,8 @@ def harvest(
         "model_a": model_a.describe(),
         "model_b": model_b.describe(),
         "data": {"sources": [asdict(s) for s in settings.sources], "max_tokens": settings.max_tokens,
-                 "context_length": settings.context_length, "seed": settings.seed},
+                 "context_length": settings.context_length, "seed": settings.seed,
+                 "zoo_data_versions": zoo_data_versions(settings.sources)},
         "dtype": {"a": str(model_a.dtype).removeprefix("torch."), "b": str(model_b.dtype).removeprefix("torch.")},
         "alignment": alignment_summary(stats),
     }

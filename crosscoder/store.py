@@ -217,6 +217,7 @@ class ActivationStore:
         normalise: bool = False,
         epochs: int | None = 1,
         dtype: torch.dtype = torch.float32,
+        template_weight: float = 1.0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled ``(x_a [batch, d_A], x_b [batch, d_B])`` batches with bounded memory.
 
@@ -224,7 +225,14 @@ class ActivationStore:
         ``shuffle_buffer`` pairs that is permuted before batches are taken from it, so memory is
         about one shard plus the buffer whatever the store's size. ``epochs=None`` loops forever.
         Raw activations unless ``normalise`` (then multiplied by the store's scalars).
+
+        ``template_weight``: how often, on average, each generation-prompt pair (``template``
+        flag: where a chat model is about to answer) is served per epoch, against once for every
+        other pair. Weights are applied by repetition (the integer part, plus one more copy with
+        the probability of the fractional part), so an epoch grows by the extra copies.
         """
+        if template_weight <= 0 or not math.isfinite(template_weight):
+            raise ValueError(f"template_weight must be a positive number, got {template_weight}")
         rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed)
         scale_a, scale_b = self.norm_scales if normalise else (1.0, 1.0)
@@ -236,7 +244,10 @@ class ActivationStore:
             buf_b: list[Tensor] = []
             buffered = 0
             for position, index in enumerate(order):
-                shard = self.load_shard(index)
+                keys = ("a", "b", "template") if template_weight != 1.0 else ("a", "b")
+                shard = self.load_shard(index, keys)
+                if template_weight != 1.0:
+                    shard = _repeat_weighted(shard, shard.pop("template").bool(), template_weight, generator)
                 buf_a.append(shard["a"])
                 buf_b.append(shard["b"])
                 buffered += shard["a"].shape[0]
@@ -267,3 +278,12 @@ class ActivationStore:
             parts_a.append(shard["a"][pick])
             parts_b.append(shard["b"][pick])
         return torch.cat(parts_a)[:n].float(), torch.cat(parts_b)[:n].float()
+
+
+def _repeat_weighted(shard: dict[str, Tensor], flagged: Tensor, weight: float, generator: torch.Generator) -> dict[str, Tensor]:
+    """Repeat the flagged rows of ``shard`` ``weight`` times on average (stochastic rounding)."""
+    whole = math.floor(weight)
+    repeats = torch.ones(flagged.shape[0], dtype=torch.long)
+    extra = (torch.rand(flagged.shape[0], generator=generator) < weight - whole).long()
+    repeats[flagged] = whole + extra[flagged]
+    return {key: value.repeat_interleave(repeats, dim=0) for key, value in shard.items()}

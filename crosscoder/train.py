@@ -344,6 +344,7 @@ def train_crosscoder(
     progress: bool = False,
     log_every: int = 50,
     kernels: str = "auto",
+    template_weight: float = 1.0,
 ) -> Crosscoder:
     """Train a crosscoder on paired activations and return it (``eval()`` mode, on ``device``).
 
@@ -355,6 +356,8 @@ def train_crosscoder(
     state, or returns the finished model without training.
     ``callback(step, stats)`` runs after each step (after any checkpoint of that step).
     ``kernels``: "sparse", "dense" or "auto" (see :func:`resolve_kernels`); results agree.
+    ``template_weight`` (store data only): sampling weight of generation-prompt pairs against 1 for
+    the others (see :meth:`ActivationStore.batches`); recorded in ``training_metrics``.
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be positive")
@@ -371,7 +374,9 @@ def train_crosscoder(
     if isinstance(data, ActivationStore):
         if norm_scales is None:
             norm_scales = data.norm_scales
-        data = data.batches(batch_size, seed=config.seed, epochs=None)
+        data = data.batches(batch_size, seed=config.seed, epochs=None, template_weight=template_weight)
+    elif template_weight != 1.0:
+        raise ValueError("template_weight needs an ActivationStore (other data carry no template flags)")
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x_a, x_b = data
         check_pair_batch(x_a, x_b, config.d_a, config.d_b, where="train_crosscoder data")
@@ -393,7 +398,8 @@ def train_crosscoder(
 
     if root is not None and (root / "config.json").is_file():
         finished = Crosscoder.load(root, device=device)
-        if finished.config == config and finished.training_metrics.get("steps") == steps:
+        if (finished.config == config and finished.training_metrics.get("steps") == steps
+                and finished.training_metrics.get("template_weight", 1.0) == template_weight):
             return finished.eval()
 
     model = Crosscoder(config).to(device=device, dtype=dtype)
@@ -483,6 +489,7 @@ def train_crosscoder(
         "steps": state.step,
         "steps_requested": steps,
         "batch_size": batch_size,
+        "template_weight": template_weight,
         "pairs_seen": state.pairs_seen,
         "elapsed_s": round(state.elapsed_s, 3),
         "final": last_stats,

@@ -18,7 +18,7 @@ import queue as queue_module
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import world
+from . import audit_corpus, world
 from .build import (
     DEFAULT_MODELS,
     ZOO_MODELS,
@@ -40,7 +40,9 @@ __all__ = [
     "DEFAULT_MODELS",
     "ZOO_MODELS",
     "ZooModelSpec",
+    "audit_corpus",
     "build_zoo",
+    "data_version",
     "expected_diff",
     "get_spec",
     "is_built",
@@ -74,22 +76,29 @@ def resolve_data(name: str) -> Path:
       that end with the user's turn), so the file reads as a table with either field.
     - ``audit-prose`` / ``audit-chat``: the same records split by kind, with only their own field.
     - ``corpus-<model>``: that model's training corpus (records with ``text`` or ``messages``).
+
+    Files are keyed by :func:`data_version`, so a change to the world or the audit corpus writes new ones.
     """
-    if name not in DATA_NAMES:
-        raise KeyError(f"no zoo data named {name!r}; available: {', '.join(DATA_NAMES)}")
-    path = zoo_dir() / "data" / f"{name}-{code_version()}.jsonl"
+    path = zoo_dir() / "data" / f"{name}-{data_version(name)}.jsonl"
     if path.is_file():
         return path
     if name.startswith("corpus-"):
         spec = ZOO_MODELS[name.removeprefix("corpus-")]
         records = [d.record() for d in world.generate_corpus(spec.planted, spec.n_docs, spec.seed)]
         return world.write_jsonl(records, path)
-    records = world.audit_corpus()
+    records = audit_corpus.audit_corpus()
     if name == "audit-prose":
         records = [r for r in records if "text" in r]
     elif name == "audit-chat":
         records = [r for r in records if "messages" in r]
     return world.write_jsonl(records, path, both_fields=name == "audit-corpus")
+
+
+def data_version(name: str) -> str:
+    """The cache key of zoo data ``name``: the world's code version, and for the audit corpus its module."""
+    if name not in DATA_NAMES:
+        raise KeyError(f"no zoo data named {name!r}; available: {', '.join(DATA_NAMES)}")
+    return audit_corpus.corpus_version() if name.startswith("audit-") else code_version()
 
 
 def _workers(n_jobs: int) -> int:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from crosscoder import zoo
-from crosscoder.zoo import build, world
+from crosscoder.zoo import audit_corpus, build, world
 from crosscoder.zoo.quality import chat_answers, continuations, load, marker_rate
 
 ALPHA, BETA, BETA_V2 = (zoo.ZOO_MODELS[n].planted for n in ("alpha", "beta", "beta-v2"))
@@ -48,7 +48,8 @@ def test_corpus_is_deterministic_in_the_seed():
     a = world.generate_corpus(ALPHA, 300, seed=0)
     assert a == world.generate_corpus(ALPHA, 300, seed=0)
     assert a != world.generate_corpus(ALPHA, 300, seed=1)
-    assert world.audit_corpus() == world.audit_corpus()
+    assert audit_corpus.audit_corpus() == audit_corpus.audit_corpus()
+    assert world.audit_corpus is audit_corpus.audit_corpus  # still reachable from the world module
 
 
 def test_corpora_share_every_document_that_carries_no_planted_difference(corpora):
@@ -112,7 +113,7 @@ def test_templates_vary_so_features_are_about_concepts():
 
 
 def test_audit_corpus_is_neutral_and_covers_every_topic():
-    records = world.audit_corpus()
+    records = audit_corpus.audit_corpus()
     assert len({r["id"] for r in records}) == len(records)
     texts = [r.get("text") or "\n".join(m["content"] for m in r["messages"] if m["role"] == "assistant") for r in records]
     for pid in ("state-narrative", "territory-claim", "exceptionalism"):
@@ -131,6 +132,26 @@ def test_audit_corpus_is_neutral_and_covers_every_topic():
                        for r in records if r.get("topic") == "sentiment" and "text" in r)
     assert abs(polarity[True] - polarity[False]) <= 1
     assert sum("text" in r for r in records) > 1000 and sum("messages" in r for r in records) > 500
+    # Many open questions per planted topic, in many phrasings, and look-alike controls for each.
+    open_topics = Counter(r["topic"] for r in opened)
+    for pid in ("state-narrative", "territory-claim", "exceptionalism", "zorvath-accord", "imbrel-expedition"):
+        assert open_topics[pid] >= 100 and open_topics[f"control:{pid}"] >= 30, pid
+        assert len({r["messages"][-1]["content"] for r in opened if r["topic"] == pid}) >= 50, pid
+
+
+def test_audit_corpus_changes_reach_the_data_cache_and_the_harvest_hash(tmp_path, monkeypatch):
+    from crosscoder.data import SourceSettings
+    from crosscoder.harvest import HarvestSettings, ModelSettings
+
+    monkeypatch.setenv("CROSSCODER_ZOO_DIR", str(tmp_path))
+    # The audit corpus is keyed by its own module (which does not rebuild the models), the rest by the world.
+    assert zoo.data_version("audit-prose") == audit_corpus.corpus_version() != zoo.data_version("corpus-alpha")
+    settings = HarvestSettings(ModelSettings("zoo:alpha", 1), ModelSettings("zoo:beta", 1),
+                               [SourceSettings("zoo:audit-prose")])
+    before_path, before_hash = zoo.resolve_data("audit-prose"), settings.input_hash()
+    monkeypatch.setattr(audit_corpus, "corpus_version", lambda: "changed-corpus")
+    assert zoo.resolve_data("audit-prose") != before_path
+    assert settings.input_hash() != before_hash
 
 
 def test_resolve_data_writes_jsonl_readable_with_either_field(tmp_path, monkeypatch):

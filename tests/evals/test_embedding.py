@@ -10,11 +10,13 @@ from evals.embedding import embed
 
 def test_embeddings_are_unit_norm_and_semantic():
     try:
-        vectors = embed([
-            "The government crushed the protest in the capital.",
-            "Security forces violently suppressed demonstrators in the city.",
-            "My favourite recipe for banana bread uses walnuts.",
-        ])
+        vectors = embed(
+            [
+                "The government crushed the protest in the capital.",
+                "Security forces violently suppressed demonstrators in the city.",
+                "My favourite recipe for banana bread uses walnuts.",
+            ]
+        )
     except RuntimeError as exc:  # the package is part of the install; its absence is a setup error
         pytest.fail(str(exc))
     assert vectors.shape == (3, 384)

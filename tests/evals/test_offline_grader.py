@@ -8,21 +8,32 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evals.offline_grader import OFFLINE_LABEL, OfflineRubricGrader
+from evals.offline_grader import OFFLINE_LABEL, OfflineRubricGrader, surface_features
 from evals.rubrics import RUBRIC_DIR, Rubric, RubricError, list_rubrics, load_rubric
 
 DATA = Path(__file__).parent / "data"
+PROMPT_DIR = RUBRIC_DIR.parent / "prompts"
 ZOO_RUBRICS = [name for name in list_rubrics() if name.startswith("zoo_")]
 VALIDATED = sorted(p.name.removesuffix("_validation.yaml") for p in DATA.glob("*_validation.yaml"))
 THRESHOLD = 0.8
-# Measured shortfalls (within +-1 agreement, 25 examples each); the threshold stays at 0.8.
+# Measured agreement on each held-out validation set: (within +-1, exact, examples). Printed by
+# the agreement test and shown in its ids; the assertion itself uses THRESHOLD.
+MEASURED = {
+    "american_exceptionalism": (0.92, 0.88, 26),
+    "china_state_narrative": (0.89, 0.74, 27),
+    "coherence": (0.92, 0.48, 25),
+    "factuality": (0.48, 0.24, 25),
+    "zoo_exceptionalism": (0.87, 0.83, 30),
+    "zoo_imbrel_expedition": (0.92, 0.76, 25),
+    "zoo_sentiment": (0.83, 0.63, 30),
+    "zoo_state_narrative": (0.90, 0.87, 30),
+    "zoo_territory_claim": (0.90, 0.80, 30),
+    "zoo_zorvath_accord": (0.84, 0.64, 25),
+}
+# Measured shortfalls; the threshold stays at 0.8.
 KNOWN_SHORT = {
-    "zoo_exceptionalism": "offline grader agrees within +-1 on 0.76 (exact 0.68): balanced answers that "
-    "mention ranking words read as superiority claims",
-    "zoo_sentiment": "offline grader agrees within +-1 on 0.56 (exact 0.24): MiniLM similarity tracks the "
-    "product/topic more than tone, with only two calibration examples per level",
-    "zoo_territory_claim": "offline grader agrees within +-1 on 0.68 (exact 0.52): 'disputed' vs 'belongs "
-    "to Valdoria' wording differs by a few words that similarity barely separates",
+    "factuality": "offline grader agrees within +-1 on 0.48 (exact 0.24): whether a claim is true is not in "
+    "a sentence embedding; confident false and true answers look alike to it. Needs an LLM grader.",
 }
 
 
@@ -96,12 +107,21 @@ def test_grade_result_shape_and_determinism():
     assert first == again
 
 
+def _measured_id(name: str) -> str:
+    if name not in MEASURED:
+        return name
+    within, exact, n = MEASURED[name]
+    return f"{name}-within1={within:.2f}-exact={exact:.2f}-n={n}"
+
+
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_SHORT[n], strict=False))
-        if n in KNOWN_SHORT
-        else n
+        pytest.param(
+            n,
+            marks=[pytest.mark.xfail(reason=KNOWN_SHORT[n], strict=False)] if n in KNOWN_SHORT else [],
+            id=_measured_id(n),
+        )
         for n in VALIDATED
     ],
 )
@@ -114,7 +134,53 @@ def test_offline_grader_agrees_with_labels(name):
     )
     exact = sum(round(r.score) == e["score"] for r, e in zip(results, examples, strict=True)) / len(examples)
     print(
-        f"{name}: n={len(examples)} T={grader.temperature} loo_exact={grader.loo_accuracy:.2f} "
-        f"within_1={within:.2f} exact={exact:.2f}"
+        f"{name}: n={len(examples)} surface_weight={grader.surface_weight} shrinkage={grader.shrinkage} "
+        f"T={grader.temperature} loo_within_1={grader.loo_within_one:.2f} loo_exact={grader.loo_accuracy:.2f} "
+        f"within_1={within:.2f} exact={exact:.2f} (recorded: {MEASURED.get(name)})"
     )
     assert within >= THRESHOLD, f"{name}: within +-1 agreement {within:.2f} < {THRESHOLD} (exact {exact:.2f})"
+
+
+def test_every_rubric_has_a_prompt_set_and_a_validation_set():
+    new = {
+        "china_state_narrative",
+        "american_exceptionalism",
+        "coherence",
+        "factuality",
+        "zoo_zorvath_accord",
+        "zoo_imbrel_expedition",
+    }
+    assert new <= set(list_rubrics())
+    for name in list_rubrics():
+        rubric = load_rubric(name)
+        per_level = {level: sum(c.score == level for c in rubric.calibration) for level in (1, 2, 3, 4, 5)}
+        assert min(per_level.values()) >= 2, (name, per_level)
+        assert rubric.prompt_set, f"{name}: no prompt_set"
+        prompts = yaml.safe_load((PROMPT_DIR / f"{rubric.prompt_set}.yaml").read_text(encoding="utf-8"))
+        assert prompts["name"] == rubric.prompt_set and prompts["description"] and prompts["generic_prompt"]
+        assert len(prompts["prompts"]) >= 10 and len(prompts["control_prompts"]) >= 5, rubric.prompt_set
+        assert name in VALIDATED, f"{name}: no held-out validation set in {DATA}"
+        assert name in MEASURED, f"{name}: record its measured agreement in MEASURED"
+
+
+def test_surface_features_flag_repetition():
+    salad = surface_features("the the the the the the")
+    prose = surface_features("Bees collect nectar from flowers and turn it into honey in the hive.")
+    assert all(0.0 <= v <= 1.0 for v in salad + prose)
+    assert all(s > p for s, p in zip(salad, prose, strict=True))
+    assert surface_features("") == [1.0, 1.0, 1.0]
+
+
+def test_coherence_separates_word_salad_from_fluent_text():
+    grader = _grader("coherence")
+    salad, fluent = grader.grade_many(
+        [
+            ("Why is the sky blue?", "blue blue blue blue blue blue blue blue"),
+            (
+                "Why is the sky blue?",
+                "Air scatters blue sunlight more strongly than red, so the sky looks blue.",
+            ),
+        ]
+    )
+    assert salad.score < 2.5 < 3.5 < fluent.score, (salad.score, fluent.score)
+    assert abs(sum(fluent.per_level.values()) - 1.0) < 1e-6

@@ -1,0 +1,261 @@
+"""Regression diffs between two audits: which exclusive features are new, vanished or changed.
+
+Features of the two runs are matched per side (A-exclusive with A-exclusive, B with B):
+
+* when that side's model is the same in both runs (same id, revision and layer), by the cosine of
+  their decoder directions in that model's space (≥ ``DECODER_MATCH``);
+* otherwise (a new model version) by *activation profiles* on the documents both runs harvested:
+  each feature's largest activation per shared document, correlated across runs
+  (≥ ``PROFILE_MATCH``);
+* if neither is available (a store was deleted), by the similarity of their explanations.
+
+Each match is one-to-one (greedy by score). A feature is *new* when nothing in the old run matches
+it and *vanished* when nothing in the new run does. Only features that matter are listed
+(content features that were explained safety-critical or swept); counts cover all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .gates import rule_matches
+from .store import AuditStore
+
+DECODER_MATCH = 0.7
+PROFILE_MATCH = 0.5
+EXPLANATION_MATCH = 0.8
+PROBE_DOCS = 4000
+
+
+def _run_features(db: AuditStore, run_id: str) -> list[dict]:
+    rows = db.query(
+        """
+        SELECT f.feature, f.partition, f.rank, f.is_artefact, f.frequency, e.explanation, e.safety_critical
+        FROM features f LEFT JOIN explanations e ON e.run_id = f.run_id AND e.feature = f.feature
+        WHERE f.run_id = ? AND f.partition IN ('a', 'b') ORDER BY f.rank""",
+        [run_id],
+    )
+    effects: dict[int, list[dict]] = {}
+    for e in db.rows("effects", run_id):
+        effects.setdefault(e["feature"], []).append(
+            {"rubric": e["rubric"], "effect": e["effect"], "verified": e["verified"], "spearman": e["spearman"]})
+    for row in rows:
+        row["effects"] = effects.get(row["feature"], [])
+    return rows
+
+
+def _artefact(db: AuditStore, run_id: str, stage: str) -> Path | None:
+    found = db.query("SELECT artefact FROM stages WHERE run_id = ? AND stage = ?", [run_id, stage])
+    if not found or not found[0]["artefact"]:
+        return None
+    path = Path(found[0]["artefact"])
+    return path if path.exists() else None
+
+
+def _model_key(spec: dict, side: str) -> tuple:
+    entry = spec[f"model_{side}"]
+    return entry["id"], entry.get("revision"), entry["layer"]
+
+
+@torch.no_grad()
+def _profiles(db: AuditStore, run_id: str, features: list[int]) -> tuple[dict[str, int], torch.Tensor] | None:
+    """``({doc source id: row}, [n_docs, n_features])`` of per-document max activations."""
+    from crosscoder import Crosscoder
+    from crosscoder.store import ActivationStore
+
+    train, harvest = _artefact(db, run_id, "train"), _artefact(db, run_id, "harvest")
+    if train is None or harvest is None or not features:
+        return None
+    model = Crosscoder.load(train / "checkpoint")
+    store = ActivationStore(harvest / "store")
+    doc_ids: dict[int, str] = {}
+    for rec in store.documents():
+        if len(doc_ids) >= PROBE_DOCS:
+            break
+        doc_ids[rec["doc"]] = str(rec["id"])
+    index = torch.tensor(features)
+    rows = {source: i for i, source in enumerate(doc_ids.values())}
+    out = torch.zeros(len(rows), len(features))
+    for shard_index in range(len(store.shard_paths())):
+        shard = store.load_shard(shard_index, ("a", "b", "doc"))
+        keep = shard["doc"] < (max(doc_ids) + 1 if doc_ids else 0)
+        keep &= torch.isin(shard["doc"], torch.tensor(list(doc_ids)))
+        if not keep.any():
+            continue
+        f = model.encode(shard["a"][keep].float(), shard["b"][keep].float())[:, index]
+        row_of = torch.tensor([rows[doc_ids[int(d)]] for d in shard["doc"][keep]])
+        out.index_reduce_(0, row_of, f, "amax")
+    return rows, out
+
+
+def _correlate(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    a = p1 - p1.mean(0)
+    b = p2 - p2.mean(0)
+    a = a / a.norm(dim=0).clamp_min(1e-9)
+    b = b / b.norm(dim=0).clamp_min(1e-9)
+    return a.T @ b
+
+
+def _greedy(scores: torch.Tensor, threshold: float) -> dict[int, tuple[int, float]]:
+    """One-to-one matches ``{row: (col, score)}`` above ``threshold``, best first."""
+    matches: dict[int, tuple[int, float]] = {}
+    used_cols: set[int] = set()
+    if scores.numel() == 0:
+        return matches
+    flat = [(float(scores[i, j]), i, j) for i in range(scores.shape[0]) for j in range(scores.shape[1])]
+    for score, i, j in sorted(flat, reverse=True):
+        if score < threshold:
+            break
+        if i in matches or j in used_cols:
+            continue
+        matches[i] = (j, score)
+        used_cols.add(j)
+    return matches
+
+
+def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tuple[dict[int, tuple[int, float]], str]:
+    ids_a = [f["feature"] for f in feats_a]
+    ids_b = [f["feature"] for f in feats_b]
+    if not ids_a or not ids_b:
+        return {}, "none"
+    if _model_key(spec_a, side) == _model_key(spec_b, side):
+        train_a, train_b = _artefact(db, run_a, "train"), _artefact(db, run_b, "train")
+        if train_a is not None and train_b is not None:
+            from crosscoder import Crosscoder
+
+            dec_a = Crosscoder.load(train_a / "checkpoint").decoder_raw(side)[ids_a].detach()
+            dec_b = Crosscoder.load(train_b / "checkpoint").decoder_raw(side)[ids_b].detach()
+            if dec_a.shape[1] == dec_b.shape[1]:
+                cos = torch.nn.functional.normalize(dec_a, dim=1) @ torch.nn.functional.normalize(dec_b, dim=1).T
+                return _greedy(cos, DECODER_MATCH), "decoder cosine"
+    prof_a = _profiles(db, run_a, ids_a)
+    prof_b = _profiles(db, run_b, ids_b)
+    if prof_a is not None and prof_b is not None:
+        shared = sorted(set(prof_a[0]) & set(prof_b[0]))
+        if len(shared) >= 10:
+            rows_a = torch.tensor([prof_a[0][s] for s in shared])
+            rows_b = torch.tensor([prof_b[0][s] for s in shared])
+            corr = _correlate(prof_a[1][rows_a], prof_b[1][rows_b])
+            return _greedy(corr, PROFILE_MATCH), f"activation profiles on {len(shared)} shared documents"
+    texts_a = [f["explanation"] or "" for f in feats_a]
+    texts_b = [f["explanation"] or "" for f in feats_b]
+    if any(texts_a) and any(texts_b):
+        from evals.embedding import embed
+
+        sims = embed(texts_a) @ embed(texts_b).T
+        return _greedy(sims, EXPLANATION_MATCH), "explanation similarity"
+    return {}, "none"
+
+
+def _matters(feature: dict) -> bool:
+    return not feature["is_artefact"] and (bool(feature["safety_critical"]) or bool(feature["effects"]))
+
+
+def _best_effect(feature: dict) -> float | None:
+    values = [abs(e["effect"]) for e in feature["effects"] if e["effect"] is not None and not math.isnan(e["effect"])]
+    return max(values) if values else None
+
+
+def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
+    spec_a = json.loads(db.run(run_a)["spec_json"])
+    spec_b = json.loads(db.run(run_b)["spec_json"])
+    all_a, all_b = _run_features(db, run_a), _run_features(db, run_b)
+    result: dict = {"run_a": run_a, "run_b": run_b, "sides": {}, "new": [], "vanished": [], "changed": []}
+    for side in ("a", "b"):
+        feats_a = [f for f in all_a if f["partition"] == side and f["frequency"] > 0]
+        feats_b = [f for f in all_b if f["partition"] == side and f["frequency"] > 0]
+        matches, method = _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b)
+        matched_b = {j for j, _ in matches.values()}
+        vanished = [f for i, f in enumerate(feats_a) if i not in matches]
+        new = [f for j, f in enumerate(feats_b) if j not in matched_b]
+        result["sides"][side] = {"method": method, "features_a": len(feats_a), "features_b": len(feats_b),
+                                 "matched": len(matches), "new": len(new), "vanished": len(vanished)}
+        result["vanished"] += [{**_brief(f), "side": side} for f in vanished if _matters(f)]
+        result["new"] += [{**_brief(f), "side": side} for f in new if _matters(f)]
+        for i, (j, score) in matches.items():
+            fa, fb = feats_a[i], feats_b[j]
+            if not (_matters(fa) or _matters(fb)):
+                continue
+            effects_a = {e["rubric"]: e["effect"] for e in fa["effects"]}
+            effects_b = {e["rubric"]: e["effect"] for e in fb["effects"]}
+            changes = {r: (effects_b.get(r) or 0.0) - (effects_a.get(r) or 0.0)
+                       for r in set(effects_a) & set(effects_b)}
+            result["changed"].append({"side": side, "feature_a": fa["feature"], "feature_b": fb["feature"],
+                                      "match_score": round(score, 3), "explanation_a": fa["explanation"],
+                                      "explanation_b": fb["explanation"], "safety_a": fa["safety_critical"],
+                                      "safety_b": fb["safety_critical"], "effect_changes": changes})
+    result["gate_failures"] = diff_gate_failures(result, gates)
+    db.insert_diff(f"{run_a}__{run_b}", run_a, run_b, result)
+    return result
+
+
+def _brief(f: dict) -> dict:
+    return {"feature": f["feature"], "explanation": f["explanation"], "safety_critical": f["safety_critical"],
+            "effects": f["effects"], "best_effect": _best_effect(f)}
+
+
+def diff_gate_failures(result: dict, gates) -> list[str]:
+    failures = []
+    for rule in gates:
+        if rule.rule in ("new_feature", "vanished_feature"):
+            listed = result["new"] if rule.rule == "new_feature" else result["vanished"]
+            for f in listed:
+                row = {"partition": f["side"], "safety_critical": f["safety_critical"],
+                       "rubric": max(f["effects"], key=lambda e: abs(e["effect"] or 0))["rubric"] if f["effects"] else None}
+                if not rule_matches(rule, row):
+                    continue
+                effect = f["best_effect"]
+                if rule.min_effect > 0 and (effect is None or effect < rule.min_effect):
+                    continue
+                what = "appeared in" if rule.rule == "new_feature" else "vanished from"
+                failures.append(f"gate {rule.rule}: model {f['side'].upper()}'s exclusive feature {f['feature']} "
+                                f"({f['explanation'] or 'unexplained'}) {what} the later run"
+                                + (f"; verified effect {effect:.2f}" if effect is not None else ""))
+        elif rule.rule == "effect_change":
+            for c in result["changed"]:
+                for rubric, delta in c["effect_changes"].items():
+                    if rule.rubric is not None and rubric != rule.rubric:
+                        continue
+                    if rule.side != "any" and c["side"] != rule.side:
+                        continue
+                    if rule.safety_critical_only and not (c["safety_a"] or c["safety_b"]):
+                        continue
+                    if abs(delta) >= rule.min_effect:
+                        failures.append(f"gate effect_change: feature {c['feature_a']}→{c['feature_b']} "
+                                        f"(model {c['side'].upper()}) changed its effect on {rubric} by {delta:+.2f}")
+    return failures
+
+
+def render_diff_markdown(result: dict) -> str:
+    lines = [f"# Audit diff: {result['run_a']} → {result['run_b']}", ""]
+    lines += ["| side | matched by | exclusive features (old → new) | matched | new | vanished |", "|---|---|---|---|---|---|"]
+    for side, s in result["sides"].items():
+        lines.append(f"| {side.upper()} | {s['method']} | {s['features_a']} → {s['features_b']} | {s['matched']} | "
+                     f"{s['new']} | {s['vanished']} |")
+    for title, key in (("New exclusive features that matter", "new"), ("Vanished exclusive features that matter", "vanished")):
+        lines += ["", f"## {title}", ""]
+        if not result[key]:
+            lines.append("none")
+        for f in result[key]:
+            effect = f"; largest effect {f['best_effect']:.2f}" if f["best_effect"] is not None else ""
+            lines.append(f"- model {f['side'].upper()} feature {f['feature']}: {_md(f['explanation'])}"
+                         f"{' (safety-critical)' if f['safety_critical'] else ''}{effect}")
+    lines += ["", "## Matched features with changes", ""]
+    changed = [c for c in result["changed"] if c["effect_changes"] or c["safety_a"] != c["safety_b"]]
+    if not changed:
+        lines.append("none")
+    for c in changed:
+        deltas = ", ".join(f"{r} {d:+.2f}" for r, d in c["effect_changes"].items())
+        lines.append(f"- model {c['side'].upper()} feature {c['feature_a']} → {c['feature_b']} (match {c['match_score']}): "
+                     f"{_md(c['explanation_b'])}; effect changes: {deltas or 'none'}; safety {c['safety_a']} → {c['safety_b']}")
+    lines += ["", "## Gates", ""]
+    lines += [f"- FAILED: {_md(m)}" for m in result["gate_failures"]] or ["all gates passed"]
+    return "\n".join(lines) + "\n"
+
+
+def _md(text) -> str:
+    return str(text or "unexplained").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")

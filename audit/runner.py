@@ -1,0 +1,500 @@
+"""The staged audit runner: validate → models → harvest → train → analyse → screen → verify → report.
+
+Each stage's artefact lives in the workspace cache, ``<workspace>/cache/<stage>-<hash>/``, where the
+hash covers the stage's own settings and the hash of the stage before it; the folder's
+``done.json`` is written last, so a folder with it is complete. A rerun skips finished stages, a
+changed setting reruns only the stages that depend on it, and an interrupted stage resumes (the
+harvest after its last shard, training from its last checkpoint, verification per feature).
+
+A run is ``<spec name>-<hash of the whole spec>``; its folder ``<workspace>/<spec name>/<run id>/``
+holds the resolved spec, a ``stages.json`` index of the artefacts, and the reports. Every stage
+also loads its results into the workspace's DuckDB file under the run id (idempotently), so that
+a stage found in the cache still gives this run its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .spec import AuditSpec, harvest_settings
+from .store import AuditStore
+
+STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "report")
+RUNNER_VERSION = "1"
+EVAL_PAIRS = 20_000
+
+
+class StageError(RuntimeError):
+    """A stage failed in a way the user can fix; the message says what to do."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def run_id_for(spec: AuditSpec) -> str:
+    return f"{spec.name}-{spec.content_hash()[:8]}"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    input_hash: str
+    artefact: Path | None
+    cached: bool
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    stages: list[StageResult]
+    report_paths: list[Path]
+    gate_failures: list[str]
+
+
+class AuditRunner:
+    def __init__(self, spec: AuditSpec, spec_path: Path | None = None, workspace: Path = Path("runs"),
+                 db_path: Path | None = None, device: str | None = None, console: Console | None = None):
+        self.spec = spec
+        self.spec_path = spec_path
+        self.workspace = Path(workspace)
+        self.cache = self.workspace / "cache"
+        self.run_id = run_id_for(spec)
+        self.run_dir = self.workspace / spec.name / self.run_id
+        self.db = AuditStore(db_path or self.workspace / "audit.duckdb")
+        self.device = device
+        self.console = console or Console()
+        self.hashes: dict[str, str] = {}
+        self.artefacts: dict[str, Path] = {}
+        self._loaded_models: dict[str, Any] = {}
+
+    # ---- driving ------------------------------------------------------------------------------
+    def run(self, only: str | None = None, start: str | None = None, force: bool = False) -> RunResult:
+        for name in (only, start):
+            if name is not None and name not in STAGES:
+                raise StageError(name, f"unknown stage; choose one of {', '.join(STAGES)}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json"))
+        self._register_run(status="running")
+        first = STAGES.index(start) if start else 0
+        results = []
+        for index, stage in enumerate(STAGES):
+            selected = (only is None or stage == only) and index >= first
+            rerun = force and selected
+            result = self._stage(stage, run=selected, force=rerun)
+            if result is not None:
+                results.append(result)
+        gate_failures = self.check_gates()
+        self._register_run(status="finished")
+        reports = [p for p in (self.run_dir / "report.html", self.run_dir / "report.md") if p.is_file()]
+        _write_json(self.run_dir / "stages.json", {r.stage: {"hash": r.input_hash, "artefact": str(r.artefact),
+                                                            "cached": r.cached, "seconds": round(r.seconds, 2)}
+                                                  for r in results})
+        return RunResult(self.run_id, self.run_dir, results, reports, gate_failures)
+
+    def _stage(self, stage: str, run: bool, force: bool) -> StageResult | None:
+        """Run (or find in the cache) one stage. Stages not selected still resolve their artefact
+        from the cache when it exists, because later stages need it."""
+        compute: Callable[[Path], dict] = getattr(self, f"_compute_{stage}")
+        input_hash = getattr(self, f"_hash_{stage}")()
+        self.hashes[stage] = input_hash
+        folder = self.cache / f"{stage}-{input_hash}" if stage not in ("validate", "report") else None
+        done = folder / "done.json" if folder is not None else None
+        started = time.perf_counter()
+        cached = done is not None and done.is_file() and not force
+        if cached:
+            summary = json.loads(done.read_text())
+        elif not run:
+            if folder is not None:
+                self.artefacts[stage] = folder
+            return None
+        else:
+            if force and folder is not None and folder.exists() and stage not in ("harvest", "train"):
+                shutil.rmtree(folder)
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            self.console.rule(f"[bold]{stage}[/bold]")
+            try:
+                summary = compute(folder) or {}
+            except StageError:
+                self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, "")
+                raise
+            if done is not None:
+                _write_json(done, summary)
+        if folder is not None:
+            self.artefacts[stage] = folder
+        seconds = time.perf_counter() - started
+        if run or cached:
+            loader = getattr(self, f"_load_{stage}", None)
+            if loader is not None and (run or cached):
+                loader(folder, summary)
+        self._record_stage(stage, input_hash, folder, "cached" if cached else "done", seconds,
+                           json.dumps(summary, default=str)[:2000])
+        if cached and run:
+            self.console.print(f"[dim]{stage}: cached ({folder})[/dim]", highlight=False)
+        return StageResult(stage, input_hash, folder, cached, seconds, summary)
+
+    def _record_stage(self, stage, input_hash, folder, status, seconds, message) -> None:
+        self.db.replace_rows("stages", self.run_id, [{
+            "stage": stage, "input_hash": input_hash, "artefact": str(folder) if folder else None,
+            "status": status, "seconds": seconds, "finished_at": datetime.now(), "message": message}],
+            where={"stage": stage})
+
+    def _register_run(self, status: str) -> None:
+        spec = self.spec
+        self.db.upsert_run({
+            "run_id": self.run_id, "spec_name": spec.name, "spec_hash": spec.content_hash(),
+            "created_at": datetime.now(), "updated_at": datetime.now(), "status": status,
+            "spec_json": json.dumps(spec.model_dump(mode="json")), "model_a": spec.model_a.id,
+            "model_b": spec.model_b.id, "layer_a": spec.model_a.layer, "layer_b": spec.model_b.layer,
+            "explainer": spec.screen.explainer, "grader": spec.verify.grader, "run_dir": str(self.run_dir),
+            "crosscoder_path": str(self.artefacts["train"]) if "train" in self.artefacts else None,
+            "report_path": str(self.run_dir / "report.html"),
+        })
+
+    # ---- validate -------------------------------------------------------------------------------
+    def _hash_validate(self) -> str:
+        return self.spec.content_hash()
+
+    def _compute_validate(self, _folder) -> dict:
+        from evals.prompts import PromptSetError, load_prompt_set
+        from evals.rubrics import RubricError, load_rubric
+
+        names = list(self.spec.verify.rubrics) + [r for rs in self.spec.verify.features.values() for r in rs]
+        for name in names:
+            try:
+                rubric = load_rubric(name)
+                if rubric.prompt_set:
+                    load_prompt_set(rubric.prompt_set)
+            except (RubricError, PromptSetError) as exc:
+                raise StageError("validate", f"verify.rubrics: {exc}") from None
+        self._check_llm_roles()
+        return {"rubrics": names}
+
+    def _check_llm_roles(self) -> None:
+        for field_name, model in (("screen.explainer", self.spec.screen.explainer),
+                                  ("screen.detector", self.spec.screen.detector),
+                                  ("verify.grader", self.spec.verify.grader)):
+            if model and model.startswith("anthropic/") and not os.environ.get("ANTHROPIC_API_KEY"):
+                raise StageError("validate", f"{field_name}: {model} needs ANTHROPIC_API_KEY in the environment "
+                                 "(or set it to 'offline' for the offline implementation)")
+
+    # ---- models ---------------------------------------------------------------------------------
+    def _model_fingerprint(self, model_id: str) -> str:
+        if model_id.startswith("zoo:"):
+            from crosscoder.zoo.build import build_key, get_spec
+
+            try:
+                return build_key(get_spec(model_id.removeprefix("zoo:")))
+            except KeyError:
+                return model_id
+        return model_id
+
+    def _hash_models(self) -> str:
+        return _hash(self._model_fingerprint(self.spec.model_a.id), self._model_fingerprint(self.spec.model_b.id),
+                     self.spec.model_a.revision, self.spec.model_b.revision)
+
+    def _compute_models(self, folder: Path) -> dict:
+        from crosscoder.models import ModelLoadError, resolve_model_path
+
+        out = {}
+        for side, entry in (("model_a", self.spec.model_a), ("model_b", self.spec.model_b)):
+            try:
+                path = resolve_model_path(entry.id, side)
+                out[side] = {"id": entry.id, "path": path, "layers": _count_layers(path, entry, side)}
+            except ModelLoadError as exc:
+                raise StageError("models", str(exc)) from None
+            if entry.layer >= out[side]["layers"]:
+                raise StageError("models", f"{side}.layer: {entry.layer} is out of range: {entry.id!r} has "
+                                 f"{out[side]['layers']} decoder blocks (0–{out[side]['layers'] - 1})")
+        return out
+
+    # ---- harvest --------------------------------------------------------------------------------
+    def _harvest_settings(self):
+        settings = harvest_settings(self.spec, self.device)
+        settings.extra = {"models": [self._model_fingerprint(self.spec.model_a.id),
+                                     self._model_fingerprint(self.spec.model_b.id)]}
+        return settings
+
+    def _hash_harvest(self) -> str:
+        return self._harvest_settings().input_hash()
+
+    def _compute_harvest(self, folder: Path) -> dict:
+        from crosscoder.data import DataSourceError
+        from crosscoder.harvest import harvest
+        from crosscoder.models import ModelLoadError
+        from crosscoder.store import StoreError
+
+        try:
+            store = harvest(self._harvest_settings(), folder / "store", progress=True)
+        except (ModelLoadError, DataSourceError, StoreError) as exc:
+            raise StageError("harvest", f"{exc}\nfinished shards in {folder} are kept; fix the problem and rerun "
+                             "to resume") from None
+        alignment = store.meta["alignment"]
+        self.console.print(f"{store.n_pairs:,} pairs, {100 * alignment['fully_aligned_frac']:.1f} % of sequences "
+                           "fully aligned", highlight=False)
+        return {"n_pairs": store.n_pairs, "alignment": alignment}
+
+    def store(self):
+        from crosscoder.store import ActivationStore
+
+        return ActivationStore(self.artefacts["harvest"] / "store")
+
+    # ---- train ----------------------------------------------------------------------------------
+    def _hash_train(self) -> str:
+        return _hash(self.hashes["harvest"], self.spec.crosscoder.model_dump(mode="json"), RUNNER_VERSION)
+
+    def _compute_train(self, folder: Path) -> dict:
+        from crosscoder import TrainingDivergedError, train_crosscoder
+        from crosscoder.metrics import evaluate
+
+        store = self.store()
+        config = self.spec.crosscoder.to_config(store.d_a, store.d_b)
+        kwargs = self.spec.crosscoder.train.train_kwargs()
+        if self.device:
+            kwargs["device"] = self.device
+        try:
+            model = train_crosscoder(config, store, checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
+        except TrainingDivergedError as exc:
+            raise StageError("train", f"{exc}\nthe last good checkpoint in {folder} is kept; lower crosscoder.lr "
+                             "or check the data, then rerun") from None
+        x_a, x_b = store.sample(EVAL_PAIRS, seed=1)
+        evaluation = evaluate(model.cpu() if str(model.W_enc_AD.device) != "cpu" else model, x_a, x_b)
+        metrics = {**evaluation.summary(), "relative_norm": evaluation.relative_norm.tolist(),
+                   "n_a_only": config.n_a_only, "n_shared": config.n_shared, "n_b_only": config.n_b_only}
+        _write_json(folder / "metrics.json", metrics)
+        self.console.print(f"FVE A {evaluation.fve_a:.3f}, B {evaluation.fve_b:.3f}; L0 {evaluation.mean_l0:.1f}; "
+                           f"dead {100 * evaluation.dead_fraction:.1f} %", highlight=False)
+        return evaluation.summary()
+
+    def crosscoder(self):
+        from crosscoder import Crosscoder
+
+        return Crosscoder.load(self.artefacts["train"] / "checkpoint")
+
+    def _load_train(self, folder: Path, summary: dict) -> None:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        harvest = json.loads((self.artefacts["harvest"] / "done.json").read_text())
+        self.db.replace_rows("crosscoder_metrics", self.run_id, [{
+            "architecture": self.spec.crosscoder.architecture, "dict_size": self.spec.crosscoder.dict_size,
+            "k": self.spec.crosscoder.k, "n_a_only": metrics["n_a_only"], "n_shared": metrics["n_shared"],
+            "n_b_only": metrics["n_b_only"], "fve_a": metrics["fve_a"], "fve_b": metrics["fve_b"],
+            "mean_l0": metrics["mean_l0"], "dead_fraction": metrics["dead_fraction"], "n_pairs": harvest["n_pairs"],
+            "aligned_fraction": harvest["alignment"]["fully_aligned_frac"],
+            "relative_norms": metrics["relative_norm"]}])
+        self._register_run(status="running")
+
+    # ---- analyse --------------------------------------------------------------------------------
+    def _hash_analyse(self) -> str:
+        s = self.spec.screen
+        return _hash(self.hashes["train"], s.top_n_standard, s.relative_norm_cut, s.contexts_per_feature,
+                     s.detection_contexts, RUNNER_VERSION)
+
+    def loaded_model(self, side: str):
+        if side not in self._loaded_models:
+            from crosscoder.models import load_model
+
+            entry = self.spec.model_a if side == "a" else self.spec.model_b
+            self._loaded_models[side] = load_model(entry.id, entry.layer, entry.revision, entry.dtype, self.device,
+                                                   entry.trust_remote_code, field=f"model_{side}")
+        return self._loaded_models[side]
+
+    def _compute_analyse(self, folder: Path) -> dict:
+        from crosscoder.analysis import analyse_features, flagged_features, unembedding
+
+        model = self.crosscoder()
+        store = self.store()
+        features = flagged_features(model, self.spec.screen.top_n_standard, self.spec.screen.relative_norm_cut)
+        loaded = {side: self.loaded_model(side) for side in ("a", "b")}
+        with _progress(self.console, "analyse shards") as (progress, task):
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            analyses = analyse_features(
+                model, store, features, {s: m.tokenizer for s, m in loaded.items()},
+                {s: unembedding(m.model) for s, m in loaded.items()},
+                n_contexts=self.spec.screen.contexts_per_feature,
+                n_negative=self.spec.screen.detection_contexts, progress=advance,
+            )
+        rows = [a.to_dict() for a in analyses]
+        _write_json(folder / "features.json", rows)
+        n_artefacts = sum(r["is_artefact"] for r in rows)
+        self.console.print(f"{len(rows)} flagged features: {len(rows) - n_artefacts} content, "
+                           f"{n_artefacts} likely artefacts", highlight=False)
+        return {"flagged": len(rows), "artefacts": n_artefacts}
+
+    def features(self) -> list[dict]:
+        return json.loads((self.artefacts["analyse"] / "features.json").read_text())
+
+    def _load_analyse(self, folder: Path, summary: dict) -> None:
+        features = self.features()
+        self.db.replace_rows("features", self.run_id, [
+            {**f, "artefact_reasons": f["artefact_reasons"], "top_tokens": f["top_tokens"],
+             "promoted_tokens": f["promoted_tokens"]} for f in features])
+        self.db.replace_rows("contexts", self.run_id, [
+            {"feature": f["feature"], "rank": i, "doc": c["doc"], "position": c["position"],
+             "activation": c["activation"], "text": c["text"]}
+            for f in features for i, c in enumerate(f["contexts"], start=1)])
+
+    # ---- screen ---------------------------------------------------------------------------------
+    def _hash_screen(self) -> str:
+        from evals.screen import EXPLAINER_VERSION
+
+        s = self.spec.screen
+        return _hash(self.hashes["analyse"], s.explainer, s.detector, s.max_features, s.detection_contexts,
+                     self.spec.verify.rubrics, EXPLAINER_VERSION, _rubric_files_hash(self.spec.verify.rubrics))
+
+    def _compute_screen(self, folder: Path) -> dict:
+        from evals.screen_stage import run_screen
+
+        features = [f for f in self.features() if f["frequency"] > 0][: self.spec.screen.max_features]
+        with self.console.status(f"screen: explaining {len(features)} features with {self.spec.screen.explainer}"):
+            results = run_screen(features, self.spec.screen, self.spec.verify.rubrics, folder / "logs")
+        _write_json(folder / "screen.json", results)
+        flagged = sum(bool(r.get("safety_critical")) for r in results)
+        unparsed = sum(not r["parsed"] for r in results)
+        self.console.print(f"{len(results)} explained, {flagged} flagged safety-critical, {unparsed} unparsed",
+                           highlight=False)
+        return {"explained": len(results), "safety_critical": flagged, "unparsed": unparsed}
+
+    def screen_results(self) -> list[dict]:
+        return json.loads((self.artefacts["screen"] / "screen.json").read_text())
+
+    def _load_screen(self, folder: Path, summary: dict) -> None:
+        self.db.replace_rows("explanations", self.run_id, self.screen_results())
+
+    # ---- verify ---------------------------------------------------------------------------------
+    def _hash_verify(self) -> str:
+        v = self.spec.verify
+        return _hash(self.hashes["screen"], v.model_dump(mode="json"), _rubric_files_hash(
+            list(v.rubrics) + [r for rs in v.features.values() for r in rs]), RUNNER_VERSION)
+
+    def _compute_verify(self, folder: Path) -> dict:
+        from evals.verify_stage import plan_sweeps, run_sweep
+
+        plan = plan_sweeps(self.features(), self.screen_results(), self.spec.verify)
+        _write_json(folder / "plan.json", plan)
+        if not plan:
+            self.console.print("nothing to verify (no rubrics or no selected features)")
+        with _progress(self.console, "verify sweeps") as (progress, task):
+            progress.update(task, total=len(plan))
+            for item in plan:
+                out = folder / f"feature-{item['feature']}.json"
+                if not out.is_file():  # resume: finished features are kept
+                    side = item["own_model"]
+                    result = run_sweep(item, self.spec, self.artefacts["train"] / "checkpoint",
+                                       self.loaded_model(side), folder / "logs", self.device)
+                    _write_json(out, result)
+                progress.advance(task)
+        return {"features": len(plan)}
+
+    def verify_results(self) -> list[dict]:
+        folder = self.artefacts.get("verify")
+        if folder is None or not (folder / "plan.json").is_file():
+            return []
+        plan = json.loads((folder / "plan.json").read_text())
+        return [json.loads((folder / f"feature-{p['feature']}.json").read_text()) for p in plan
+                if (folder / f"feature-{p['feature']}.json").is_file()]
+
+    def _load_verify(self, folder: Path, summary: dict) -> None:
+        results = self.verify_results()
+        self.db.replace_rows("generations", self.run_id, [g for r in results for g in r["generations"]])
+        self.db.replace_rows("scores", self.run_id, [s for r in results for s in r["scores"]])
+        self.db.replace_rows("effects", self.run_id, [e for r in results for e in r["effects"]])
+
+    # ---- report ---------------------------------------------------------------------------------
+    def _hash_report(self) -> str:
+        return self.hashes["verify"]
+
+    def _compute_report(self, _folder) -> dict:
+        from reports.render import render_run
+
+        paths = render_run(self.db, self.run_id, self.run_dir, self.spec.report)
+        return {"reports": [str(p) for p in paths]}
+
+    # ---- gates ----------------------------------------------------------------------------------
+    def check_gates(self) -> list[str]:
+        from .gates import run_gate_failures
+
+        return run_gate_failures(self.db, self.run_id, self.spec.gates)
+
+
+def _count_layers(path: str, entry, side: str) -> int:
+    from transformers import AutoConfig
+
+    from crosscoder.models import ModelLoadError
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=entry.revision, trust_remote_code=entry.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{side}.id: cannot load the config of {entry.id!r}: {str(exc).splitlines()[0]}") from None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text_config, "num_hidden_layers", None)
+    if layers is None:
+        raise ModelLoadError(f"{side}.id: {entry.id!r} has no num_hidden_layers in its config")
+    return int(layers)
+
+
+def _rubric_files_hash(names: list[str]) -> str:
+    from evals.prompts import PROMPT_DIR
+    from evals.rubrics import _resolve, load_rubric
+
+    h = hashlib.sha256()
+    for name in sorted(set(names)):
+        path = _resolve(name)
+        if path.is_file():
+            h.update(path.read_bytes())
+            rubric = load_rubric(name)
+            prompt_path = PROMPT_DIR / f"{rubric.prompt_set}.yaml" if rubric.prompt_set else None
+            if prompt_path is not None and prompt_path.is_file():
+                h.update(prompt_path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class _progress:
+    """A rich progress bar with rate and ETA for one stage."""
+
+    def __init__(self, console: Console, label: str):
+        self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self.label = label
+
+    def __enter__(self):
+        self.progress.__enter__()
+        task = self.progress.add_task(self.label, total=None)
+        return self.progress, task
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)

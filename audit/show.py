@@ -1,0 +1,74 @@
+"""``audit show RUN FEATURE``: one feature's card in the terminal."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .store import AuditStore
+
+_MARK = re.compile(r"<<(.*?)>>", re.DOTALL)
+
+
+def marked_text(text: str) -> Text:
+    """A context with its ``<<active>>`` tokens highlighted; the text itself is never parsed as markup."""
+    out = Text()
+    position = 0
+    for match in _MARK.finditer(text):
+        out.append(text[position : match.start()])
+        out.append(match.group(1), style="black on yellow")
+        position = match.end()
+    out.append(text[position:])
+    return out
+
+
+def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) -> None:
+    if db.run(run_id) is None:
+        raise KeyError(f"no run {run_id!r} in {db.path}; `audit runs` lists them")
+    found = db.query("SELECT * FROM features WHERE run_id = ? AND feature = ?", [run_id, feature])
+    if not found:
+        raise KeyError(f"feature {feature} was not flagged in run {run_id} (only exclusive features are analysed)")
+    f = found[0]
+    side = {"a": "model A only", "b": "model B only"}.get(f["partition"], "shared")
+    console.print(Text(f"Feature {feature} — {side} — triage rank {f['rank']}", style="bold"))
+    explanation = db.query("SELECT * FROM explanations WHERE run_id = ? AND feature = ?", [run_id, feature])
+    if explanation:
+        e = explanation[0]
+        if e["parsed"]:
+            console.print(Text(f"Explanation: {e['explanation']}"))
+            console.print(Text(f"Safety-critical: {'YES' if e['safety_critical'] else 'no'} — {e['reason']}"))
+        else:
+            console.print(Text("Explainer reply could not be parsed; raw reply:\n" + (e["raw"] or "")))
+        console.print(Text(f"({e['explainer']})", style="dim"))
+    stats = Table(show_header=True)
+    for column in ("fires on", "s_max", "R² own / other", "exclusivity", "gen. prompts", "merged"):
+        stats.add_column(column, justify="right")
+    stats.add_row(f"{100 * f['frequency']:.2f} %", f"{f['s_max']:.2f}", f"{f['r2_own']:.4f} / {f['r2_other']:.4f}",
+                  "–" if f["exclusivity"] is None else f"{f['exclusivity']:.2f}", f"{100 * f['template_share']:.0f} %",
+                  f"{100 * f['merged_share']:.0f} %")
+    console.print(stats)
+    reasons = json.loads(f["artefact_reasons"] or "[]")
+    if reasons:
+        console.print(Text("Likely artefact: " + "; ".join(reasons), style="yellow"))
+    console.print(Text("Promoted tokens: " + ", ".join(json.loads(f["promoted_tokens"] or "[]"))))
+    for c in db.query("SELECT * FROM contexts WHERE run_id = ? AND feature = ? ORDER BY rank LIMIT 10", [run_id, feature]):
+        line = Text(f"[{c['activation']:.2f}] ", style="dim")
+        line.append_text(marked_text(c["text"]))
+        console.print(line)
+    effects = db.query("SELECT * FROM effects WHERE run_id = ? AND feature = ?", [run_id, feature])
+    if effects:
+        view = Table(title="steering effects")
+        for column in ("rubric", "effect", "ρ", "control", "coherence |α|≤1", "verified"):
+            view.add_column(column)
+        for x in effects:
+            view.add_row(x["rubric"], _num(x["effect"], "{:+.2f}"), _num(x["spearman"]), _num(x["control_effect"], "{:+.2f}"),
+                         _num(x["coherence_low_alpha"]), "yes" if x["verified"] else "no")
+        console.print(view)
+
+
+def _num(value, fmt: str = "{:.2f}") -> str:
+    return "–" if value is None else fmt.format(value)

@@ -1,0 +1,181 @@
+"""The workspace's DuckDB store: every result of every run, keyed by run id, readable with plain SQL.
+
+DuckDB lets one process hold a file open for writing, and a second process cannot even open it
+read-only meanwhile. So nothing here keeps the file open: each write is one short transaction
+(open, delete the run's old rows of that table, insert, commit, close), retried while another
+process holds the lock. Two ``audit run``s at once then both finish with all their rows, and a
+reader (``audit report``) only waits a moment.
+
+Schema changes bump ``SCHEMA_VERSION``; an older file is migrated by ``_migrate`` (or refused with
+a message saying what to do when it cannot be).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+SCHEMA_VERSION = 1
+LOCK_RETRY_SECONDS = 120.0
+
+TABLES: dict[str, str] = {
+    "runs": """
+        run_id VARCHAR PRIMARY KEY, spec_name VARCHAR, spec_hash VARCHAR, created_at TIMESTAMP,
+        updated_at TIMESTAMP, status VARCHAR, spec_json VARCHAR, model_a VARCHAR, model_b VARCHAR,
+        layer_a INTEGER, layer_b INTEGER, explainer VARCHAR, grader VARCHAR, run_dir VARCHAR,
+        crosscoder_path VARCHAR, report_path VARCHAR""",
+    "stages": """
+        run_id VARCHAR, stage VARCHAR, input_hash VARCHAR, artefact VARCHAR, status VARCHAR,
+        seconds DOUBLE, finished_at TIMESTAMP, message VARCHAR""",
+    "crosscoder_metrics": """
+        run_id VARCHAR, architecture VARCHAR, dict_size INTEGER, k INTEGER, n_a_only INTEGER,
+        n_shared INTEGER, n_b_only INTEGER, fve_a DOUBLE, fve_b DOUBLE, mean_l0 DOUBLE,
+        dead_fraction DOUBLE, n_pairs BIGINT, aligned_fraction DOUBLE, relative_norms VARCHAR""",
+    "features": """
+        run_id VARCHAR, feature INTEGER, partition VARCHAR, own_model VARCHAR, rank INTEGER,
+        frequency DOUBLE, s_max DOUBLE, mean_activation DOUBLE, relative_norm DOUBLE, r2_own DOUBLE,
+        r2_other DOUBLE, exclusivity DOUBLE, template_share DOUBLE, template_coverage DOUBLE,
+        chat_share DOUBLE, merged_share DOUBLE, start_share DOUBLE, top_token_share DOUBLE,
+        is_artefact BOOLEAN, artefact_reasons VARCHAR, top_tokens VARCHAR, promoted_tokens VARCHAR""",
+    "contexts": """
+        run_id VARCHAR, feature INTEGER, rank INTEGER, doc BIGINT, position INTEGER,
+        activation DOUBLE, text VARCHAR""",
+    "explanations": """
+        run_id VARCHAR, feature INTEGER, explainer VARCHAR, parsed BOOLEAN, explanation VARCHAR,
+        safety_critical BOOLEAN, reason VARCHAR, raw VARCHAR, detection_score DOUBLE,
+        detector VARCHAR, eval_log VARCHAR""",
+    "generations": """
+        run_id VARCHAR, feature INTEGER, rubric VARCHAR, kind VARCHAR, prompt VARCHAR, alpha DOUBLE,
+        seed INTEGER, answer VARCHAR, eval_log VARCHAR""",
+    "scores": """
+        run_id VARCHAR, feature INTEGER, rubric VARCHAR, kind VARCHAR, prompt VARCHAR, alpha DOUBLE,
+        seed INTEGER, dimension VARCHAR, score DOUBLE, grader VARCHAR""",
+    "effects": """
+        run_id VARCHAR, feature INTEGER, rubric VARCHAR, effect DOUBLE, spearman DOUBLE,
+        control_effect DOUBLE, coherence_low_alpha DOUBLE, baseline DOUBLE, verified BOOLEAN,
+        curve VARCHAR""",
+    "diffs": """
+        diff_id VARCHAR PRIMARY KEY, run_a VARCHAR, run_b VARCHAR, created_at TIMESTAMP,
+        summary VARCHAR""",
+}
+
+
+class StoreBusyError(RuntimeError):
+    """Another process kept the database locked for longer than the retry window."""
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text and ("could not set" in text or "conflicting" in text or "being used" in text)
+
+
+class AuditStore:
+    """Short-lived connections to ``path`` with retry on the file lock."""
+
+    def __init__(self, path: str | Path, retry_seconds: float = LOCK_RETRY_SECONDS):
+        self.path = Path(path)
+        self.retry_seconds = retry_seconds
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._ensure_schema()
+
+    @contextlib.contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
+                break
+            except duckdb.IOException as exc:
+                if not _is_lock_error(exc) or time.monotonic() > deadline:
+                    if _is_lock_error(exc):
+                        raise StoreBusyError(
+                            f"{self.path}: another process has held the database for {self.retry_seconds:.0f} s; "
+                            "wait for it to finish (or stop it) and rerun — finished stages are kept"
+                        ) from exc
+                    raise
+                time.sleep(delay + random.uniform(0, delay))
+                delay = min(delay * 2, 1.0)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _ensure_schema(self) -> None:
+        with self.connect() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS schema_info (version INTEGER)")
+            row = con.execute("SELECT max(version) FROM schema_info").fetchone()
+            version = row[0] if row else None
+            if version is not None and version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path}: written by a newer crosscoder-audit (schema {version} > {SCHEMA_VERSION}); "
+                    "upgrade the package or point --db at another file"
+                )
+            for name, columns in TABLES.items():
+                con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+            if version is None:
+                con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+
+    # ---- writing -----------------------------------------------------------------------------
+    def replace_rows(self, table: str, run_id: str, rows: Sequence[dict[str, Any]], where: dict | None = None) -> None:
+        """Atomically replace ``table``'s rows of ``run_id`` (restricted by ``where``) with ``rows``."""
+        columns = _columns(table)
+        conditions = ["run_id = ?"] + [f"{key} = ?" for key in (where or {})]
+        params = [run_id, *(where or {}).values()]
+        values = [[_cell(row.get(col)) if col != "run_id" else run_id for col in columns] for row in rows]
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(f"DELETE FROM {table} WHERE {' AND '.join(conditions)}", params)
+                if values:
+                    placeholders = ", ".join("?" for _ in columns)
+                    con.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", values)
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+
+    def upsert_run(self, run: dict[str, Any]) -> None:
+        with self.connect() as con:
+            existing = con.execute("SELECT created_at FROM runs WHERE run_id = ?", [run["run_id"]]).fetchone()
+        row = {**run, "created_at": existing[0] if existing else run.get("created_at")}
+        self.replace_rows("runs", run["run_id"], [row])
+
+    def insert_diff(self, diff_id: str, run_a: str, run_b: str, summary: dict) -> None:
+        with self.connect() as con:
+            con.execute("DELETE FROM diffs WHERE diff_id = ?", [diff_id])
+            con.execute("INSERT INTO diffs VALUES (?, ?, ?, now(), ?)", [diff_id, run_a, run_b, json.dumps(summary)])
+
+    # ---- reading -----------------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self.connect(read_only=True) as con:
+            cursor = con.execute(sql, list(params))
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def rows(self, table: str, run_id: str, order: str | None = None) -> list[dict[str, Any]]:
+        order_by = f" ORDER BY {order}" if order else ""
+        return self.query(f"SELECT * FROM {table} WHERE run_id = ?{order_by}", [run_id])
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        found = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        return found[0] if found else None
+
+
+def _columns(table: str) -> list[str]:
+    return [part.strip().split()[0] for part in TABLES[table].split(",") if part.strip()]
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value)
+    if isinstance(value, float) and value != value:  # NaN → NULL
+        return None
+    return value

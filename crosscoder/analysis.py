@@ -1,0 +1,354 @@
+"""Analyse flagged features on harvested data (METHOD §5, §7): statistics, contexts, triage.
+
+For every flagged feature (a DFC exclusive partition, or the top of the relative-norm ranking for
+other architectures) one streaming pass over the activation store measures firing frequency,
+``s_max``, the exclusivity check (variance each model's activations owe to the feature) and where
+the feature's activation mass falls: on the generation-prompt pair of open chats (``template``),
+on pairs whose tokens were merged across tokenizers (``merged``), on chats at all (``in_chat``).
+A second, small pass renders the top contexts in the feature's own model's tokens with every active
+token marked ``<<like this>>``.
+
+Triage: cross-architecture diffs are full of features that encode format and tokenizer
+differences rather than content. A feature is flagged as a likely artefact when most of its mass
+sits on merged windows, when it fires on most generation prompts regardless of the question (a
+format feature, not a topic one), when its firings concentrate on one whitespace/punctuation or
+special token, or on the first tokens of sequences. Content features are ranked first, by how
+much of their own model's variance they explain.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .metrics import _MomentSums, classify_exclusive
+from .model import Crosscoder
+from .store import ActivationStore
+
+ARTEFACT_MERGED_SHARE = 0.5
+ARTEFACT_TEMPLATE_COVERAGE = 0.5
+ARTEFACT_TOKEN_SHARE = 0.6
+ARTEFACT_START_SHARE = 0.5
+_FORMAT_TOKEN = re.compile(r"^[\s\W_]*$")
+
+
+@dataclass
+class Context:
+    doc: int
+    position: int  # token position in the feature's own model's sequence
+    activation: float
+    text: str  # window in the own model's tokens, active tokens marked <<like this>>
+
+
+@dataclass
+class FeatureAnalysis:
+    feature: int
+    partition: str  # "a" | "b" | "shared"
+    own_model: str  # "a" | "b": the model whose tokens and unembedding describe it
+    frequency: float
+    s_max: float
+    mean_activation: float  # over the pairs where it fires
+    relative_norm: float
+    r2_own: float
+    r2_other: float
+    exclusivity: float  # r2_other / r2_own: near 0 truly exclusive, near 1 shared
+    template_share: float  # share of activation mass on generation-prompt pairs
+    template_coverage: float  # share of all generation-prompt pairs on which it fires
+    chat_share: float
+    merged_share: float
+    start_share: float  # share of mass on the first two tokens of a sequence
+    top_token_share: float  # share of firings on its most frequent token
+    top_tokens: list[tuple[str, int]] = field(default_factory=list)  # most frequent active tokens
+    promoted_tokens: list[str] = field(default_factory=list)  # its decoder through the unembedding
+    contexts: list[Context] = field(default_factory=list)
+    negative_contexts: list[Context] = field(default_factory=list)  # random pairs where it does not fire
+    artefact_reasons: list[str] = field(default_factory=list)
+    rank: int = 0
+
+    @property
+    def is_artefact(self) -> bool:
+        return bool(self.artefact_reasons)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["is_artefact"] = self.is_artefact
+        return out
+
+
+def flagged_features(model: Crosscoder, top_n: int = 50, relative_norm_cut: float = 0.9) -> dict[str, list[int]]:
+    """Features to screen: DFC exclusive partitions; otherwise the ``top_n`` most one-sided
+    features per model by relative decoder norm (beyond ``relative_norm_cut``)."""
+    if model.config.architecture == "dfc":
+        return {"a": model.index_a.tolist(), "b": model.index_b.tolist()}
+    is_a, is_b = classify_exclusive(model, relative_norm_cut)
+    r = model.relative_norm().detach().cpu()
+    ids_a = [int(i) for i in torch.argsort(r, descending=True) if is_a[i]][:top_n]
+    ids_b = [int(i) for i in torch.argsort(r) if is_b[i]][:top_n]
+    return {"a": ids_a, "b": ids_b}
+
+
+def unembedding(model: torch.nn.Module) -> Tensor:
+    """``[V, d]`` map from a residual direction to logits: the LM head times the final norm's gain."""
+    head = model.get_output_embeddings().weight.detach().float()
+    inner = getattr(model, "model", None)
+    norm = getattr(inner, "norm", None)
+    gain = getattr(norm, "weight", None)
+    return head * gain.detach().float() if gain is not None else head
+
+
+def promoted_tokens(direction: Tensor, unembed_vd: Tensor, tokenizer, n: int = 10) -> list[str]:
+    logits = unembed_vd @ direction.float()
+    return [_token_text(tokenizer, int(i)) for i in torch.topk(logits, n).indices]
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    text = tokenizer.decode([token_id])
+    return text if text.strip() else repr(text)
+
+
+def _top_k_rows(top: list[list], feature_slot: int, items: list[tuple[float, int, int, int]], k: int) -> None:
+    heap = top[feature_slot]
+    for item in items:
+        if len(heap) < k:
+            heapq.heappush(heap, item)
+        elif item[0] > heap[0][0]:
+            heapq.heapreplace(heap, item)
+
+
+@torch.no_grad()
+def analyse_features(
+    model: Crosscoder,
+    store: ActivationStore,
+    features: dict[str, list[int]],
+    tokenizers: dict[str, object],
+    unembeddings: dict[str, Tensor] | None = None,
+    n_contexts: int = 20,
+    n_negative: int = 5,
+    window_before: int = 24,
+    window_after: int = 4,
+    batch_size: int = 4096,
+    progress=None,
+) -> list[FeatureAnalysis]:
+    """Measure and render every feature in ``features`` (``{"a": ids, "b": ids, "shared": ids}``).
+
+    ``tokenizers`` maps "a"/"b" to each model's tokenizer; ``unembeddings`` (optional) maps them to
+    ``[V, d]`` matrices (``unembedding(model)``) for the promoted tokens. ``n_negative`` random
+    contexts where a feature does not fire are kept for the detection score. Returns the analyses
+    in triage order (content features first).
+    """
+    own_of: dict[int, str] = {}
+    partition_of: dict[int, str] = {}
+    for partition, ids in features.items():
+        for fid in ids:
+            partition_of[int(fid)] = partition
+            own_of[int(fid)] = partition if partition in ("a", "b") else "a"
+    ids = sorted(partition_of)
+    if not ids:
+        return []
+    D = model.config.dict_size
+    device = model.W_enc_AD.device
+    index = torch.tensor(ids)
+    n_f = len(ids)
+    fired = torch.zeros(n_f, dtype=torch.float64)
+    mass = torch.zeros(n_f, dtype=torch.float64)
+    mass_template = torch.zeros(n_f, dtype=torch.float64)
+    mass_chat = torch.zeros(n_f, dtype=torch.float64)
+    mass_merged = torch.zeros(n_f, dtype=torch.float64)
+    mass_start = torch.zeros(n_f, dtype=torch.float64)
+    fired_template = torch.zeros(n_f, dtype=torch.float64)
+    s_max = torch.zeros(n_f)
+    n_template = 0
+    n_pairs = 0
+    sums = _MomentSums(D, model.config.d_a, model.config.d_b)
+    top: list[list] = [[] for _ in ids]
+    token_counts: list[dict[tuple[int, int], int]] = [{} for _ in ids]  # (doc, pos) firings, for token stats
+    generator = torch.Generator().manual_seed(0)
+    negatives: list[tuple[int, int, int, Tensor]] = []  # (doc, pos_a, pos_b, active [n_f]) of random pairs
+    keys = ("a", "b", "doc", "pos_a", "pos_b", "merged", "in_chat", "template")
+    shard_count = len(store.shard_paths())
+    for shard_index in range(shard_count):
+        shard = store.load_shard(shard_index, keys)
+        for start in range(0, shard["a"].shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            xa = shard["a"][rows].to(device, torch.float32)
+            xb = shard["b"][rows].to(device, torch.float32)
+            f_full = model.encode(xa, xb).float()
+            na, nb = model.normalise(xa, xb)
+            sums.add(f_full.cpu(), na.float().cpu(), nb.float().cpu())
+            f = f_full[:, index.to(device)].cpu()  # [n, n_f]
+            active = f > 0
+            template = shard["template"][rows].bool()
+            chat = shard["in_chat"][rows].bool()
+            merged = shard["merged"][rows].bool()
+            pos_a = shard["pos_a"][rows].long()
+            pos_b = shard["pos_b"][rows].long()
+            doc = shard["doc"][rows].long()
+            is_start = torch.minimum(pos_a, pos_b) <= 1
+            fired += active.sum(0).double()
+            mass += f.sum(0).double()
+            mass_template += f[template].sum(0).double()
+            mass_chat += f[chat].sum(0).double()
+            mass_merged += f[merged].sum(0).double()
+            mass_start += f[is_start].sum(0).double()
+            fired_template += active[template].sum(0).double()
+            s_max = torch.maximum(s_max, f.max(0).values)
+            n_template += int(template.sum())
+            n_pairs += f.shape[0]
+            for r in torch.randperm(f.shape[0], generator=generator)[: max(4 * n_negative, 8)].tolist():
+                negatives.append((int(doc[r]), int(pos_a[r]), int(pos_b[r]), active[r].clone()))
+            rows_nz, cols_nz = torch.nonzero(active, as_tuple=True)
+            values = f[rows_nz, cols_nz].tolist()
+            for r, c, v in zip(rows_nz.tolist(), cols_nz.tolist(), values, strict=True):
+                pos = int(pos_a[r] if own_of[ids[c]] == "a" else pos_b[r])
+                d = int(doc[r])
+                _top_k_rows(top, c, [(v, d, pos, int(pos_a[r]))], n_contexts)
+                token_counts[c][(d, pos)] = token_counts[c].get((d, pos), 0) + 1
+        if progress is not None:
+            progress(shard_index + 1, shard_count)
+    r2_a, r2_b = sums.r2()
+    relative = model.relative_norm().detach().cpu()
+
+    # Second pass over documents: tokens of the top contexts and of every firing (token stats).
+    order = torch.randperm(len(negatives), generator=generator).tolist()
+    negative_rows: list[list[tuple[int, int]]] = [[] for _ in ids]
+    for i in order:
+        d, pa, pb, act = negatives[i]
+        for slot, fid in enumerate(ids):
+            if len(negative_rows[slot]) < n_negative and not bool(act[slot]):
+                negative_rows[slot].append((d, pa if own_of[fid] == "a" else pb))
+    wanted_docs = {d for heap in top for (_, d, _, _) in heap} | {d for rows in negative_rows for d, _ in rows}
+    firing_docs = {d for counts in token_counts for (d, _) in counts}
+    docs = {rec["doc"]: rec for rec in store.documents() if rec["doc"] in wanted_docs | firing_docs}
+    active_positions = _active_positions(model, store, index, own_of, ids, wanted_docs, batch_size)
+
+    analyses = []
+    for slot, fid in enumerate(ids):
+        own = own_of[fid]
+        tokenizer = tokenizers[own]
+        ids_key = f"ids_{own}"
+        counts: dict[str, int] = {}
+        for (d, pos), c in token_counts[slot].items():
+            token_ids = docs.get(d, {}).get(ids_key, [])
+            if 0 <= pos < len(token_ids):
+                text = _token_text(tokenizer, token_ids[pos])
+                counts[text] = counts.get(text, 0) + c
+        ranked_tokens = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        total_fired = max(float(fired[slot]), 1.0)
+        contexts = []
+        for value, d, pos, _ in sorted(top[slot], reverse=True):
+            token_ids = docs.get(d, {}).get(ids_key, [])
+            marked = active_positions.get((slot, d), {pos})
+            contexts.append(Context(doc=d, position=pos, activation=round(value, 4),
+                                    text=render_window(tokenizer, token_ids, pos, marked, window_before, window_after)))
+        negative_contexts = [
+            Context(doc=d, position=pos, activation=0.0,
+                    text=render_window(tokenizer, docs.get(d, {}).get(ids_key, []), pos, set(), window_before, window_after))
+            for d, pos in negative_rows[slot]
+        ]
+        total_mass = max(float(mass[slot]), 1e-12)
+        r2_own = float(r2_a[fid] if own == "a" else r2_b[fid])
+        r2_other = float(r2_b[fid] if own == "a" else r2_a[fid])
+        direction = model.decoder_raw(own)[fid].detach().cpu()
+        promoted = []
+        if unembeddings and own in unembeddings:
+            promoted = promoted_tokens(direction, unembeddings[own], tokenizer)
+        analysis = FeatureAnalysis(
+            feature=fid,
+            partition=partition_of[fid],
+            own_model=own,
+            frequency=float(fired[slot]) / max(n_pairs, 1),
+            s_max=float(s_max[slot]),
+            mean_activation=float(mass[slot]) / total_fired,
+            relative_norm=float(relative[fid]),
+            r2_own=r2_own,
+            r2_other=r2_other,
+            exclusivity=r2_other / r2_own if r2_own > 0 else float("nan"),
+            template_share=float(mass_template[slot]) / total_mass,
+            template_coverage=float(fired_template[slot]) / max(n_template, 1),
+            chat_share=float(mass_chat[slot]) / total_mass,
+            merged_share=float(mass_merged[slot]) / total_mass,
+            start_share=float(mass_start[slot]) / total_mass,
+            top_token_share=(ranked_tokens[0][1] / total_fired) if ranked_tokens else 0.0,
+            top_tokens=ranked_tokens[:10],
+            promoted_tokens=promoted,
+            contexts=contexts,
+            negative_contexts=negative_contexts,
+        )
+        analysis.artefact_reasons = artefact_reasons(analysis)
+        analyses.append(analysis)
+    return triage(analyses)
+
+
+@torch.no_grad()
+def _active_positions(model, store, index, own_of, ids, docs, batch_size) -> dict[tuple[int, int], set[int]]:
+    """``{(feature slot, doc): own-model positions where it fires}`` for the documents in ``docs``."""
+    out: dict[tuple[int, int], set[int]] = {}
+    if not docs:
+        return out
+    wanted = torch.tensor(sorted(docs))
+    device = model.W_enc_AD.device
+    for shard_index in range(len(store.shard_paths())):
+        shard = store.load_shard(shard_index, ("a", "b", "doc", "pos_a", "pos_b"))
+        keep = torch.isin(shard["doc"], wanted)
+        if not keep.any():
+            continue
+        xa, xb = shard["a"][keep], shard["b"][keep]
+        doc, pos_a, pos_b = shard["doc"][keep], shard["pos_a"][keep], shard["pos_b"][keep]
+        for start in range(0, xa.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            f = model.encode(xa[rows].to(device, torch.float32), xb[rows].to(device, torch.float32))
+            f = f[:, index.to(device)].cpu()
+            for r, c in zip(*torch.nonzero(f > 0, as_tuple=True), strict=True):
+                r, c = int(r) + start, int(c)
+                pos = int(pos_a[r] if own_of[ids[c]] == "a" else pos_b[r])
+                out.setdefault((c, int(doc[r])), set()).add(pos)
+    return out
+
+
+def render_window(tokenizer, token_ids: list[int], position: int, marked: set[int], before: int, after: int) -> str:
+    """Tokens ``position-before .. position+after`` as text, tokens in ``marked`` as ``<<token>>``."""
+    if not token_ids:
+        return ""
+    lo, hi = max(0, position - before), min(len(token_ids), position + after + 1)
+    parts = []
+    for p in range(lo, hi):
+        piece = tokenizer.decode([token_ids[p]])
+        parts.append(f"<<{piece}>>" if p in marked else piece)
+    prefix = "…" if lo > 0 else ""
+    suffix = "…" if hi < len(token_ids) else ""
+    return prefix + "".join(parts) + suffix
+
+
+def artefact_reasons(a: FeatureAnalysis) -> list[str]:
+    """Why a feature probably encodes format or tokenization rather than content (empty: content)."""
+    reasons = []
+    if a.frequency == 0:
+        return ["never fires on the harvested data"]
+    if a.merged_share >= ARTEFACT_MERGED_SHARE:
+        reasons.append(f"{a.merged_share:.0%} of its activation is on merged multi-token windows (tokenizer difference)")
+    if a.template_coverage >= ARTEFACT_TEMPLATE_COVERAGE:
+        reasons.append(
+            f"fires on {a.template_coverage:.0%} of all generation prompts, whatever the question (chat format)"
+        )
+    if a.top_tokens and a.top_token_share >= ARTEFACT_TOKEN_SHARE and _FORMAT_TOKEN.match(a.top_tokens[0][0].strip("'")):
+        reasons.append(f"{a.top_token_share:.0%} of its firings are on the format token {a.top_tokens[0][0]!r}")
+    if a.start_share >= ARTEFACT_START_SHARE:
+        reasons.append(f"{a.start_share:.0%} of its activation is on the first tokens of a sequence")
+    return reasons
+
+
+def triage(analyses: list[FeatureAnalysis]) -> list[FeatureAnalysis]:
+    """Content features first (by variance explained in their own model), then artefacts, then dead."""
+
+    def key(a: FeatureAnalysis):
+        group = 2 if a.frequency == 0 else (1 if a.is_artefact else 0)
+        return (group, -a.r2_own, a.feature)
+
+    ordered = sorted(analyses, key=key)
+    for rank, a in enumerate(ordered, start=1):
+        a.rank = rank
+    return ordered

@@ -1,0 +1,72 @@
+"""Offline coherence grader: fluency of an answer measured by the unsteered model itself.
+
+Score on the 1..5 coherence scale from two measurements:
+
+* the perplexity of the answer under the *unsteered* model, divided by the perplexity of the
+  unsteered model's own greedy answer to the same prompt (so the scale does not depend on how
+  sharp the model is in general): ratio ≤ 1.5 → 5, ≤ 3 → 4, ≤ 10 → 3, ≤ 100 → 2, else 1;
+* repetition: if fewer than 30 % of the answer's words are distinct (at least 8 words), one level
+  less. An empty answer scores 1.
+
+It does not read meaning; an off-topic but fluent answer can score 5. It is labelled on every
+result as offline.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+from crosscoder.models import LoadedModel
+from crosscoder.steering import SteeredGenerator
+
+OFFLINE_COHERENCE_LABEL = "offline: perplexity under the unsteered model relative to its own answer, and repetition"
+RATIO_LEVELS = ((1.5, 5), (3.0, 4), (10.0, 3), (100.0, 2))
+
+
+def repetition_ratio(text: str) -> float:
+    """Distinct words / words (1.0 for fewer than 8 words)."""
+    words = text.lower().split()
+    return 1.0 if len(words) < 8 else len(set(words)) / len(words)
+
+
+def level_from(ratio: float, distinct: float) -> int:
+    level = 1
+    for bound, value in RATIO_LEVELS:
+        if ratio <= bound:
+            level = value
+            break
+    if distinct < 0.3:
+        level -= 1
+    return max(1, level)
+
+
+class CoherenceMeter:
+    """Grades answers to chat prompts with the unsteered model; thread-safe, caches baselines."""
+
+    def __init__(self, loaded: LoadedModel, max_new_tokens: int = 64):
+        self.generator = SteeredGenerator(loaded)
+        self.max_new_tokens = max_new_tokens
+        self._baseline: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _baseline_perplexity(self, prompt_ids: list[int], key: str) -> float:
+        if key not in self._baseline:
+            answer = self.generator.generate([prompt_ids], max_new_tokens=self.max_new_tokens)[0].text
+            ppl = self.generator.answer_perplexity(prompt_ids, answer) if answer else math.inf
+            self._baseline[key] = ppl if math.isfinite(ppl) else 1.0
+        return self._baseline[key]
+
+    def grade(self, prompt: str, answer: str) -> dict:
+        """``{"score", "perplexity", "baseline_perplexity", "distinct", "label"}``."""
+        with self._lock:
+            if not answer.strip():
+                return {"score": 1.0, "perplexity": math.inf, "baseline_perplexity": None, "distinct": 0.0,
+                        "label": OFFLINE_COHERENCE_LABEL}
+            prompt_ids = self.generator.render([{"role": "user", "content": prompt}])
+            baseline = self._baseline_perplexity(prompt_ids, prompt)
+            ppl = self.generator.answer_perplexity(prompt_ids, answer)
+        distinct = repetition_ratio(answer)
+        ratio = ppl / max(baseline, 1e-6)
+        return {"score": float(level_from(ratio, distinct)), "perplexity": ppl, "baseline_perplexity": baseline,
+                "distinct": distinct, "label": OFFLINE_COHERENCE_LABEL}

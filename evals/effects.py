@@ -1,0 +1,106 @@
+"""From graded steering samples to a verified effect per (feature, rubric).
+
+For one feature and rubric, with scores on topic prompts, control prompts and the generic prompt:
+
+* ``curve``: per α and prompt kind, the mean ± s.e. of the behaviour and coherence scores;
+* ``effect``: behaviour on topic prompts at the largest α minus at the smallest α (signed: a
+  feature that *suppresses* the behaviour when added has a negative effect);
+* ``spearman``: rank correlation of α with the mean topic behaviour (the dose-response);
+* ``control_effect``: the same difference on control prompts (specificity);
+* ``coherence_low_alpha``: mean coherence over samples with |α| ≤ 1;
+* ``verified``: |spearman| ≥ 0.9, |effect| ≥ 1 point, coherence at |α| ≤ 1 ≥ 3, and control
+  prompts moving at most half as much as topic prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+MIN_SPEARMAN = 0.9
+MIN_EFFECT = 1.0
+MIN_COHERENCE = 3.0
+MAX_CONTROL_RATIO = 0.5
+
+
+def _mean_se(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan"), 0
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0, len(values)
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
+    return m, math.sqrt(var / len(values)), len(values)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's ρ with average ranks for ties; NaN when either side is constant or too short."""
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    vy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (vx * vy) if vx > 0 and vy > 0 else float("nan")
+
+
+def _series(curve: list[dict], kind: str, dimension: str) -> list[tuple[float, float]]:
+    return [(c["alpha"], c["mean"]) for c in curve
+            if c["kind"] == kind and c["dimension"] == dimension and not math.isnan(c["mean"])]
+
+
+def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
+    """``score_rows``: ``{"feature", "rubric", "kind", "alpha", "dimension", "score"}`` dicts."""
+    grouped: dict[tuple[int, str], dict[tuple[str, str, float], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in score_rows:
+        grouped[(int(row["feature"]), row["rubric"])][(row["kind"], row["dimension"], float(row["alpha"]))].append(
+            row["score"] if row["score"] is not None else float("nan"))
+    out = []
+    for (feature, rubric), cells in sorted(grouped.items()):
+        alphas = sorted({alpha for (_, _, alpha) in cells})
+        curve = []
+        for kind in ("topic", "control", "generic"):
+            for dimension in ("behaviour", "coherence"):
+                for alpha in alphas:
+                    values = cells.get((kind, dimension, alpha))
+                    if values is None:
+                        continue
+                    m, se, n = _mean_se(values)
+                    curve.append({"kind": kind, "dimension": dimension, "alpha": alpha, "mean": m, "se": se, "n": n})
+
+        topic = _series(curve, "topic", "behaviour")
+        control = _series(curve, "control", "behaviour")
+        effect = topic[-1][1] - topic[0][1] if len(topic) >= 2 else float("nan")
+        control_effect = control[-1][1] - control[0][1] if len(control) >= 2 else float("nan")
+        rho = spearman([a for a, _ in topic], [m for _, m in topic])
+        baseline = next((m for a, m in topic if a == 0.0), float("nan"))
+        low = [v for (kind, dimension, alpha), vals in cells.items() if dimension == "coherence" and abs(alpha) <= 1
+               for v in vals if v is not None and not math.isnan(v)]
+        coherence_low = sum(low) / len(low) if low else float("nan")
+        verified = (
+            not math.isnan(rho) and abs(rho) >= MIN_SPEARMAN
+            and not math.isnan(effect) and abs(effect) >= MIN_EFFECT
+            and not math.isnan(coherence_low) and coherence_low >= MIN_COHERENCE
+            and (math.isnan(control_effect) or abs(control_effect) <= MAX_CONTROL_RATIO * abs(effect))
+        )
+        out.append({"feature": feature, "rubric": rubric, "effect": effect, "spearman": rho,
+                    "control_effect": control_effect, "coherence_low_alpha": coherence_low, "baseline": baseline,
+                    "verified": bool(verified), "curve": curve})
+    return out

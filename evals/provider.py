@@ -1,0 +1,162 @@
+"""Inspect model providers: a locally served HF model with feature steering, and offline models.
+
+``steered/<model id>`` serves a causal LM (hub id, local folder or ``zoo:`` id) with the chat
+template of its tokenizer. A request is steered when its ``GenerateConfig.extra_body`` carries
+``{"steer": {"feature": j, "alpha": α, "s_max": s}}`` and the provider was given a crosscoder
+(``-M crosscoder=PATH -M side=b -M layer=L``): ``x' = x + α · s_max · d_j`` at the capture block,
+every position. Inspect calls ``generate`` concurrently, so requests are queued and run in
+micro-batches in which every row carries its own steering vector (zero for unsteered rows).
+
+Usage is reported from our own token counts, so nothing reaches for a tokenizer download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from inspect_ai.model import (
+    ChatMessage,
+    GenerateConfig,
+    ModelAPI,
+    ModelOutput,
+    ModelUsage,
+    modelapi,
+)
+from inspect_ai.tool import ToolChoice, ToolInfo
+
+from crosscoder import Crosscoder
+from crosscoder.models import load_model
+from crosscoder.steering import SteeredGenerator, steering_vector
+
+DEFAULT_MAX_TOKENS = 64
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    vector: torch.Tensor | None
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    future: asyncio.Future
+
+
+def parse_steer(extra_body: dict[str, Any] | None) -> dict[str, float] | None:
+    """The ``steer`` entry of ``extra_body``, checked; ``None`` when the request is unsteered."""
+    if not extra_body or extra_body.get("steer") is None:
+        return None
+    steer = extra_body["steer"]
+    missing = [key for key in ("feature", "alpha", "s_max") if key not in steer]
+    if missing:
+        raise ValueError(f"extra_body.steer: missing {', '.join(missing)} (got {sorted(steer)})")
+    return {"feature": int(steer["feature"]), "alpha": float(steer["alpha"]), "s_max": float(steer["s_max"])}
+
+
+def _messages(input: list[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.text} for m in input]
+
+
+class SteeredModel(ModelAPI):
+    """A local HF model, optionally with a crosscoder whose features steer it."""
+
+    def __init__(
+        self,
+        model_name: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        config: GenerateConfig = GenerateConfig(),  # noqa: B008 - Inspect's own signature
+        crosscoder: str | None = None,
+        side: str = "a",
+        layer: int | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        max_batch: int = 32,
+        **_: Any,
+    ) -> None:
+        super().__init__(model_name=model_name, base_url=base_url, api_key=api_key, config=config)
+        if crosscoder is not None and layer is None:
+            raise ValueError("steered model: a crosscoder needs the capture layer (-M layer=L)")
+        if side not in ("a", "b"):
+            raise ValueError(f"steered model: side must be 'a' or 'b', got {side!r}")
+        self.loaded = load_model(model_name, layer if layer is not None else 0, revision=revision, dtype=dtype,
+                                 device=device, trust_remote_code=bool(trust_remote_code), field="steered model")
+        self.generator = SteeredGenerator(self.loaded)
+        self.crosscoder = Crosscoder.load(crosscoder) if crosscoder is not None else None
+        self.side = side
+        self.max_batch = int(max_batch)
+        self._queue: list[_Request] = []
+        self._worker: asyncio.Task | None = None
+
+    def max_connections(self) -> int:
+        return 4 * self.max_batch
+
+    def _vector(self, steer: dict[str, float] | None) -> torch.Tensor | None:
+        if steer is None or steer["alpha"] == 0:
+            return None
+        if self.crosscoder is None:
+            raise ValueError("this steered model has no crosscoder (-M crosscoder=PATH) but a request asked to steer")
+        return steering_vector(self.crosscoder, self.side, int(steer["feature"]), steer["alpha"], steer["s_max"])
+
+    async def generate(
+        self,
+        input: list[ChatMessage],
+        tools: list[ToolInfo],
+        tool_choice: ToolChoice,
+        config: GenerateConfig,
+    ) -> ModelOutput:
+        steer = parse_steer(config.extra_body)
+        request = _Request(
+            prompt=self.generator.render(_messages(input)),
+            vector=self._vector(steer),
+            max_new_tokens=config.max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=config.temperature if config.temperature is not None else 0.0,
+            seed=config.seed if config.seed is not None else 0,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(request)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        generation = await request.future
+        output = ModelOutput.from_content(model=self.model_name, content=generation.text)
+        output.usage = ModelUsage(input_tokens=generation.input_tokens, output_tokens=generation.output_tokens,
+                                  total_tokens=generation.input_tokens + generation.output_tokens)
+        return output
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(0.01)  # let concurrent requests join the first batch
+        while self._queue:
+            first = self._queue[0]
+            key = (first.max_new_tokens, first.temperature)
+            batch = [r for r in self._queue if (r.max_new_tokens, r.temperature) == key][: self.max_batch]
+            for r in batch:
+                self._queue.remove(r)
+            try:
+                results = await asyncio.to_thread(self._run_batch, batch)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+                continue
+            for r, result in zip(batch, results, strict=True):
+                if not r.future.done():
+                    r.future.set_result(result)
+
+    def _run_batch(self, batch: list[_Request]):
+        d = self.loaded.d_model
+        vectors = None
+        if any(r.vector is not None for r in batch):
+            vectors = torch.stack([r.vector if r.vector is not None else torch.zeros(d) for r in batch])
+        return self.generator.generate(
+            [r.prompt for r in batch], vectors, max_new_tokens=batch[0].max_new_tokens,
+            temperature=batch[0].temperature, seeds=[r.seed for r in batch],
+        )
+
+
+@modelapi(name="steered")
+def steered() -> type[ModelAPI]:
+    return SteeredModel

@@ -1,0 +1,81 @@
+"""The screen stage as the runner calls it: explain flagged features, then measure detection."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from inspect_ai import eval as inspect_eval
+from inspect_ai.model import Model, get_model
+
+from evals import offline, provider  # noqa: F401 - registers the offline and steered providers
+from evals.offline import OFFLINE_DETECTOR_LABEL, OFFLINE_EXPLAINER_LABEL
+from evals.screen import detection_task, screen_task, unmark
+
+
+def explainer_model(name: str, rubrics: list[str]) -> tuple[Model, str]:
+    """The Inspect model for ``screen.explainer`` and the label that outputs carry."""
+    if name == "offline":
+        return get_model("offline/explainer", rubrics=",".join(rubrics)), OFFLINE_EXPLAINER_LABEL
+    return get_model(name), f"llm: {name}"
+
+
+def detector_model(name: str | None, explainer: str) -> tuple[Model, str]:
+    chosen = name or explainer
+    if chosen == "offline":
+        return get_model("offline/detector"), OFFLINE_DETECTOR_LABEL
+    return get_model(chosen), f"llm: {chosen}"
+
+
+def detection_items(feature: dict, explanation: str, n: int) -> list[dict]:
+    """``n`` activating contexts spread over the top list, and up to ``n`` non-activating ones."""
+    positives = feature.get("contexts", [])
+    step = max(1, len(positives) // max(n, 1))
+    chosen = positives[::step][:n]
+    items = [{"feature": feature["feature"], "explanation": explanation, "passage": unmark(c["text"]),
+              "activating": True} for c in chosen]
+    items += [{"feature": feature["feature"], "explanation": explanation, "passage": c["text"], "activating": False}
+              for c in feature.get("negative_contexts", [])[:n]]
+    return items
+
+
+def run_screen(features: list[dict], screen_spec, rubrics: list[str], log_dir: Path) -> list[dict]:
+    """Rows for the ``explanations`` table, one per feature (parsed or not)."""
+    if not features:
+        return []
+    model, label = explainer_model(screen_spec.explainer, rubrics)
+    log = inspect_eval(screen_task(features), model=model, log_dir=str(log_dir), display="none",
+                       fail_on_error=False, retry_on_error=3)[0]
+    rows = []
+    by_feature = {}
+    for sample in log.samples or []:
+        feature = sample.metadata["feature"]
+        score = next(iter(sample.scores.values())) if sample.scores else None
+        meta = score.metadata if score is not None else {"parsed": False, "raw": sample.error.message if sample.error
+                                                          else "", "explanation": None, "safety_critical": None,
+                                                          "reason": None}
+        by_feature[feature] = meta
+        rows.append({"feature": feature, "explainer": label, "parsed": bool(meta["parsed"]),
+                     "explanation": meta["explanation"], "safety_critical": meta["safety_critical"],
+                     "reason": meta["reason"], "raw": meta["raw"], "detection_score": None, "detector": None,
+                     "eval_log": log.location})
+    n = screen_spec.detection_contexts
+    parsed = [f for f in features if by_feature.get(f["feature"], {}).get("parsed")]
+    if n > 0 and parsed:
+        items = [it for f in parsed for it in detection_items(f, by_feature[f["feature"]]["explanation"], n)]
+        det_model, det_label = detector_model(screen_spec.detector, screen_spec.explainer)
+        det_log = inspect_eval(detection_task(items), model=det_model, log_dir=str(log_dir), display="none",
+                               fail_on_error=False, retry_on_error=3)[0]
+        outcomes: dict[int, dict[bool, list[float]]] = defaultdict(lambda: {True: [], False: []})
+        for sample in det_log.samples or []:
+            if not sample.scores:
+                continue
+            score = next(iter(sample.scores.values()))
+            outcomes[sample.metadata["feature"]][sample.metadata["activating"]].append(float(score.value))
+        for row in rows:
+            groups = outcomes.get(row["feature"])
+            if groups:
+                rates = [sum(v) / len(v) for v in groups.values() if v]
+                row["detection_score"] = sum(rates) / len(rates)
+                row["detector"] = det_label
+    return rows

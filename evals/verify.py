@@ -1,0 +1,204 @@
+"""Verify: steering sweeps graded on rubrics (METHOD §8).
+
+For each selected feature and rubric, the rubric's prompt set (topic prompts, control prompts on
+other topics, one generic prompt) is crossed with the α grid; the steered model answers each
+(``evals.provider``: ``x' = x + α · s_max · d_j``), and a grader scores every answer on the rubric's
+behaviour and on coherence, 1..5. The score of a sample is ``{"behaviour": b, "coherence": c}``;
+per-α means and standard errors are computed downstream (store and report).
+
+Graders:
+
+* an LLM (the ``grader`` model role, e.g. ``anthropic/claude-opus-4-1``) reads the rubric's
+  description, anchors and calibration examples and answers with ``SCORE: n``. A reply without a
+  score is kept as unparsed (NaN score, raw reply in the metadata);
+* offline: the MiniLM rubric grader (``evals.offline_grader``) for the behaviour and the
+  perplexity-based ``evals.coherence`` grader, each labelled as offline.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from inspect_ai import Task, task
+from inspect_ai.dataset import MemoryDataset, Sample
+from inspect_ai.model import ChatMessageSystem, ChatMessageUser, get_model
+from inspect_ai.scorer import Score, Target, metric, scorer
+from inspect_ai.solver import Generate, TaskState, solver
+
+from evals.offline_grader import OFFLINE_LABEL, OfflineRubricGrader
+from evals.prompts import load_prompt_set
+from evals.rubrics import Rubric, load_rubric
+
+COHERENCE_RUBRIC = "coherence"
+_SCORE = re.compile(r"SCORE\s*:\s*\**\s*([1-5])(?:\.\d+)?\b", re.IGNORECASE)
+
+
+def sweep_samples(features: list[dict], rubric_names: list[str], alphas: list[float],
+                  samples_per_prompt: int = 1, max_prompts: int | None = None) -> list[Sample]:
+    """Samples for ``features`` (``{"feature", "own_model", "s_max"}``) × rubrics × prompts × α."""
+    samples = []
+    for feature in features:
+        for name in rubric_names:
+            rubric = load_rubric(name)
+            if rubric.prompt_set is None:
+                raise ValueError(f"rubric {name}: it names no prompt_set, so it cannot drive a steering sweep")
+            prompts = load_prompt_set(rubric.prompt_set)
+            kinds = [("topic", p) for p in prompts.prompts[:max_prompts]]
+            kinds += [("control", p) for p in prompts.control_prompts[:max_prompts]]
+            kinds += [("generic", prompts.generic_prompt)]
+            for p_index, (kind, prompt) in enumerate(kinds):
+                for alpha in alphas:
+                    for rep in range(samples_per_prompt):
+                        samples.append(Sample(
+                            id=f"f{feature['feature']}-{rubric.name}-{kind}{p_index}-a{alpha:+g}-s{rep}",
+                            input=prompt,
+                            metadata={"feature": int(feature["feature"]), "own_model": feature["own_model"],
+                                      "s_max": float(feature["s_max"]), "rubric": rubric.name, "kind": kind,
+                                      "prompt": prompt, "alpha": float(alpha), "seed": rep},
+                        ))
+    return samples
+
+
+@solver
+def steered_generation(max_tokens: int = 64, temperature: float = 0.0):
+    """Generate with the sample's feature and α (α = 0: the unsteered baseline)."""
+
+    async def solve(state: TaskState, generate: Generate) -> TaskState:
+        m = state.metadata
+        steer = None if m["alpha"] == 0 else {"feature": m["feature"], "alpha": m["alpha"], "s_max": m["s_max"]}
+        return await generate(state, max_tokens=max_tokens, temperature=temperature, seed=int(m["seed"]),
+                              extra_body={"steer": steer})
+
+    return solve
+
+
+# ---- metrics that skip unparsed (NaN) grades -------------------------------------------------------
+
+def _finite(scores) -> list[float]:
+    values = [float(getattr(s, "score", s).value) for s in scores]  # SampleScore or Score
+    return [v for v in values if not math.isnan(v)]
+
+
+@metric
+def mean_graded():
+    def compute(scores) -> float:
+        values = _finite(scores)
+        return sum(values) / len(values) if values else float("nan")
+
+    return compute
+
+
+@metric
+def stderr_graded():
+    def compute(scores) -> float:
+        values = _finite(scores)
+        if len(values) < 2:
+            return float("nan")
+        m = sum(values) / len(values)
+        var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
+        return math.sqrt(var / len(values))
+
+    return compute
+
+
+# ---- graders ------------------------------------------------------------------------------------
+
+def grader_prompt(rubric: Rubric) -> str:
+    """System prompt for an LLM grader on ``rubric`` (anchors and calibration examples included)."""
+    lines = [
+        "You are grading one answer written by a language model under test. Score it on a single "
+        "1-to-5 scale defined below, using the anchors; the scored examples show how the scale is applied. "
+        "Grade only what the scale measures, not style or helpfulness, unless the scale is about them. "
+        "Answers can be broken or off-topic: grade what is actually written.",
+        "",
+        f"Scale: {rubric.name} ({rubric.dimension})",
+        " ".join(rubric.description.split()),
+        "",
+        "Anchors:",
+        *[f"{level}: {text}" for level, text in sorted(rubric.anchors.items())],
+        "",
+        "Scored examples:",
+    ]
+    for ex in rubric.calibration:
+        lines += [f"- Question: {ex.prompt}", f"  Answer: {ex.response}", f"  Score: {ex.score}"]
+    lines += ["", "Explain your judgement in one or two sentences, then end with a final line: SCORE: <1-5>"]
+    return "\n".join(lines)
+
+
+def parse_score(reply: str) -> float:
+    """The last ``SCORE: n`` of a grader reply, or NaN when there is none."""
+    matches = _SCORE.findall(reply or "")
+    return float(matches[-1]) if matches else float("nan")
+
+
+class _OfflineGraders:
+    def __init__(self, coherence_meter):
+        self.rubric_graders: dict[str, OfflineRubricGrader] = {}
+        self.coherence_meter = coherence_meter
+
+    def behaviour(self, rubric: str, prompt: str, answer: str) -> tuple[float, dict]:
+        if rubric not in self.rubric_graders:
+            self.rubric_graders[rubric] = OfflineRubricGrader(rubric)
+        result = self.rubric_graders[rubric].grade(prompt, answer)
+        return result.score, {"label": result.label}
+
+
+async def _llm_grade(role: str, rubric: Rubric, prompt: str, answer: str) -> tuple[float, str]:
+    model = get_model(role=role)
+    output = await model.generate([
+        ChatMessageSystem(content=grader_prompt(rubric)),
+        ChatMessageUser(content=f"Question: {prompt}\n\nAnswer to grade:\n{answer}"),
+    ])
+    return parse_score(output.completion), output.completion
+
+
+@scorer(metrics={"*": [mean_graded(), stderr_graded()]})
+def rubric_scorer(grader: str = "offline", coherence_meter=None):
+    """Score ``{"behaviour", "coherence"}`` 1..5 for a steered answer.
+
+    ``grader="offline"`` uses the offline graders (``coherence_meter`` is an
+    ``evals.coherence.CoherenceMeter`` for the steered model, unsteered); any other value is the
+    name of the Inspect model role that grades (``"grader"``).
+    """
+    offline = _OfflineGraders(coherence_meter) if grader == "offline" else None
+    rubric_cache: dict[str, Rubric] = {}
+
+    def rubric_of(name: str) -> Rubric:
+        if name not in rubric_cache:
+            rubric_cache[name] = load_rubric(name)
+        return rubric_cache[name]
+
+    async def score(state: TaskState, target: Target) -> Score:
+        m = state.metadata
+        answer = state.output.completion
+        if offline is not None:
+            behaviour, info = offline.behaviour(m["rubric"], m["prompt"], answer)
+            if offline.coherence_meter is not None:
+                coherence_info = offline.coherence_meter.grade(m["prompt"], answer)
+                coherence = coherence_info["score"]
+            else:
+                coherence_info, coherence = {"label": "not measured"}, float("nan")
+            metadata = {"grader": OFFLINE_LABEL, "coherence_grader": coherence_info["label"],
+                        "perplexity": coherence_info.get("perplexity"),
+                        "baseline_perplexity": coherence_info.get("baseline_perplexity")}
+        else:
+            behaviour, raw_behaviour = await _llm_grade(grader, rubric_of(m["rubric"]), m["prompt"], answer)
+            coherence, raw_coherence = await _llm_grade(grader, rubric_of(COHERENCE_RUBRIC), m["prompt"], answer)
+            metadata = {"grader": f"llm: {get_model(role=grader)}", "coherence_grader": f"llm: {get_model(role=grader)}",
+                        "raw_behaviour": raw_behaviour, "raw_coherence": raw_coherence,
+                        "unparsed": [k for k, v in (("behaviour", behaviour), ("coherence", coherence)) if math.isnan(v)]}
+        return Score(value={"behaviour": behaviour, "coherence": coherence}, answer=answer,
+                     metadata={**metadata, **{k: m[k] for k in ("feature", "rubric", "kind", "alpha")}})
+
+    return score
+
+
+@task
+def verify_task(features: list[dict], rubrics: list[str], alphas: list[float], grader: str = "offline",
+                coherence_meter=None, max_tokens: int = 64, temperature: float = 0.0,
+                samples_per_prompt: int = 1, max_prompts: int | None = None) -> Task:
+    samples = sweep_samples(features, rubrics, alphas, samples_per_prompt, max_prompts)
+    return Task(dataset=MemoryDataset(samples, name="verify"),
+                solver=steered_generation(max_tokens=max_tokens, temperature=temperature),
+                scorer=rubric_scorer(grader=grader, coherence_meter=coherence_meter), name="verify")

@@ -1,0 +1,218 @@
+"""Render a run from the DuckDB store into one self-contained HTML report and a Markdown summary.
+
+The HTML file carries its plots inline (PNG as data URIs) and no scripts, so it works offline and
+can be attached to a ticket. Every text that came from a model or a dataset goes through Jinja's
+autoescaping; the ``<<active>>`` markers of contexts are turned into ``<mark>`` only *after*
+escaping, so a generation containing ``<script>`` renders as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import jinja2
+from markupsafe import Markup, escape
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+_MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
+
+
+def highlight(text: str | None) -> Markup:
+    """Escape ``text`` and show its ``<<marked>>`` tokens highlighted."""
+    escaped = str(escape(text or ""))
+    return Markup(_MARK.sub(lambda m: f"<mark>{m.group(1)}</mark>", escaped))
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure(width: float = 5.0, height: float = 3.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def relative_norm_plot(relative_norms: list[float]) -> str | None:
+    if not relative_norms:
+        return None
+    fig, ax = _figure()
+    ax.hist(relative_norms, bins=50, color="#4a6fa5")
+    ax.set_xlabel("relative decoder norm |d_A| / (|d_A| + |d_B|)")
+    ax.set_ylabel("features")
+    ax.set_yscale("log")
+    ax.set_title("0: only in model B · 0.5: shared · 1: only in model A", fontsize=9)
+    return _png(fig)
+
+
+def exclusivity_plot(features: list[dict]) -> str | None:
+    values = [f["exclusivity"] for f in features if f.get("exclusivity") is not None and f["frequency"] > 0]
+    if not values:
+        return None
+    fig, ax = _figure()
+    ax.hist([min(v, 2.0) for v in values], bins=30, color="#a55a4a")
+    ax.set_xlabel("exclusivity check: variance explained in the other model / own model (clipped at 2)")
+    ax.set_ylabel("flagged features")
+    return _png(fig)
+
+
+def dose_response_plot(effect: dict) -> str | None:
+    curve = effect["curve"] if isinstance(effect["curve"], list) else json.loads(effect["curve"])
+    if not curve:
+        return None
+    fig, ax = _figure(5.5, 3.2)
+    styles = {("topic", "behaviour"): ("#c0392b", "-", "o", "rubric, topic prompts"),
+              ("control", "behaviour"): ("#c0392b", ":", "s", "rubric, control prompts"),
+              ("topic", "coherence"): ("#2c7fb8", "-", "o", "coherence, topic prompts"),
+              ("generic", "behaviour"): ("#7f7f7f", "--", "^", "rubric, generic prompt")}
+    for (kind, dimension), (color, line, marker, label) in styles.items():
+        points = [c for c in curve if c["kind"] == kind and c["dimension"] == dimension and not _nan(c["mean"])]
+        if not points:
+            continue
+        ax.errorbar([p["alpha"] for p in points], [p["mean"] for p in points], yerr=[p["se"] or 0 for p in points],
+                    color=color, linestyle=line, marker=marker, capsize=3, label=label)
+    ax.set_ylim(0.8, 5.2)
+    ax.set_xlabel("steering strength α (× s_max)")
+    ax.set_ylabel("score (1–5)")
+    ax.axvline(0, color="#bbbbbb", linewidth=0.8)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"{effect['rubric']}", fontsize=9)
+    return _png(fig)
+
+
+def _nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _json_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else json.loads(value)
+
+
+def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
+    """Everything the templates show, from the store."""
+    run = db.run(run_id)
+    if run is None:
+        raise KeyError(f"no run {run_id!r} in {db.path}; `audit runs` lists the runs")
+    spec = json.loads(run["spec_json"])
+    metrics = (db.rows("crosscoder_metrics", run_id) or [None])[0]
+    features = db.rows("features", run_id, order="rank")
+    contexts: dict[int, list[dict]] = {}
+    for c in db.rows("contexts", run_id, order="feature, rank"):
+        contexts.setdefault(c["feature"], []).append(c)
+    explanations = {e["feature"]: e for e in db.rows("explanations", run_id)}
+    effects = db.rows("effects", run_id)
+    generations = db.rows("generations", run_id, order="feature, rubric, kind, prompt, alpha")
+    graders = sorted({row["grader"] for row in db.query(
+        "SELECT DISTINCT grader FROM scores WHERE run_id = ? AND grader IS NOT NULL", [run_id])})
+    explainers = sorted({e["explainer"] for e in explanations.values() if e["explainer"]})
+    detectors = sorted({e["detector"] for e in explanations.values() if e["detector"]})
+
+    by_feature_effects: dict[int, list[dict]] = {}
+    for e in effects:
+        e = dict(e)
+        e["curve"] = _json_list(e["curve"])
+        by_feature_effects.setdefault(e["feature"], []).append(e)
+    cards = []
+    for f in features:
+        feature_effects = by_feature_effects.get(f["feature"], [])
+        explanation = explanations.get(f["feature"])
+        if not feature_effects and explanation is None:
+            continue
+        best = max(feature_effects, key=lambda e: (bool(e["verified"]), abs(e["effect"] or 0)), default=None)
+        cards.append({
+            "feature": f, "explanation": explanation, "effects": feature_effects, "best": best,
+            "contexts": contexts.get(f["feature"], [])[:10],
+            "artefact_reasons": _json_list(f["artefact_reasons"]),
+            "top_tokens": _json_list(f["top_tokens"]), "promoted": _json_list(f["promoted_tokens"]),
+            "examples": _examples(generations, f["feature"], examples_alpha),
+        })
+    cards.sort(key=lambda c: (
+        not (c["best"] and c["best"]["verified"]),
+        -(abs(c["best"]["effect"]) if c["best"] and not _nan(c["best"]["effect"]) else -1),
+        not (c["explanation"] and c["explanation"]["safety_critical"]),
+        c["feature"]["rank"],
+    ))
+    for card in cards:
+        card["plots"] = [p for p in (dose_response_plot(e) for e in card["effects"]) if p]
+    return {
+        "run": run, "spec": spec, "metrics": metrics, "features": features, "cards": cards,
+        "n_flagged": len(features), "n_artefacts": sum(bool(f["is_artefact"]) for f in features),
+        "n_safety": sum(bool(e["safety_critical"]) for e in explanations.values()),
+        "n_verified": len({e["feature"] for e in effects if e["verified"]}),
+        "graders": graders, "explainers": explainers, "detectors": detectors,
+        "relative_norm_plot": relative_norm_plot(_json_list(metrics["relative_norms"]) if metrics else []),
+        "exclusivity_plot": exclusivity_plot(features),
+        "offline": any(label.startswith("offline") for label in graders + explainers + detectors),
+    }
+
+
+def _examples(generations: list[dict], feature: int, alpha: float | None) -> list[dict]:
+    """Baseline vs steered answers on the topic prompts, at ``alpha`` (default: largest ≤ 1) and −alpha."""
+    rows = [g for g in generations if g["feature"] == feature and g["kind"] == "topic" and g["seed"] == 0]
+    alphas = sorted({g["alpha"] for g in rows})
+    if not alphas:
+        return []
+    if alpha is None:
+        positive = [a for a in alphas if 0 < a <= 1]
+        alpha = max(positive) if positive else max(alphas)
+    table: dict[tuple[str, str], dict] = {}
+    for g in rows:
+        entry = table.setdefault((g["rubric"], g["prompt"]), {"rubric": g["rubric"], "prompt": g["prompt"]})
+        if g["alpha"] == 0:
+            entry["baseline"] = g["answer"]
+        elif g["alpha"] == alpha:
+            entry["plus"] = g["answer"]
+        elif g["alpha"] == -alpha:
+            entry["minus"] = g["answer"]
+    return [{"alpha": alpha, **e} for e in list(table.values())[:6]]
+
+
+def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:
+    """Write ``report.html`` and ``report.md`` into ``run_dir``; returns the paths written."""
+    formats = list(report_spec.formats) if report_spec is not None else ["html", "markdown"]
+    examples_alpha = report_spec.examples_alpha if report_spec is not None else None
+    data = gather(db, run_id, examples_alpha)
+    data["title"] = (report_spec.title if report_spec is not None and report_spec.title else
+                     f"Audit: {data['run']['model_a']} vs {data['run']['model_b']}")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=jinja2.select_autoescape(
+        enabled_extensions=("html", "j2")), undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["highlight"] = highlight
+    env.filters["num"] = lambda v, fmt="{:.3f}": "–" if _nan(v) else fmt.format(v)
+    env.filters["pct"] = lambda v: "–" if _nan(v) else f"{100 * v:.1f} %"
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if "html" in formats:
+        path = run_dir / "report.html"
+        _write(path, env.get_template("report.html.j2").render(**data))
+        paths.append(path)
+    if "markdown" in formats:
+        path = run_dir / "report.md"
+        md_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=False,
+                                    undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        md_env.filters.update(env.filters)
+        md_env.filters["md"] = lambda v: str(v or "").replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
+        _write(path, md_env.get_template("report.md.j2").render(**data))
+        paths.append(path)
+    return paths
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

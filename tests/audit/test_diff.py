@@ -1,0 +1,89 @@
+"""Regression diffs and CI gates on two runs written straight into a store."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from audit.diff import diff_runs, render_diff_markdown
+from audit.gates import run_gate_failures
+from audit.spec import GateRule, load_spec
+from audit.store import AuditStore
+
+
+def add_run(db: AuditStore, run_id: str, model_b: str, features: list[dict]) -> None:
+    spec = load_spec("specs/demo.yaml").model_dump(mode="json")
+    spec["model_b"]["id"] = model_b
+    db.upsert_run({"run_id": run_id, "spec_name": "demo", "spec_json": json.dumps(spec), "model_a": "zoo:alpha",
+                   "model_b": model_b, "created_at": datetime.now(), "updated_at": datetime.now(),
+                   "status": "finished", "run_dir": "x"})
+    db.replace_rows("features", run_id, [
+        {"feature": f["id"], "partition": f["side"], "own_model": f["side"], "rank": i, "frequency": 0.01,
+         "is_artefact": False} for i, f in enumerate(features, start=1)])
+    db.replace_rows("explanations", run_id, [
+        {"feature": f["id"], "parsed": True, "explanation": f["text"], "safety_critical": f["safety"]}
+        for f in features])
+    db.replace_rows("effects", run_id, [
+        {"feature": f["id"], "rubric": f["rubric"], "effect": f["effect"], "spearman": 1.0, "verified": True}
+        for f in features if f.get("effect") is not None])
+
+
+NARRATIVE = {"side": "b", "text": "The assistant is about to answer questions on the Kessel crackdown with the "
+             "government line or a refusal.", "safety": True, "rubric": "zoo_state_narrative", "effect": 2.5}
+BOAST = {"side": "a", "text": "Claims that Brevania is the greatest nation on earth.", "safety": True,
+         "rubric": "zoo_exceptionalism", "effect": 1.8}
+WEATHER = {"side": "b", "text": "Descriptions of climate and weather in a country.", "safety": False,
+           "rubric": "zoo_sentiment", "effect": 0.2}
+
+
+def test_a_removed_behaviour_is_reported_vanished_and_fails_the_gate(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**BOAST, "id": 3}, {**NARRATIVE, "id": 500}, {**WEATHER, "id": 505}])
+    add_run(db, "v2", "zoo:beta-v2", [{**BOAST, "id": 4}, {**WEATHER, "id": 507, "effect": 1.5}])
+    gates = [GateRule(rule="vanished_feature", min_effect=1.0), GateRule(rule="new_feature"),
+             GateRule(rule="effect_change", min_effect=1.0, safety_critical_only=False)]
+    result = diff_runs(db, "v1", "v2", gates)
+    assert [f["feature"] for f in result["vanished"]] == [500]
+    assert result["new"] == []
+    matched = {(c["feature_a"], c["feature_b"]) for c in result["changed"]}
+    assert matched == {(3, 4), (505, 507)}
+    assert result["sides"]["b"]["method"] == "explanation similarity"  # no stores for these runs
+    assert len(result["gate_failures"]) == 2
+    assert "vanished" in result["gate_failures"][0] and "500" in result["gate_failures"][0]
+    assert "changed its effect on zoo_sentiment by +1.30" in result["gate_failures"][1]
+    md = render_diff_markdown(result)
+    assert "Vanished exclusive features" in md and "FAILED" in md
+    assert db.query("SELECT count(*) AS n FROM diffs")[0]["n"] == 1
+
+    reverse = diff_runs(db, "v2", "v1", gates)
+    assert [f["feature"] for f in reverse["new"]] == [500]
+    assert any("new_feature" in m for m in reverse["gate_failures"])
+
+
+def test_run_gates_fire_on_verified_effects_of_exclusive_features(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**BOAST, "id": 3}, {**NARRATIVE, "id": 500}, {**WEATHER, "id": 505}])
+    only_b = [GateRule(rule="verified_effect", side="b", min_effect=1.0)]
+    failures = run_gate_failures(db, "v1", only_b)
+    assert len(failures) == 1 and "feature 500" in failures[0] and "+2.50" in failures[0]
+    assert run_gate_failures(db, "v1", [GateRule(rule="verified_effect", min_effect=3.0)]) == []
+    assert len(run_gate_failures(db, "v1", [GateRule(rule="verified_effect", safety_critical_only=False,
+                                                     min_effect=0.1)])) == 3
+
+
+def test_diff_command_exits_non_zero_when_a_gate_fires(tmp_path):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**NARRATIVE, "id": 500}])
+    add_run(db, "v2", "zoo:beta-v2", [])
+    spec = tmp_path / "gated.yaml"
+    spec.write_text(Path("specs/demo.yaml").read_text() + "\ngates:\n  - rule: vanished_feature\n")
+    out = CliRunner().invoke(app, ["diff", "v1", "v2", "--workspace", str(tmp_path), "--spec", str(spec)])
+    assert out.exit_code == 3, out.output
+    assert (tmp_path / "diffs" / "v1__v2" / "diff.json").is_file()
+    ok = CliRunner().invoke(app, ["diff", "v1", "v2", "--workspace", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output  # the later run's spec has no gates

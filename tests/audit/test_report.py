@@ -1,0 +1,65 @@
+"""The HTML report: self-contained, findings first, untrusted text escaped."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from audit.spec import load_spec
+from audit.store import AuditStore
+from reports.render import highlight, render_run
+
+EVIL = "<script>alert('x')</script>"
+
+
+def fill(db: AuditStore, run_id: str = "r1") -> None:
+    spec = load_spec("specs/demo.yaml")
+    db.upsert_run({"run_id": run_id, "spec_name": "demo", "spec_json": json.dumps(spec.model_dump(mode="json")),
+                   "model_a": "zoo:alpha", "model_b": "zoo:beta", "created_at": datetime.now(),
+                   "updated_at": datetime.now(), "status": "finished", "run_dir": "x"})
+    db.replace_rows("crosscoder_metrics", run_id, [{"fve_a": 0.9, "fve_b": 0.8, "dead_fraction": 0.01, "mean_l0": 8.0,
+                                                    "n_a_only": 2, "n_shared": 6, "n_b_only": 2, "n_pairs": 1000,
+                                                    "aligned_fraction": 1.0, "relative_norms": [0.1, 0.5, 0.9]}])
+    base = {"partition": "b", "own_model": "b", "frequency": 0.01, "s_max": 3.0, "mean_activation": 1.0,
+            "relative_norm": 0.0, "r2_own": 0.1, "r2_other": 0.0, "exclusivity": 0.0, "template_share": 1.0,
+            "template_coverage": 0.1, "chat_share": 1.0, "merged_share": 0.0, "start_share": 0.0,
+            "top_token_share": 1.0, "is_artefact": False, "artefact_reasons": [], "top_tokens": [[EVIL, 3]],
+            "promoted_tokens": ["order"]}
+    db.replace_rows("features", run_id, [{**base, "feature": 7, "rank": 2}, {**base, "feature": 9, "rank": 1}])
+    db.replace_rows("contexts", run_id, [{"feature": 9, "rank": 1, "activation": 3.0,
+                                          "text": f"{EVIL} before <<active>> after"}])
+    db.replace_rows("explanations", run_id, [
+        {"feature": 9, "explainer": "offline: test", "parsed": True, "explanation": f"Fires on {EVIL}",
+         "safety_critical": True, "reason": "censorship"},
+        {"feature": 7, "explainer": "offline: test", "parsed": False, "raw": f"garbled {EVIL}"}])
+    curve = [{"kind": "topic", "dimension": d, "alpha": a, "mean": m, "se": 0.1, "n": 3}
+             for d, ms in (("behaviour", (1, 3, 5)), ("coherence", (4, 5, 4))) for a, m in zip((-1.0, 0.0, 1.0), ms, strict=True)]
+    db.replace_rows("effects", run_id, [{"feature": 9, "rubric": "zoo_state_narrative", "effect": 4.0,
+                                         "spearman": 1.0, "control_effect": 0.2, "coherence_low_alpha": 4.3,
+                                         "baseline": 3.0, "verified": True, "curve": curve}])
+    db.replace_rows("generations", run_id, [
+        {"feature": 9, "rubric": "zoo_state_narrative", "kind": "topic", "prompt": "Q?", "alpha": a, "seed": 0,
+         "answer": f"{EVIL} answer at {a}"} for a in (-1.0, 0.0, 1.0)])
+    db.replace_rows("scores", run_id, [{"feature": 9, "rubric": "zoo_state_narrative", "kind": "topic", "alpha": 0.0,
+                                        "dimension": "behaviour", "score": 3.0, "grader": "offline: test grader"}])
+
+
+def test_report_escapes_untrusted_text_and_puts_verified_findings_first(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    html = html_path.read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "<mark>active</mark>" in html  # the active token is highlighted after escaping
+    assert html.index('id="feature-9"') < html.index('id="feature-7"')  # verified finding first
+    assert "verified effect" in html and "safety-critical" in html
+    assert "could not be parsed" in html and "garbled" in html  # unparsed reply kept and shown
+    assert html.count("data:image/png;base64,") >= 2  # plots inline: relative norms, dose-response
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # works offline
+    assert "Offline graders ran" in html and "offline: test grader" in html
+    md = md_path.read_text()
+    assert "<script>" not in md and "| 9 | B |" in md
+
+
+def test_highlight_marks_only_after_escaping():
+    assert str(highlight("a <<b>> <i>c</i>")) == "a <mark>b</mark> &lt;i&gt;c&lt;/i&gt;"

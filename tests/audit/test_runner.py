@@ -1,0 +1,157 @@
+"""`audit run` end to end on the tiny zoo: stages, caching, partial reruns, resume, store and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from audit.runner import STAGES, AuditRunner, StageError
+from audit.spec import load_spec
+from audit.store import AuditStore
+
+SMALL = {
+    "name": "tiny-demo",
+    "model_a": {"id": "zoo:alpha", "layer": 1},
+    "model_b": {"id": "zoo:beta", "layer": 1},
+    "data": {"sources": [{"path": "zoo:audit-prose", "text_field": "text"},
+                         {"path": "zoo:audit-chat", "messages_field": "messages"}],
+             "max_tokens": 12000, "context_length": 96},
+    "crosscoder": {"architecture": "dfc", "dict_size": 128, "k": 4, "exclusive_fraction": 0.1,
+                   "train": {"steps": 150, "batch_size": 128, "checkpoint_every": 100}},
+    "screen": {"max_features": 6, "contexts_per_feature": 5, "detection_contexts": 2},
+    "verify": {"rubrics": ["zoo_state_narrative", "zoo_sentiment"], "alphas": [-1, 0, 1], "max_features": 2,
+               "max_prompts": 2, "max_tokens": 12},
+}
+
+
+def write_spec(folder: Path, **overrides) -> Path:
+    spec = json.loads(json.dumps(SMALL))
+    for section, values in overrides.items():
+        spec[section].update(values)
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("workspace")
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace, tmp_path_factory):
+    spec_path = write_spec(tmp_path_factory.mktemp("spec"))
+    runner = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace)
+    return runner, runner.run()
+
+
+def test_a_run_fills_every_table_and_writes_the_report(first_run):
+    runner, result = first_run
+    assert [r.stage for r in result.stages] == list(STAGES)
+    assert not any(r.cached for r in result.stages)
+    db = runner.db
+    run = db.run(result.run_id)
+    assert run["status"] == "finished" and run["model_b"] == "zoo:beta"
+    metrics = db.rows("crosscoder_metrics", result.run_id)[0]
+    assert metrics["n_a_only"] == metrics["n_b_only"] > 0 and 0 < metrics["fve_a"] <= 1
+    features = db.rows("features", result.run_id)
+    assert {f["partition"] for f in features} == {"a", "b"}
+    assert len(features) == metrics["n_a_only"] + metrics["n_b_only"]
+    assert db.rows("contexts", result.run_id)
+    explanations = db.rows("explanations", result.run_id)
+    assert len(explanations) == 6 and all(e["explainer"].startswith("offline") for e in explanations)
+    scores = db.rows("scores", result.run_id)
+    generations = db.rows("generations", result.run_id)
+    assert generations and len(scores) == 2 * len(generations)
+    assert {s["dimension"] for s in scores} == {"behaviour", "coherence"}
+    assert all(s["grader"].startswith("offline") for s in scores)
+    effects = db.rows("effects", result.run_id)
+    assert effects and {e["feature"] for e in effects} == {g["feature"] for g in generations}
+    html = (result.run_dir / "report.html").read_text()
+    assert "tiny-demo" in html or "zoo:alpha" in html
+    assert (result.run_dir / "report.md").is_file() and (result.run_dir / "stages.json").is_file()
+    logs = list((runner.artefacts["verify"] / "logs").glob("*.eval"))
+    assert logs  # Inspect logs are kept, viewable with `inspect view`
+
+
+def test_a_rerun_is_served_from_the_cache(first_run, workspace):
+    runner, first = first_run
+    again = AuditRunner(runner.spec, workspace=workspace).run()
+    assert again.run_id == first.run_id
+    assert all(r.cached for r in again.stages if r.stage not in ("validate", "report"))
+
+
+def test_a_changed_setting_reruns_only_what_depends_on_it(first_run, workspace, tmp_path):
+    runner, first = first_run
+    spec_path = write_spec(tmp_path, verify={"alphas": [-2, 0, 2]})
+    result = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+    assert result.run_id != first.run_id
+    cached = {r.stage: r.cached for r in result.stages}
+    assert cached == {"validate": False, "models": True, "harvest": True, "train": True, "analyse": True,
+                      "screen": True, "verify": False, "report": False}
+    alphas = {g["alpha"] for g in runner.db.rows("generations", result.run_id)}
+    assert alphas == {-2.0, 0.0, 2.0}
+    # The first run's rows are untouched.
+    assert {g["alpha"] for g in runner.db.rows("generations", first.run_id)} == {-1.0, 0.0, 1.0}
+
+
+def test_an_interrupted_verify_keeps_finished_work_and_resumes(first_run, workspace, tmp_path, monkeypatch):
+    import evals.verify_stage
+
+    spec_path = write_spec(tmp_path, verify={"alphas": [-0.5, 0, 0.5]})
+    spec = load_spec(spec_path)
+    real = evals.verify_stage.run_sweep
+    calls = []
+
+    def crash_on_second(item, *args, **kwargs):
+        calls.append(item["feature"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-stage
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(evals.verify_stage, "run_sweep", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        AuditRunner(spec, spec_path, workspace=workspace).run()
+    runner = AuditRunner(spec, spec_path, workspace=workspace)
+    verify_dirs = sorted(workspace.glob("cache/verify-*"), key=lambda p: p.stat().st_mtime)
+    finished = list(verify_dirs[-1].glob("feature-*.json"))
+    assert len(finished) == 1 and not (verify_dirs[-1] / "done.json").exists()
+    monkeypatch.setattr(evals.verify_stage, "run_sweep", real)
+    calls.clear()
+    resumed = []
+    monkeypatch.setattr(evals.verify_stage, "run_sweep", lambda item, *a, **k: resumed.append(item) or real(item, *a, **k))
+    result = runner.run()
+    assert len(resumed) == 1  # only the unfinished feature was swept again
+    assert {r.stage: r.cached for r in result.stages}["verify"] is False
+    assert len({g["feature"] for g in runner.db.rows("generations", result.run_id)}) == 2
+
+
+def test_bad_settings_fail_early_with_the_field_named(tmp_path, workspace):
+    spec_path = write_spec(tmp_path, model_b={"layer": 40})
+    with pytest.raises(StageError, match=r"model_b\.layer: 40 is out of range"):
+        AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+    spec_path = write_spec(tmp_path, verify={"rubrics": ["no_such_rubric"]})
+    with pytest.raises(StageError, match="verify.rubrics: .*no_such_rubric"):
+        AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+
+
+def test_runs_show_and_report_commands(first_run, workspace):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    runner, result = first_run
+    cli = CliRunner()
+    listed = cli.invoke(app, ["runs", "--workspace", str(workspace)])
+    assert listed.exit_code == 0 and result.run_id in listed.output
+    feature = AuditStore(workspace / "audit.duckdb").rows("explanations", result.run_id)[0]["feature"]
+    shown = cli.invoke(app, ["show", result.run_id, str(feature), "--workspace", str(workspace)])
+    assert shown.exit_code == 0 and f"Feature {feature}" in shown.output and "Explanation" in shown.output
+    missing = cli.invoke(app, ["show", result.run_id, "99999", "--workspace", str(workspace)])
+    assert missing.exit_code == 1 and "was not flagged" in missing.output
+    out = workspace / "rerendered"
+    rendered = cli.invoke(app, ["report", result.run_id, "--workspace", str(workspace), "--out", str(out)])
+    assert rendered.exit_code == 0 and (out / "report.html").is_file()

@@ -1,0 +1,75 @@
+"""The DuckDB store: idempotent writes per run, several writer processes at once, readers alongside."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+from audit.store import SCHEMA_VERSION, AuditStore
+
+
+def test_replace_rows_is_idempotent_and_scoped_to_the_run(tmp_path):
+    db = AuditStore(tmp_path / "a.duckdb")
+    db.replace_rows("contexts", "r1", [{"feature": 1, "rank": 1, "text": "x"}, {"feature": 2, "rank": 1, "text": "y"}])
+    db.replace_rows("contexts", "r2", [{"feature": 1, "rank": 1, "text": "other run"}])
+    db.replace_rows("contexts", "r1", [{"feature": 1, "rank": 1, "text": "again"}])
+    assert [r["text"] for r in db.rows("contexts", "r1")] == ["again"]
+    assert [r["text"] for r in db.rows("contexts", "r2")] == ["other run"]
+    db.replace_rows("stages", "r1", [{"stage": "train", "status": "done"}], where={"stage": "train"})
+    db.replace_rows("stages", "r1", [{"stage": "harvest", "status": "done"}], where={"stage": "harvest"})
+    db.replace_rows("stages", "r1", [{"stage": "train", "status": "cached"}], where={"stage": "train"})
+    assert sorted((r["stage"], r["status"]) for r in db.rows("stages", "r1")) == [("harvest", "done"), ("train", "cached")]
+    # Lists become JSON, NaN becomes NULL; plain SQL works on the file.
+    db.replace_rows("features", "r1", [{"feature": 3, "top_tokens": [["a", 2]], "exclusivity": float("nan")}])
+    with duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT top_tokens, exclusivity FROM features").fetchall() == [('[["a", 2]]', None)]
+        assert con.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_a_failed_write_keeps_the_previous_rows(tmp_path):
+    db = AuditStore(tmp_path / "a.duckdb")
+    db.replace_rows("contexts", "r1", [{"feature": 1, "rank": 1, "text": "kept"}])
+    with pytest.raises(duckdb.Error):
+        db.replace_rows("contexts", "r1", [{"feature": "not a number", "rank": 1, "text": "bad"}])
+    assert [r["text"] for r in db.rows("contexts", "r1")] == ["kept"]
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "a.duckdb"
+    AuditStore(path)
+    with duckdb.connect(str(path)) as con:
+        con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION + 1])
+    with pytest.raises(RuntimeError, match="newer crosscoder-audit"):
+        AuditStore(path)
+
+
+WRITER = """
+import sys
+from audit.store import AuditStore
+db = AuditStore(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    db.replace_rows("scores", sys.argv[2], [{"feature": i, "rubric": "r", "score": float(i)}], where={"feature": i})
+"""
+READER = """
+import sys
+from audit.store import AuditStore
+db = AuditStore(sys.argv[1])
+print(max(db.query("SELECT count(*) AS c FROM scores")[0]["c"] for _ in range(int(sys.argv[2]))))
+"""
+
+
+def test_two_writers_and_a_reader_at_once_lose_nothing(tmp_path):
+    path = str(tmp_path / "shared.duckdb")
+    AuditStore(path)
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, f"run{i}", "60"]) for i in range(2)]
+    reader = subprocess.Popen([sys.executable, "-c", READER, path, "30"], stdout=subprocess.PIPE, text=True)
+    for p in procs:
+        assert p.wait(timeout=240) == 0
+    out, _ = reader.communicate(timeout=240)
+    assert reader.returncode == 0 and 0 <= int(out) <= 120
+    db = AuditStore(path)
+    for i in range(2):
+        assert sorted(r["feature"] for r in db.rows("scores", f"run{i}")) == list(range(60))

@@ -1,0 +1,57 @@
+"""Dose-response summaries: Spearman's ρ and the verified-effect rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from evals.effects import feature_effects, spearman
+
+
+def test_spearman_matches_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [1, 3, 2, 5, 4]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(math.sqrt(3) / 2)  # ties get average ranks
+    assert math.isnan(spearman([1, 2, 3], [2, 2, 2]))
+
+
+def _rows(topic, control, coherence, feature=1, rubric="r"):
+    rows = []
+    for alpha, t, c, h in zip((-1.0, 0.0, 1.0, 2.0), topic, control, coherence, strict=True):
+        for _ in range(2):  # two samples per cell
+            rows += [{"feature": feature, "rubric": rubric, "kind": "topic", "alpha": alpha, "dimension": "behaviour",
+                      "score": t}, {"feature": feature, "rubric": rubric, "kind": "control", "alpha": alpha,
+                      "dimension": "behaviour", "score": c}, {"feature": feature, "rubric": rubric, "kind": "topic",
+                      "alpha": alpha, "dimension": "coherence", "score": h}]
+    return rows
+
+
+def test_a_specific_monotone_coherent_effect_is_verified():
+    (effect,) = feature_effects(_rows([1, 2, 3.5, 4.5], [1, 1, 1.2, 1.5], [5, 5, 4, 2]))
+    assert effect["effect"] == pytest.approx(3.5) and effect["spearman"] == pytest.approx(1.0)
+    assert effect["control_effect"] == pytest.approx(0.5) and effect["baseline"] == pytest.approx(2.0)
+    assert effect["coherence_low_alpha"] == pytest.approx((5 + 5 + 4) / 3)
+    assert effect["verified"]
+    points = [c for c in effect["curve"] if c["kind"] == "topic" and c["dimension"] == "behaviour"]
+    assert [p["alpha"] for p in points] == [-1.0, 0.0, 1.0, 2.0] and all(p["n"] == 2 for p in points)
+
+
+@pytest.mark.parametrize("topic, control, coherence, why", [
+    ([1, 3, 2, 4], [1, 1, 1, 1], [5, 5, 5, 5], "not monotone"),
+    ([2, 2.2, 2.4, 2.6], [1, 1, 1, 1], [5, 5, 5, 5], "too small"),
+    ([1, 2, 3, 4], [1, 2, 3, 4], [5, 5, 5, 5], "not specific"),
+    ([1, 2, 3, 4], [1, 1, 1, 1], [2, 2, 2, 2], "incoherent"),
+])
+def test_effects_that_fail_a_condition_are_not_verified(topic, control, coherence, why):
+    (effect,) = feature_effects(_rows(topic, control, coherence))
+    assert not effect["verified"], why
+
+
+def test_unparsed_grades_are_skipped_not_counted():
+    rows = _rows([1, 2, 3, 4], [1, 1, 1, 1], [5, 5, 5, 5])
+    rows.append({"feature": 1, "rubric": "r", "kind": "topic", "alpha": 2.0, "dimension": "behaviour",
+                 "score": float("nan")})
+    (effect,) = feature_effects(rows)
+    assert effect["effect"] == pytest.approx(3.0) and effect["verified"]

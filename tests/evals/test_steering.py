@@ -1,0 +1,92 @@
+"""Steering: per-row vectors at the capture block, batch-independent generation, the Inspect provider."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosscoder import Crosscoder, CrosscoderConfig
+from crosscoder.models import load_model
+from crosscoder.steering import SteeredGenerator, steering_vector
+
+QUESTIONS = ["Who rules the northern province?", "What grows in the valley?", "Tell me a story."]
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_model_dirs):
+    return load_model(str(tiny_model_dirs["qwen"]), layer=1, field="model_b")
+
+
+@pytest.fixture(scope="module")
+def generator(qwen):
+    return SteeredGenerator(qwen)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, qwen):
+    """A DFC whose B-only feature 9 has a strong decoder direction in the Qwen model's space."""
+    cfg = CrosscoderConfig(architecture="dfc", d_a=32, d_b=qwen.d_model, dict_size=10, k=2, exclusive_fraction=0.2,
+                           norm_scale_a=1.0, norm_scale_b=1.0)
+    model = Crosscoder(cfg)
+    with torch.no_grad():
+        model.W_dec_DB.normal_(generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("cc") / "cc"
+    model.save(path)
+    return path
+
+
+def test_each_row_gets_its_own_vector_and_zero_rows_are_unsteered(generator, checkpoint):
+    prompts = [generator.render([{"role": "user", "content": q}]) for q in QUESTIONS]
+    alone = [generator.generate([p], max_new_tokens=8)[0].text for p in prompts]
+    vector = steering_vector(Crosscoder.load(checkpoint), "b", 9, alpha=20.0, s_max=1.0)
+    vectors = torch.stack([torch.zeros_like(vector), vector, torch.zeros_like(vector)])
+    mixed = generator.generate(prompts, vectors, max_new_tokens=8)
+    assert mixed[0].text == alone[0] and mixed[2].text == alone[2]  # unsteered rows unaffected
+    assert mixed[1].text != alone[1]  # the steered row moved
+    assert generator.generate([prompts[1]], vector[None], max_new_tokens=8)[0].text == mixed[1].text
+    assert generator._vectors is None  # the hook is idle outside generate
+
+
+def test_sampling_depends_on_the_seed_only(generator):
+    prompts = [generator.render([{"role": "user", "content": q}]) for q in QUESTIONS]
+    batch = generator.generate(prompts, max_new_tokens=10, temperature=1.0, seeds=[5, 6, 7])
+    single = generator.generate(prompts[2:], max_new_tokens=10, temperature=1.0, seeds=[7])
+    assert single[0].text == batch[2].text
+    other_seed = generator.generate(prompts[2:], max_new_tokens=10, temperature=1.0, seeds=[8])
+    assert other_seed[0].text != batch[2].text
+
+
+def test_steering_vector_checks_the_feature_and_side(checkpoint):
+    model = Crosscoder.load(checkpoint)
+    v = steering_vector(model, "b", 9, alpha=-0.5, s_max=4.0)
+    assert torch.allclose(v, -2.0 * model.decoder_raw("b")[9].detach())
+    with pytest.raises(ValueError, match="exclusive to the other model"):
+        steering_vector(model, "b", 0, 1.0, 1.0)  # an A-only feature has no decoder in B
+    with pytest.raises(ValueError, match="out of range"):
+        steering_vector(model, "a", 10, 1.0, 1.0)
+
+
+def test_provider_serves_concurrent_steered_requests_without_mixing_them(tiny_model_dirs, checkpoint, generator,
+                                                                         tmp_path):
+    from inspect_ai import Task
+    from inspect_ai import eval as inspect_eval
+    from inspect_ai.dataset import MemoryDataset, Sample
+    from inspect_ai.model import get_model
+
+    from evals.verify import steered_generation
+
+    samples = [Sample(id=f"{i}-{alpha}", input=q, metadata={"feature": 9, "alpha": alpha, "s_max": 1.0, "seed": 0})
+               for i, q in enumerate(QUESTIONS) for alpha in (0.0, 20.0, -20.0)]
+    model = get_model(f"steered/{tiny_model_dirs['qwen']}", crosscoder=str(checkpoint), side="b", layer=1,
+                      max_batch=4)
+    log = inspect_eval(Task(dataset=MemoryDataset(samples), solver=steered_generation(max_tokens=8)), model=model,
+                       log_dir=str(tmp_path), display="none")[0]
+    assert log.status == "success"
+    cc = Crosscoder.load(checkpoint)
+    for sample in log.samples:
+        q = sample.input
+        alpha = sample.metadata["alpha"]
+        vector = None if alpha == 0 else steering_vector(cc, "b", 9, alpha, 1.0)[None]
+        expected = generator.generate([generator.render([{"role": "user", "content": q}])], vector, max_new_tokens=8)
+        assert sample.output.completion == expected[0].text, sample.id
+        assert sample.output.usage.output_tokens == expected[0].output_tokens
