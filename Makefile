@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/audit bench toy --out runs/bench-toy
+	$(BIN)/audit run specs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .

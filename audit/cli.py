@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .spec import SpecError, load_spec
@@ -30,7 +31,7 @@ def validate(spec: list[Path] = typer.Argument(..., help="spec files to check"))
             loaded = load_spec(path)
         except SpecError as exc:
             failed = True
-            errors.print(f"[red]invalid[/red] {exc}", markup=True, highlight=False)
+            errors.print("[red]invalid[/red] " + escape(str(exc)), markup=True, highlight=False)
             continue
         console.print(
             f"[green]ok[/green] {path}: {loaded.name} — {loaded.model_a.id} L{loaded.model_a.layer} vs "
@@ -62,8 +63,8 @@ def harvest(
     try:
         store = run_harvest(settings, folder, progress=True)
     except (ModelLoadError, DataSourceError, StoreError) as exc:
-        errors.print(f"[red]harvest failed[/red]: {exc}", highlight=False)
-        errors.print(f"finished shards in {folder} are kept; fix the problem and rerun to resume", highlight=False)
+        errors.print("[red]harvest failed[/red]: " + escape(str(exc)), highlight=False)
+        errors.print(f"finished shards in {folder} are kept; fix the problem and rerun to resume", highlight=False, markup=False)
         raise typer.Exit(code=1) from None
     alignment = store.meta["alignment"]
     console.print(
@@ -86,17 +87,20 @@ def run(
     device: str | None = typer.Option(None, help="cuda, cpu, ... (default: CUDA when present)"),
 ) -> None:
     """Run an audit end to end: validate → models → harvest → train → analyse → screen → verify → report."""
+    from transformers.utils import logging as hf_logging
+
     from .runner import STAGES, AuditRunner, StageError
 
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening; theirs interleave
     loaded = _load_or_exit(spec)
     runner = AuditRunner(loaded, spec, workspace=workspace, db_path=db, device=device, console=console)
     console.print(f"run [bold]{runner.run_id}[/bold] → {runner.run_dir}", highlight=False)
     try:
         result = runner.run(only=only, start=start, force=force)
     except StageError as exc:
-        errors.print(f"[red]stage failed[/red] {exc}", highlight=False)
+        errors.print("[red]stage failed[/red] " + escape(str(exc)), highlight=False)
         errors.print(f"finished stages are kept in {runner.cache}; fix the problem and rerun the same command "
-                     f"(stages: {', '.join(STAGES)})", highlight=False)
+                     f"(stages: {', '.join(STAGES)})", highlight=False, markup=False)
         raise typer.Exit(code=1) from None
     view = Table(title=f"run {result.run_id}")
     for column in ("stage", "status", "seconds", "artefact"):
@@ -119,20 +123,34 @@ def _resolve_run(store, ref: str) -> str:
         run_id = run_id_for(_load_or_exit(Path(ref)))
         if store.run(run_id) is not None:
             return run_id
-        errors.print(f"{ref}: its run {run_id} is not in {store.path}; run `audit run {ref}` first", highlight=False)
+        errors.print(f"{ref}: its run {run_id} is not in {store.path}; run `audit run {ref}` first", highlight=False, markup=False)
         raise typer.Exit(code=1)
     latest = store.query("SELECT run_id FROM runs WHERE spec_name = ? ORDER BY updated_at DESC LIMIT 1", [ref])
     if latest:
         return latest[0]["run_id"]
     errors.print(f"no run {ref!r} in {store.path} (not a run id, spec file or spec name); `audit runs` lists them",
-                 highlight=False)
+                 highlight=False, markup=False)
     raise typer.Exit(code=1)
+
+
+def _stored_spec(spec_json: str, run_id: str):
+    """The spec a run was made with, or None (with a warning) when this version cannot read it."""
+    from pydantic import ValidationError
+
+    from .spec import AuditSpec
+
+    try:
+        return AuditSpec.model_validate_json(spec_json)
+    except ValidationError as exc:
+        errors.print(f"warning: run {run_id}'s stored spec does not validate with this version "
+                     f"({exc.error_count()} problems); using defaults for its report and gates", markup=False)
+        return None
 
 
 def _exit_on_gates(failures: list[str]) -> None:
     if failures:
         for message in failures:
-            errors.print(f"[red]gate failed[/red] {message}", highlight=False)
+            errors.print("[red]gate failed[/red] " + escape(message), highlight=False)
         raise typer.Exit(code=3)
 
 
@@ -169,16 +187,15 @@ def report(
     """Re-render a run's report from the store."""
     from reports.render import render_run
 
-    from .spec import AuditSpec
     from .store import AuditStore
 
     store = AuditStore(db or workspace / "audit.duckdb")
     found = store.run(run_id)
     if found is None:
-        errors.print(f"no run {run_id!r} in {store.path}; `audit runs` lists them", highlight=False)
+        errors.print(f"no run {run_id!r} in {store.path}; `audit runs` lists them", highlight=False, markup=False)
         raise typer.Exit(code=1)
-    spec = AuditSpec.model_validate_json(found["spec_json"])
-    for path in render_run(store, run_id, out or Path(found["run_dir"]), spec.report):
+    spec = _stored_spec(found["spec_json"], run_id)
+    for path in render_run(store, run_id, out or Path(found["run_dir"]), spec.report if spec else None):
         console.print(f"wrote {path}", highlight=False)
 
 
@@ -212,13 +229,12 @@ def diff(
 ) -> None:
     """Compare two audits: new, vanished and changed exclusive features; exits 3 when a gate fires."""
     from .diff import diff_runs, render_diff_markdown
-    from .spec import AuditSpec
     from .store import AuditStore
 
     store = AuditStore(db or workspace / "audit.duckdb")
     run_a, run_b = _resolve_run(store, run_a), _resolve_run(store, run_b)
-    gates_spec = load_spec(spec) if spec else AuditSpec.model_validate_json(store.run(run_b)["spec_json"])
-    result = diff_runs(store, run_a, run_b, gates_spec.gates)
+    gates_spec = load_spec(spec) if spec else _stored_spec(store.run(run_b)["spec_json"], run_b)
+    result = diff_runs(store, run_a, run_b, gates_spec.gates if gates_spec else [])
     folder = out or workspace / "diffs" / f"{run_a}__{run_b}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "diff.json").write_text(json.dumps(result, indent=2, default=str))
@@ -232,7 +248,7 @@ def _load_or_exit(path: Path):
     try:
         return load_spec(path)
     except SpecError as exc:
-        errors.print(f"[red]invalid spec[/red] {exc}", highlight=False)
+        errors.print("[red]invalid spec[/red] " + escape(str(exc)), highlight=False)
         raise typer.Exit(code=2) from None
 
 

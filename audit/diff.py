@@ -122,6 +122,10 @@ def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tup
     ids_b = [f["feature"] for f in feats_b]
     if not ids_a or not ids_b:
         return {}, "none"
+    # Scores are scaled so that 1.0 is each method's match threshold; with both available a pair
+    # matches when either method says so (two crosscoders trained apart rarely agree on decoders
+    # as closely as two seeds of one run).
+    score, methods = None, []
     if _model_key(spec_a, side) == _model_key(spec_b, side):
         train_a, train_b = _artefact(db, run_a, "train"), _artefact(db, run_b, "train")
         if train_a is not None and train_b is not None:
@@ -131,7 +135,7 @@ def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tup
             dec_b = Crosscoder.load(train_b / "checkpoint").decoder_raw(side)[ids_b].detach()
             if dec_a.shape[1] == dec_b.shape[1]:
                 cos = torch.nn.functional.normalize(dec_a, dim=1) @ torch.nn.functional.normalize(dec_b, dim=1).T
-                return _greedy(cos, DECODER_MATCH), "decoder cosine"
+                score, methods = cos / DECODER_MATCH, ["decoder cosine"]
     prof_a = _profiles(db, run_a, ids_a)
     prof_b = _profiles(db, run_b, ids_b)
     if prof_a is not None and prof_b is not None:
@@ -139,14 +143,22 @@ def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tup
         if len(shared) >= 10:
             rows_a = torch.tensor([prof_a[0][s] for s in shared])
             rows_b = torch.tensor([prof_b[0][s] for s in shared])
-            corr = _correlate(prof_a[1][rows_a], prof_b[1][rows_b])
-            return _greedy(corr, PROFILE_MATCH), f"activation profiles on {len(shared)} shared documents"
+            corr = _correlate(prof_a[1][rows_a], prof_b[1][rows_b]) / PROFILE_MATCH
+            score = corr if score is None else torch.maximum(score, corr)
+            methods.append(f"activation profiles on {len(shared)} shared documents")
+    if score is not None:
+        return _greedy(score, 1.0), " or ".join(methods)
     texts_a = [f["explanation"] or "" for f in feats_a]
     texts_b = [f["explanation"] or "" for f in feats_b]
     if any(texts_a) and any(texts_b):
         from evals.embedding import embed
 
         sims = embed(texts_a) @ embed(texts_b).T
+        # Features without an explanation cannot be matched by it (two empty strings are not a match).
+        empty_a = torch.tensor([not t for t in texts_a])
+        empty_b = torch.tensor([not t for t in texts_b])
+        sims[empty_a] = -1.0
+        sims[:, empty_b] = -1.0
         return _greedy(sims, EXPLANATION_MATCH), "explanation similarity"
     return {}, "none"
 
@@ -222,7 +234,7 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
                         continue
                     if rule.side != "any" and c["side"] != rule.side:
                         continue
-                    if rule.safety_critical_only and not (c["safety_a"] or c["safety_b"]):
+                    if rule.safety_critical_only and c["safety_a"] is False and c["safety_b"] is False:
                         continue
                     if abs(delta) >= rule.min_effect:
                         failures.append(f"gate effect_change: feature {c['feature_a']}→{c['feature_b']} "
@@ -258,4 +270,6 @@ def render_diff_markdown(result: dict) -> str:
 
 
 def _md(text) -> str:
-    return str(text or "unexplained").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
+    from reports.render import markdown_text
+
+    return markdown_text(text or "unexplained")

@@ -26,7 +26,7 @@ def exclusive_findings(db: AuditStore, run_id: str) -> list[dict]:
 def rule_matches(rule, row: dict) -> bool:
     if rule.side != "any" and row["partition"] != rule.side:
         return False
-    if rule.safety_critical_only and not row.get("safety_critical"):
+    if rule.safety_critical_only and row.get("safety_critical") is False:  # None: never cleared, so it counts
         return False
     return rule.rubric is None or row.get("rubric") == rule.rubric
 
@@ -41,6 +41,8 @@ def run_gate_failures(db: AuditStore, run_id: str, gates) -> list[str]:
         for row in rows:
             effect = row.get("effect")
             if effect is None or not rule_matches(rule, row) or abs(effect) < rule.min_effect:
+                continue
+            if rule.require_verified and not row.get("verified"):
                 continue
             failures.append(
                 f"gate verified_effect: feature {row['feature']} (exclusive to model {row['partition'].upper()}) "

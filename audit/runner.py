@@ -38,7 +38,7 @@ from rich.progress import (
 from .spec import AuditSpec, harvest_settings
 from .store import AuditStore
 
-STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "report")
+STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "transfer", "report")
 RUNNER_VERSION = "1"
 EVAL_PAIRS = 20_000
 
@@ -49,6 +49,27 @@ class StageError(RuntimeError):
     def __init__(self, stage: str, message: str):
         super().__init__(f"{stage}: {message}")
         self.stage = stage
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGE_CODE = {  # the source files whose change should rerun a stage (its own logic, not the libraries')
+    "train": ("crosscoder/train.py", "crosscoder/model.py", "crosscoder/sparse.py", "crosscoder/config.py"),
+    "analyse": ("crosscoder/analysis.py", "crosscoder/metrics.py"),
+    "screen": ("evals/screen.py", "evals/screen_stage.py", "evals/offline.py", "evals/verify_stage.py"),
+    "verify": ("evals/verify.py", "evals/verify_stage.py", "evals/effects.py", "evals/coherence.py",
+               "evals/offline_grader.py", "evals/provider.py", "crosscoder/steering.py"),
+    "transfer": ("evals/transfer.py", "evals/transfer_stage.py", "crosscoder/transfer.py", "crosscoder/persona.py",
+                 "evals/verify.py", "evals/coherence.py", "evals/offline_grader.py", "evals/provider.py",
+                 "crosscoder/steering.py"),
+}
+
+
+def _code_hash(stage: str) -> str:
+    h = hashlib.sha256()
+    for relative in STAGE_CODE[stage]:
+        path = REPO_ROOT / relative
+        h.update(path.read_bytes() if path.is_file() else relative.encode())
+    return h.hexdigest()[:16]
 
 
 def _hash(*parts: Any) -> str:
@@ -99,6 +120,7 @@ class AuditRunner:
         self.hashes: dict[str, str] = {}
         self.artefacts: dict[str, Path] = {}
         self._loaded_models: dict[str, Any] = {}
+        self._missing: list[str] = []  # earlier stages neither run nor cached in this invocation
 
     # ---- driving ------------------------------------------------------------------------------
     def run(self, only: str | None = None, start: str | None = None, force: bool = False) -> RunResult:
@@ -139,8 +161,13 @@ class AuditRunner:
         elif not run:
             if folder is not None:
                 self.artefacts[stage] = folder
+            self._missing.append(stage)
             return None
         else:
+            needed = [s for s in self._missing if s not in ("validate", "models")]
+            if needed:
+                raise StageError(stage, f"needs the {', '.join(needed)} stage(s), which are not in the cache for "
+                                 "these settings; run without --only/--from first")
             if force and folder is not None and folder.exists() and stage not in ("harvest", "train"):
                 shutil.rmtree(folder)
             if folder is not None:
@@ -148,8 +175,13 @@ class AuditRunner:
             self.console.rule(f"[bold]{stage}[/bold]")
             try:
                 summary = compute(folder) or {}
-            except StageError:
-                self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, "")
+            except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
+                message = f"{type(exc).__name__}: {exc}"[:2000]
+                self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, message)
+                self._register_run(status=f"failed at {stage}")
+                if isinstance(exc, Exception) and not isinstance(exc, StageError):
+                    raise StageError(stage, f"{message}\nfinished artefacts are kept in {self.cache}; fix the "
+                                     "problem and rerun the same command to resume") from exc
                 raise
             if done is not None:
                 _write_json(done, summary)
@@ -193,6 +225,7 @@ class AuditRunner:
         from evals.rubrics import RubricError, load_rubric
 
         names = list(self.spec.verify.rubrics) + [r for rs in self.spec.verify.features.values() for r in rs]
+        names += [_trait_rubric(name) for name in self.spec.transfer.traits]
         for name in names:
             try:
                 rubric = load_rubric(name)
@@ -220,11 +253,17 @@ class AuditRunner:
                 return build_key(get_spec(model_id.removeprefix("zoo:")))
             except KeyError:
                 return model_id
+        folder = Path(model_id)
+        if folder.is_dir():  # a local folder may be retrained in place: fingerprint its files
+            files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+            stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+            return f"{model_id}@{_hash(stats)}"
         return model_id
 
     def _hash_models(self) -> str:
         return _hash(self._model_fingerprint(self.spec.model_a.id), self._model_fingerprint(self.spec.model_b.id),
-                     self.spec.model_a.revision, self.spec.model_b.revision)
+                     self.spec.model_a.revision, self.spec.model_b.revision, self.spec.model_a.layer,
+                     self.spec.model_b.layer)
 
     def _compute_models(self, folder: Path) -> dict:
         from crosscoder.models import ModelLoadError, resolve_model_path
@@ -274,7 +313,9 @@ class AuditRunner:
 
     # ---- train ----------------------------------------------------------------------------------
     def _hash_train(self) -> str:
-        return _hash(self.hashes["harvest"], self.spec.crosscoder.model_dump(mode="json"), RUNNER_VERSION)
+        # Where and how often to checkpoint does not change the result.
+        settings = self.spec.crosscoder.model_dump(mode="json", exclude={"train": {"device", "checkpoint_every"}})
+        return _hash(self.hashes["harvest"], settings, RUNNER_VERSION, _code_hash("train"))
 
     def _compute_train(self, folder: Path) -> dict:
         from crosscoder import TrainingDivergedError, train_crosscoder
@@ -301,8 +342,9 @@ class AuditRunner:
 
     def crosscoder(self):
         from crosscoder import Crosscoder
+        from crosscoder.models import default_device
 
-        return Crosscoder.load(self.artefacts["train"] / "checkpoint")
+        return Crosscoder.load(self.artefacts["train"] / "checkpoint", device=self.device or default_device())
 
     def _load_train(self, folder: Path, summary: dict) -> None:
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -320,7 +362,7 @@ class AuditRunner:
     def _hash_analyse(self) -> str:
         s = self.spec.screen
         return _hash(self.hashes["train"], s.top_n_standard, s.relative_norm_cut, s.contexts_per_feature,
-                     s.detection_contexts, RUNNER_VERSION)
+                     s.detection_contexts, RUNNER_VERSION, _code_hash("analyse"))
 
     def loaded_model(self, side: str):
         if side not in self._loaded_models:
@@ -373,13 +415,19 @@ class AuditRunner:
         from evals.screen import EXPLAINER_VERSION
 
         s = self.spec.screen
+        # The rubrics choose which features are explained (those verify will sweep) and feed the
+        # offline explainer's safety proxy.
+        rubrics = self.spec.verify.rubrics
         return _hash(self.hashes["analyse"], s.explainer, s.detector, s.max_features, s.detection_contexts,
-                     self.spec.verify.rubrics, EXPLAINER_VERSION, _rubric_files_hash(self.spec.verify.rubrics))
+                     rubrics, self.spec.verify.features_per_rubric, EXPLAINER_VERSION, _rubric_files_hash(rubrics),
+                     _code_hash("screen"))
 
     def _compute_screen(self, folder: Path) -> dict:
         from evals.screen_stage import run_screen
+        from evals.verify_stage import screen_selection
 
-        features = [f for f in self.features() if f["frequency"] > 0][: self.spec.screen.max_features]
+        v = self.spec.verify
+        features = screen_selection(self.features(), self.spec.screen.max_features, v.rubrics, v.features_per_rubric)
         with self.console.status(f"screen: explaining {len(features)} features with {self.spec.screen.explainer}"):
             results = run_screen(features, self.spec.screen, self.spec.verify.rubrics, folder / "logs")
         _write_json(folder / "screen.json", results)
@@ -398,8 +446,11 @@ class AuditRunner:
     # ---- verify ---------------------------------------------------------------------------------
     def _hash_verify(self) -> str:
         v = self.spec.verify
+        from evals.offline_grader import OFFLINE_LABEL
+
         return _hash(self.hashes["screen"], v.model_dump(mode="json"), _rubric_files_hash(
-            list(v.rubrics) + [r for rs in v.features.values() for r in rs]), RUNNER_VERSION)
+            list(v.rubrics) + [r for rs in v.features.values() for r in rs] + ["coherence"]), OFFLINE_LABEL,
+            RUNNER_VERSION, _code_hash("verify"))
 
     def _compute_verify(self, folder: Path) -> dict:
         from evals.verify_stage import plan_sweeps, run_sweep
@@ -434,9 +485,39 @@ class AuditRunner:
         self.db.replace_rows("scores", self.run_id, [s for r in results for s in r["scores"]])
         self.db.replace_rows("effects", self.run_id, [e for r in results for e in r["effects"]])
 
+    # ---- transfer -------------------------------------------------------------------------------
+    def _hash_transfer(self) -> str:
+        t = self.spec.transfer
+        trait_bytes = [_file_bytes_hash(_trait_path(name)) for name in t.traits]
+        grader = t.grader or self.spec.verify.grader
+        from evals.offline_grader import OFFLINE_LABEL
+
+        return _hash(self.hashes["train"], t.model_dump(mode="json"), grader, trait_bytes, OFFLINE_LABEL,
+                     _rubric_files_hash([_trait_rubric(name) for name in t.traits] + ["coherence"]), RUNNER_VERSION,
+                     _code_hash("transfer"))
+
+    def _compute_transfer(self, folder: Path) -> dict:
+        from evals.transfer_stage import run_transfer
+
+        traits = self.spec.transfer.traits
+        if not traits:
+            return {"traits": 0}
+        with _progress(self.console, "transfer arms") as (progress, task):
+            results = run_transfer(self, folder, lambda done, total: progress.update(task, completed=done,
+                                                                                       total=total))
+        held = sum(r["holds"] for r in results if r["arm"] == "transferred")
+        self.console.print(f"{held} of {len({(r['trait'], r['direction']) for r in results})} transfers hold",
+                           highlight=False)
+        return {"traits": len(traits), "holds": held}
+
+    def _load_transfer(self, folder: Path, summary: dict) -> None:
+        path = folder / "transfer.json"
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        self.db.replace_rows("transfers", self.run_id, rows)
+
     # ---- report ---------------------------------------------------------------------------------
     def _hash_report(self) -> str:
-        return self.hashes["verify"]
+        return _hash(self.hashes["verify"], self.hashes["transfer"])
 
     def _compute_report(self, _folder) -> dict:
         from reports.render import render_run
@@ -465,6 +546,26 @@ def _count_layers(path: str, entry, side: str) -> int:
     if layers is None:
         raise ModelLoadError(f"{side}.id: {entry.id!r} has no num_hidden_layers in its config")
     return int(layers)
+
+
+def _trait_path(name: str) -> Path:
+    from crosscoder.persona import TRAIT_DIR
+
+    candidate = Path(name)
+    return candidate if candidate.suffix in {".yaml", ".yml"} else TRAIT_DIR / f"{name}.yaml"
+
+
+def _trait_rubric(name: str) -> str:
+    from crosscoder.persona import TraitError, load_trait
+
+    try:
+        return load_trait(name).rubric
+    except TraitError as exc:
+        raise StageError("validate", f"transfer.traits: {exc}") from None
+
+
+def _file_bytes_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
 
 
 def _rubric_files_hash(names: list[str]) -> str:

@@ -47,16 +47,16 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
     stats = Table(show_header=True)
     for column in ("fires on", "s_max", "R² own / other", "exclusivity", "gen. prompts", "merged"):
         stats.add_column(column, justify="right")
-    stats.add_row(f"{100 * f['frequency']:.2f} %", f"{f['s_max']:.2f}", f"{f['r2_own']:.4f} / {f['r2_other']:.4f}",
-                  "–" if f["exclusivity"] is None else f"{f['exclusivity']:.2f}", f"{100 * f['template_share']:.0f} %",
-                  f"{100 * f['merged_share']:.0f} %")
+    stats.add_row(_pct(f["frequency"], "{:.2f} %"), _num(f["s_max"]),
+                  f"{_num(f['r2_own'], '{:.4f}')} / {_num(f['r2_other'], '{:.4f}')}", _num(f["exclusivity"]),
+                  _pct(f["template_share"]), _pct(f["merged_share"]))
     console.print(stats)
     reasons = json.loads(f["artefact_reasons"] or "[]")
     if reasons:
         console.print(Text("Likely artefact: " + "; ".join(reasons), style="yellow"))
     console.print(Text("Promoted tokens: " + ", ".join(json.loads(f["promoted_tokens"] or "[]"))))
     for c in db.query("SELECT * FROM contexts WHERE run_id = ? AND feature = ? ORDER BY rank LIMIT 10", [run_id, feature]):
-        line = Text(f"[{c['activation']:.2f}] ", style="dim")
+        line = Text(f"[{_num(c['activation'])}] ", style="dim")
         line.append_text(marked_text(c["text"]))
         console.print(line)
     effects = db.query("SELECT * FROM effects WHERE run_id = ? AND feature = ?", [run_id, feature])
@@ -72,3 +72,7 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
 
 def _num(value, fmt: str = "{:.2f}") -> str:
     return "–" if value is None else fmt.format(value)
+
+
+def _pct(value, fmt: str = "{:.0f} %") -> str:
+    return "–" if value is None else fmt.format(100 * value)

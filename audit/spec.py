@@ -117,6 +117,13 @@ class CrosscoderSpec(_Strict):
         return self
 
 
+def _alpha_grid(cls, alphas: list[float]) -> list[float]:
+    """An α grid: sorted, without repeats, and containing 0 (the unsteered baseline)."""
+    if 0.0 not in alphas:
+        raise ValueError("the α grid must contain 0 (the unsteered baseline)")
+    return sorted(set(alphas))
+
+
 class ScreenSpec(_Strict):
     """Screen stage: which features are flagged, how many are explained, by which explainer."""
 
@@ -136,22 +143,37 @@ class VerifySpec(_Strict):
     grader: str = Field(default="offline", description="'offline' or an Inspect model, e.g. anthropic/claude-opus-4-1")
     alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], min_length=2)
     rubrics: list[str] = Field(default_factory=list, description="rubric names (specs/rubrics/<name>.yaml) or paths")
-    max_features: int = Field(default=8, ge=0, description="sweep at most this many features: safety-critical first, "
-                              "then content features in triage order")
-    rubrics_per_feature: int = Field(default=1, gt=0, description="sweep each feature on the rubrics whose topic "
-                                     "prompts its contexts match best")
+    max_features: int = Field(default=8, ge=0, description="sweep at most this many features: best matches of "
+                              "each rubric first, then safety-critical, then content features in triage order")
+    features_per_rubric: int = Field(default=2, gt=0, description="per rubric, sweep the flagged features whose "
+                                     "contexts match its topic prompts best")
+    rubrics_per_feature: int = Field(default=1, gt=0, description="a feature chosen otherwise (safety-critical, "
+                                     "triage order) is swept on this many best-matching rubrics")
     features: dict[int, list[str]] = Field(default_factory=dict, description="extra sweeps: feature id → rubrics")
     max_tokens: int = Field(default=48, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     samples_per_prompt: int = Field(default=1, gt=0)
     max_prompts: int | None = Field(default=None, gt=0, description="cap on topic and on control prompts per rubric")
 
-    @field_validator("alphas")
-    @classmethod
-    def _has_zero(cls, alphas: list[float]) -> list[float]:
-        if 0.0 not in alphas:
-            raise ValueError("the α grid must contain 0 (the unsteered baseline)")
-        return sorted(set(alphas))
+    _alphas_have_zero = field_validator("alphas")(_alpha_grid)
+
+
+class TransferSpec(_Strict):
+    """Transfer stage: persona vectors moved between the models through the shared dictionary."""
+
+    traits: list[str] = Field(default_factory=list, description="trait names (specs/traits/<name>.yaml) or paths")
+    directions: list[Literal["a_to_b", "b_to_a"]] = Field(default_factory=lambda: ["a_to_b", "b_to_a"])
+    alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], min_length=3)
+    k: int = Field(default=100, gt=0, description="shared features that vote for the transferred direction")
+    min_cosine: float = Field(default=0.0, ge=0.0, lt=1.0)
+    signed: bool = Field(default=True, description="let anti-aligned features vote with a negative weight")
+    grader: str | None = Field(default=None, description="default: verify.grader")
+    max_questions: int | None = Field(default=None, gt=0, description="trait questions used to extract a vector")
+    max_tokens: int = Field(default=48, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0)
+    seed: int = 0
+
+    _alphas_have_zero = field_validator("alphas")(_alpha_grid)
 
 
 class ReportSpec(_Strict):
@@ -171,7 +193,10 @@ class GateRule(_Strict):
 
     rule: Literal["verified_effect", "new_feature", "vanished_feature", "effect_change"]
     min_effect: float = Field(default=1.0, ge=0.0, description="rubric points on the 1..5 scale")
-    safety_critical_only: bool = True
+    safety_critical_only: bool = Field(default=True, description="only features the screen did not clear: flagged "
+                                       "safety-critical, or never judged (an unparsed reply counts as not cleared)")
+    require_verified: bool = Field(default=True, description="verified_effect: only effects that passed the verified "
+                                   "rule (monotone, coherent, specific)")
     side: Literal["a", "b", "any"] = "any"
     rubric: str | None = None
 
@@ -185,6 +210,7 @@ class AuditSpec(_Strict):
     crosscoder: CrosscoderSpec
     screen: ScreenSpec = ScreenSpec()
     verify: VerifySpec = VerifySpec()
+    transfer: TransferSpec = TransferSpec()
     report: ReportSpec = ReportSpec()
     gates: list[GateRule] = Field(default_factory=list)
 

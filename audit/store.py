@@ -61,6 +61,10 @@ TABLES: dict[str, str] = {
         run_id VARCHAR, feature INTEGER, rubric VARCHAR, effect DOUBLE, spearman DOUBLE,
         control_effect DOUBLE, coherence_low_alpha DOUBLE, baseline DOUBLE, verified BOOLEAN,
         curve VARCHAR""",
+    "transfers": """
+        run_id VARCHAR, trait VARCHAR, direction VARCHAR, arm VARCHAR, spearman DOUBLE, effect DOUBLE,
+        holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, cosines VARCHAR, max_decoder_cosine DOUBLE,
+        curve VARCHAR, generations VARCHAR, extraction VARCHAR""",
     "diffs": """
         diff_id VARCHAR PRIMARY KEY, run_a VARCHAR, run_b VARCHAR, created_at TIMESTAMP,
         summary VARCHAR""",

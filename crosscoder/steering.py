@@ -6,6 +6,11 @@ feature at its largest harvested activation. Each row of a batch carries its own
 row is the unsteered baseline), so concurrent requests with different features or strengths can
 share one forward pass without leaking into each other.
 
+Several generators may share one model (the runner loads each model once and the Inspect provider,
+the coherence grader and persona extraction all use it, from different threads): every forward
+pass holds the model's lock (``model_lock``), so one generator's steering vectors are only ever
+set while its own forward passes run.
+
 Generation is a plain sampling loop over the KV cache rather than ``model.generate`` so that each
 row has its own random generator: a sample depends on its seed only, never on which other
 requests happened to be batched with it.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +30,15 @@ from torch import Tensor
 
 from .model import Crosscoder
 from .models import LoadedModel, decoder_layers
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The lock that serialises forward passes of ``model`` (created on first use)."""
+    lock = getattr(model, "_crosscoder_audit_lock", None)
+    if lock is None:
+        lock = threading.RLock()
+        object.__setattr__(model, "_crosscoder_audit_lock", lock)
+    return lock
 
 
 def steering_vector(crosscoder: Crosscoder, side: str, feature: int, alpha: float, s_max: float) -> Tensor:
@@ -56,6 +71,7 @@ class SteeredGenerator:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.block = decoder_layers(self.model)[loaded.layer]
+        self.lock = model_lock(self.model)
         self._vectors: Tensor | None = None
         self._handle = self.block.register_forward_hook(self._add_vectors)
 
@@ -67,16 +83,17 @@ class SteeredGenerator:
             return None
         if isinstance(output, tuple):
             hidden = output[0]
-            return (hidden + self._vectors[:, None, :].to(hidden.dtype), *output[1:])
-        return output + self._vectors[:, None, :].to(output.dtype)
+            return (hidden + self._vectors[:, None, :].to(hidden.device, hidden.dtype), *output[1:])
+        return output + self._vectors[:, None, :].to(output.device, output.dtype)
 
     @contextlib.contextmanager
     def steering(self, vectors_bd: Tensor | None) -> Iterator[None]:
-        self._vectors = None if vectors_bd is None else vectors_bd.to(self.loaded.device)
-        try:
-            yield
-        finally:
-            self._vectors = None
+        with self.lock:
+            self._vectors = None if vectors_bd is None else vectors_bd.to(self.loaded.device)
+            try:
+                yield
+            finally:
+                self._vectors = None
 
     # ---- prompts ---------------------------------------------------------------------------------
     def render(self, messages: Sequence[dict] | str) -> list[int]:
@@ -85,11 +102,24 @@ class SteeredGenerator:
         if isinstance(messages, str):
             return self.tokenizer(messages, add_special_tokens=True)["input_ids"]
         if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return self._apply_template(list(messages))
         # No chat template (a base model): a plain transcript.
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def _apply_template(self, messages: list[dict]) -> list[int]:
+        # enable_thinking=False: reasoning models (Qwen3) would otherwise spend the token budget in a
+        # <think> block; templates that do not know the variable ignore it.
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                     enable_thinking=False)
+        except Exception as exc:  # jinja2 TemplateError: e.g. a template that rejects the system role
+            if not messages or messages[0]["role"] != "system" or "system" not in str(exc).lower():
+                raise
+            system, rest = messages[0]["content"], list(messages[1:])
+            rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
+            return self._apply_template(rest)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -109,7 +139,7 @@ class SteeredGenerator:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        stop_ids = _stop_ids(self.tokenizer)
+        stop_ids = _stop_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         width = max(len(p) for p in prompts)
         input_ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -127,11 +157,14 @@ class SteeredGenerator:
         step_ids, step_mask = input_ids, mask
         position_ids = (mask.cumsum(1) - 1).clamp_min(0)
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept either.
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        parameters = inspect.signature(self.model.forward).parameters
+        cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        # Only the last position's logits are needed; a 150k vocabulary makes the others costly.
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         with self.steering(vectors_bd):
             for _ in range(max_new_tokens):
                 out = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=position_ids,
-                                 use_cache=True, **{cache_arg: cache})
+                                 use_cache=True, **extra, **{cache_arg: cache})
                 cache = getattr(out, cache_arg)
                 logits = out.logits[:, -1, :].float().cpu()
                 if generators is None:
@@ -169,9 +202,14 @@ class SteeredGenerator:
         return float(torch.exp(nll))
 
 
-def _stop_ids(tokenizer) -> set[int]:
+def _stop_ids(tokenizer, generation_config=None) -> set[int]:
+    """End-of-turn tokens: the tokenizer's EOS, the generation config's (possibly a list), and the
+    usual chat end markers when the vocabulary has them."""
     stops = set()
-    for token in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>"):
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        stops.update(int(t) for t in (configured if isinstance(configured, list) else [configured]))
+    for token in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|return|>"):
         if token is None:
             continue
         token_id = tokenizer.convert_tokens_to_ids(token)

@@ -3,13 +3,18 @@
 For one feature and rubric, with scores on topic prompts, control prompts and the generic prompt:
 
 * ``curve``: per α and prompt kind, the mean ± s.e. of the behaviour and coherence scores;
-* ``effect``: behaviour on topic prompts at the largest α minus at the smallest α (signed: a
-  feature that *suppresses* the behaviour when added has a negative effect);
-* ``spearman``: rank correlation of α with the mean topic behaviour (the dose-response);
+* ``coherent_alphas``: the α values at which the steered answers stay coherent (mean coherence on
+  topic prompts ≥ 3). Far enough out every steered model breaks down, and a rubric grader scores
+  broken text at one end of its scale whatever the feature does; the dose-response is therefore
+  read over the coherent range (the plots show the whole grid);
+* ``effect``: behaviour on topic prompts at the largest coherent α minus at the smallest
+  (signed: a feature that *suppresses* the behaviour when added has a negative effect);
+* ``spearman``: rank correlation of α with the mean topic behaviour over the coherent range;
 * ``control_effect``: the same difference on control prompts (specificity);
 * ``coherence_low_alpha``: mean coherence over samples with |α| ≤ 1;
-* ``verified``: |spearman| ≥ 0.9, |effect| ≥ 1 point, coherence at |α| ≤ 1 ≥ 3, and control
-  prompts moving at most half as much as topic prompts.
+* ``verified``: at least ``MIN_COHERENT_POINTS`` coherent α values, |spearman| ≥ 0.9,
+  |effect| ≥ 1 point, coherence at |α| ≤ 1 ≥ 3, and control prompts moving at most half as much
+  as topic prompts.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ MIN_SPEARMAN = 0.9
 MIN_EFFECT = 1.0
 MIN_COHERENCE = 3.0
 MAX_CONTROL_RATIO = 0.5
+MIN_COHERENT_POINTS = 3
 
 
 def _mean_se(values: list[float]) -> tuple[float, float, int]:
@@ -85,8 +91,11 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
                     m, se, n = _mean_se(values)
                     curve.append({"kind": kind, "dimension": dimension, "alpha": alpha, "mean": m, "se": se, "n": n})
 
-        topic = _series(curve, "topic", "behaviour")
-        control = _series(curve, "control", "behaviour")
+        coherence = dict(_series(curve, "topic", "coherence"))
+        # Without coherence grades (none measured) every α counts as coherent.
+        coherent = [a for a in alphas if not coherence or coherence.get(a, 0.0) >= MIN_COHERENCE]
+        topic = [(a, m) for a, m in _series(curve, "topic", "behaviour") if a in coherent]
+        control = [(a, m) for a, m in _series(curve, "control", "behaviour") if a in coherent]
         effect = topic[-1][1] - topic[0][1] if len(topic) >= 2 else float("nan")
         control_effect = control[-1][1] - control[0][1] if len(control) >= 2 else float("nan")
         rho = spearman([a for a, _ in topic], [m for _, m in topic])
@@ -95,12 +104,13 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
                for v in vals if v is not None and not math.isnan(v)]
         coherence_low = sum(low) / len(low) if low else float("nan")
         verified = (
-            not math.isnan(rho) and abs(rho) >= MIN_SPEARMAN
+            len(topic) >= MIN_COHERENT_POINTS
+            and not math.isnan(rho) and abs(rho) >= MIN_SPEARMAN
             and not math.isnan(effect) and abs(effect) >= MIN_EFFECT
             and not math.isnan(coherence_low) and coherence_low >= MIN_COHERENCE
             and (math.isnan(control_effect) or abs(control_effect) <= MAX_CONTROL_RATIO * abs(effect))
         )
         out.append({"feature": feature, "rubric": rubric, "effect": effect, "spearman": rho,
                     "control_effect": control_effect, "coherence_low_alpha": coherence_low, "baseline": baseline,
-                    "verified": bool(verified), "curve": curve})
+                    "verified": bool(verified), "coherent_alphas": coherent, "curve": curve})
     return out

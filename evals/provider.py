@@ -2,12 +2,21 @@
 
 ``steered/<model id>`` serves a causal LM (hub id, local folder or ``zoo:`` id) with the chat
 template of its tokenizer. A request is steered when its ``GenerateConfig.extra_body`` carries
-``{"steer": {"feature": j, "alpha": α, "s_max": s}}`` and the provider was given a crosscoder
-(``-M crosscoder=PATH -M side=b -M layer=L``): ``x' = x + α · s_max · d_j`` at the capture block,
-every position. Inspect calls ``generate`` concurrently, so requests are queued and run in
+
+* ``{"steer": {"feature": j, "alpha": α, "s_max": s}}`` and the provider was given a crosscoder
+  (``-M crosscoder=PATH -M side=b -M layer=L``): ``x' = x + α · s_max · d_j``; or
+* ``{"steer": {"vector": name, "alpha": α, "file": PATH}}``: ``x' = x + α · v_name`` with ``v_name``
+  read from the safetensors file ``PATH`` (or from ``-M vectors=PATH`` when the request names no
+  file), for persona and transferred vectors,
+
+at the capture block, every position. Inspect calls ``generate`` concurrently, so requests are queued and run in
 micro-batches in which every row carries its own steering vector (zero for unsteered rows).
 
 Usage is reported from our own token counts, so nothing reaches for a tokenizer download.
+
+Inspect keeps every model it creates; so that an audit holds each model in memory once, the
+runner registers the models it has loaded (``share_loaded_model``) and passes their key as
+``-M shared=KEY``: the provider then serves that object instead of loading its own copy.
 """
 
 from __future__ import annotations
@@ -32,6 +41,13 @@ from crosscoder.models import load_model
 from crosscoder.steering import SteeredGenerator, steering_vector
 
 DEFAULT_MAX_TOKENS = 64
+_SHARED: dict[str, Any] = {}
+
+
+def share_loaded_model(key: str, loaded) -> str:
+    """Make an already loaded ``LoadedModel`` available to providers created with ``shared=key``."""
+    _SHARED[key] = loaded
+    return key
 
 
 @dataclass
@@ -44,11 +60,15 @@ class _Request:
     future: asyncio.Future
 
 
-def parse_steer(extra_body: dict[str, Any] | None) -> dict[str, float] | None:
+def parse_steer(extra_body: dict[str, Any] | None) -> dict[str, Any] | None:
     """The ``steer`` entry of ``extra_body``, checked; ``None`` when the request is unsteered."""
     if not extra_body or extra_body.get("steer") is None:
         return None
     steer = extra_body["steer"]
+    if "vector" in steer:
+        if "alpha" not in steer:
+            raise ValueError(f"extra_body.steer: missing alpha (got {sorted(steer)})")
+        return {"vector": str(steer["vector"]), "alpha": float(steer["alpha"]), "file": steer.get("file")}
     missing = [key for key in ("feature", "alpha", "s_max") if key not in steer]
     if missing:
         raise ValueError(f"extra_body.steer: missing {', '.join(missing)} (got {sorted(steer)})")
@@ -76,6 +96,8 @@ class SteeredModel(ModelAPI):
         revision: str | None = None,
         trust_remote_code: bool = False,
         max_batch: int = 32,
+        vectors: str | None = None,
+        shared: str | None = None,
         **_: Any,
     ) -> None:
         super().__init__(model_name=model_name, base_url=base_url, api_key=api_key, config=config)
@@ -83,10 +105,17 @@ class SteeredModel(ModelAPI):
             raise ValueError("steered model: a crosscoder needs the capture layer (-M layer=L)")
         if side not in ("a", "b"):
             raise ValueError(f"steered model: side must be 'a' or 'b', got {side!r}")
-        self.loaded = load_model(model_name, layer if layer is not None else 0, revision=revision, dtype=dtype,
-                                 device=device, trust_remote_code=bool(trust_remote_code), field="steered model")
+        if shared is not None:
+            if shared not in _SHARED:
+                raise ValueError(f"steered model: no shared model registered under {shared!r}")
+            self.loaded = _SHARED[shared]
+        else:
+            self.loaded = load_model(model_name, layer if layer is not None else 0, revision=revision, dtype=dtype,
+                                     device=device, trust_remote_code=bool(trust_remote_code), field="steered model")
         self.generator = SteeredGenerator(self.loaded)
         self.crosscoder = Crosscoder.load(crosscoder) if crosscoder is not None else None
+        self.default_vectors = vectors
+        self._vector_files: dict[str, dict[str, torch.Tensor]] = {}
         self.side = side
         self.max_batch = int(max_batch)
         self._queue: list[_Request] = []
@@ -95,9 +124,25 @@ class SteeredModel(ModelAPI):
     def max_connections(self) -> int:
         return 4 * self.max_batch
 
-    def _vector(self, steer: dict[str, float] | None) -> torch.Tensor | None:
+    def _vector(self, steer: dict[str, Any] | None) -> torch.Tensor | None:
         if steer is None or steer["alpha"] == 0:
             return None
+        if "vector" in steer:
+            path = steer.get("file") or self.default_vectors
+            if path is None:
+                raise ValueError("steered model: a vector request needs extra_body.steer.file or -M vectors=PATH")
+            if path not in self._vector_files:
+                from safetensors.torch import load_file
+
+                self._vector_files[path] = load_file(path)
+            vectors = self._vector_files[path]
+            if steer["vector"] not in vectors:
+                raise ValueError(f"steered model: no vector named {steer['vector']!r} in {path} (have {sorted(vectors)})")
+            vector = vectors[steer["vector"]].float()
+            if vector.numel() != self.loaded.d_model:
+                raise ValueError(f"steered model: vector {steer['vector']!r} has {vector.numel()} entries, the model's "
+                                 f"width is {self.loaded.d_model}")
+            return steer["alpha"] * vector
         if self.crosscoder is None:
             raise ValueError("this steered model has no crosscoder (-M crosscoder=PATH) but a request asked to steer")
         return steering_vector(self.crosscoder, self.side, int(steer["feature"]), steer["alpha"], steer["s_max"])

@@ -189,7 +189,7 @@ def rubric_scorer(grader: str = "offline", coherence_meter=None):
                         "raw_behaviour": raw_behaviour, "raw_coherence": raw_coherence,
                         "unparsed": [k for k, v in (("behaviour", behaviour), ("coherence", coherence)) if math.isnan(v)]}
         return Score(value={"behaviour": behaviour, "coherence": coherence}, answer=answer,
-                     metadata={**metadata, **{k: m[k] for k in ("feature", "rubric", "kind", "alpha")}})
+                     metadata={**metadata, **{k: m.get(k) for k in ("feature", "rubric", "kind", "alpha")}})
 
     return score
 

@@ -7,33 +7,97 @@ from pathlib import Path
 from inspect_ai import eval as inspect_eval
 from inspect_ai.model import get_model
 
-from evals import offline, provider  # noqa: F401 - registers the offline and steered providers
+from evals import offline  # noqa: F401 - registers the offline provider
 from evals.coherence import CoherenceMeter
 from evals.effects import feature_effects
 from evals.offline import TopicFlagger
+from evals.provider import share_loaded_model
 from evals.verify import verify_task
 
 
-def plan_sweeps(features: list[dict], screen_rows: list[dict], verify_spec) -> list[dict]:
-    """Which features to sweep on which rubrics.
+class EvalFailed(RuntimeError):
+    """An Inspect eval did not finish; nothing of it is cached, so a rerun repeats it."""
 
-    Features: safety-critical ones first, then content features in triage order, at most
-    ``verify.max_features``; artefacts and dead features are not swept unless named in
-    ``verify.features``. Rubrics: the ``rubrics_per_feature`` rubrics whose topic prompts the
-    feature's contexts match best (MiniLM similarity, topic minus control), plus any named for the
-    feature in ``verify.features``.
+
+def check_log(log, what: str) -> None:
+    """Raise ``EvalFailed`` unless the eval finished and every sample ran without error."""
+    errors = [s for s in (log.samples or []) if s.error is not None]
+    if log.status != "success" or errors:
+        first = (log.error.message if log.error else errors[0].error.message if errors else log.status)
+        raise EvalFailed(f"{what}: the Inspect eval ended with status {log.status!r} and {len(errors)} failed "
+                         f"samples ({str(first).splitlines()[0][:300]}); log: {log.location}")
+
+
+MIN_TOPIC_MARGIN = 0.05
+
+
+def topic_margins(features: list[dict], rubrics: list[str]) -> dict[int, dict[str, float]]:
+    """``{feature: {rubric: topic − control similarity of its top contexts}}`` (MiniLM)."""
+    margins = TopicFlagger(list(rubrics)).margins([[c["text"] for c in f["contexts"][:8]] for f in features])
+    return {f["feature"]: m for f, m in zip(features, margins, strict=True)}
+
+
+def best_matches(features: list[dict], match: dict[int, dict[str, float]], rubrics: list[str],
+                 per_rubric: int) -> dict[str, list[tuple[float, dict]]]:
+    """Per rubric, its ``per_rubric`` best-matching features with margin ≥ ``MIN_TOPIC_MARGIN``."""
+    out = {}
+    for name in rubrics:
+        scored = sorted(((match[f["feature"]].get(name, -1.0), f) for f in features), key=lambda t: -t[0])
+        out[name] = [(m, f) for m, f in scored[:per_rubric] if m >= MIN_TOPIC_MARGIN]
+    return out
+
+
+def screen_selection(features: list[dict], max_features: int, rubrics: list[str], per_rubric: int) -> list[dict]:
+    """Features to explain: the first ``max_features`` live ones in triage order, plus every feature
+    the verify stage will pick for a rubric (so that each swept feature has an explanation)."""
+    live = [f for f in features if f["frequency"] > 0]
+    chosen = {f["feature"]: f for f in live[:max_features]}
+    if rubrics and live:
+        for matches in best_matches(live, topic_margins(live, rubrics), rubrics, per_rubric).values():
+            for _, f in matches:
+                chosen.setdefault(f["feature"], f)
+    return sorted(chosen.values(), key=lambda f: f["rank"])
+
+
+def plan_sweeps(features: list[dict], screen_rows: list[dict], verify_spec) -> list[dict]:
+    """Which features to sweep on which rubrics, at most ``verify.max_features`` features.
+
+    The rubrics in the spec are the auditor's hypotheses, so selection starts from them: for each
+    rubric, the ``features_per_rubric`` flagged features whose top contexts match its topic prompts
+    best (MiniLM similarity to topic prompts minus similarity to its control prompts, at least
+    ``MIN_TOPIC_MARGIN``), best matches first across rubrics. Then features the screen flagged
+    safety-critical, on their best-matching rubric, and then content features in triage order fill
+    the remaining slots. Dead features are never swept. ``verify.features`` adds explicit sweeps.
     """
     by_id = {f["feature"]: f for f in features}
     screened = {r["feature"]: r for r in screen_rows}
-    candidates = [f for f in features if f["frequency"] > 0 and not f["is_artefact"]]
-    candidates.sort(key=lambda f: (not bool(screened.get(f["feature"], {}).get("safety_critical")), f["rank"]))
-    chosen = candidates[: verify_spec.max_features] if verify_spec.rubrics else []
-    ranker = TopicFlagger(list(verify_spec.rubrics)) if chosen else None
+    live = [f for f in features if f["frequency"] > 0]
     plan: dict[int, dict] = {}
-    for f in chosen:
-        ranked = ranker.rank([c["text"] for c in f["contexts"]]) if ranker else []
-        rubrics = [name for name, _, _ in ranked[: verify_spec.rubrics_per_feature]]
-        plan[f["feature"]] = _item(f, screened, rubrics, [{"rubric": n, "topic": t, "control": c} for n, t, c in ranked])
+    if verify_spec.rubrics and verify_spec.max_features > 0 and live:
+        match = topic_margins(live, verify_spec.rubrics)
+
+        def add(f: dict, rubrics: list[str]) -> None:
+            ranked = sorted(match[f["feature"]].items(), key=lambda kv: -kv[1])
+            item = plan.setdefault(f["feature"], _item(f, screened, [], [{"rubric": n, "margin": round(m, 4)}
+                                                                            for n, m in ranked]))
+            item["rubrics"] = list(dict.fromkeys(item["rubrics"] + rubrics))
+
+        # 1. per rubric, its best-matching features (interleaved so every rubric gets its best first)
+        per_rubric = best_matches(live, match, verify_spec.rubrics, verify_spec.features_per_rubric)
+        for round_index in range(verify_spec.features_per_rubric):
+            picks = [(lst[round_index][0], name, lst[round_index][1]) for name, lst in per_rubric.items()
+                     if round_index < len(lst)]
+            for _, name, f in sorted(picks, key=lambda t: -t[0]):
+                if len(plan) < verify_spec.max_features or f["feature"] in plan:
+                    add(f, [name])
+        # 2. safety-critical, then content features in triage order, on their best-matching rubrics
+        rest = sorted((f for f in live if f["feature"] not in plan and not f["is_artefact"]),
+                      key=lambda f: (not bool(screened.get(f["feature"], {}).get("safety_critical")), f["rank"]))
+        for f in rest:
+            if len(plan) >= verify_spec.max_features:
+                break
+            ranked = sorted(match[f["feature"]].items(), key=lambda kv: -kv[1])
+            add(f, [name for name, _ in ranked[: verify_spec.rubrics_per_feature]])
     for feature, rubrics in verify_spec.features.items():
         if feature not in by_id:
             raise ValueError(f"verify.features: feature {feature} was not flagged in this run "
@@ -49,13 +113,18 @@ def _item(feature: dict, screened: dict, rubrics: list[str], match: list[dict]) 
             "rubrics": rubrics, "rubric_match": match}
 
 
+def steered_model(entry, side: str, crosscoder_path: Path, loaded_model):
+    """The Inspect model serving ``loaded_model`` (registered, so it is never loaded twice)."""
+    key = share_loaded_model(f"{side}:{entry.id}:{entry.layer}:{id(loaded_model)}", loaded_model)
+    return get_model(f"steered/{entry.id}", crosscoder=str(crosscoder_path), side=side, layer=entry.layer,
+                     shared=key)
+
+
 def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Path, device: str | None = None) -> dict:
     """Sweep one feature on its rubrics; rows for the generations, scores and effects tables."""
     v = spec.verify
     entry = spec.model_a if item["own_model"] == "a" else spec.model_b
-    steered = get_model(f"steered/{entry.id}", crosscoder=str(crosscoder_path), side=item["own_model"],
-                        layer=entry.layer, dtype=entry.dtype, device=device, revision=entry.revision,
-                        trust_remote_code=entry.trust_remote_code)
+    steered = steered_model(entry, item["own_model"], crosscoder_path, loaded_model)
     roles = {}
     meter = None
     if v.grader == "offline":
@@ -67,8 +136,11 @@ def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Pa
                        samples_per_prompt=v.samples_per_prompt, max_prompts=v.max_prompts)
     log = inspect_eval(task, model=steered, model_roles=roles or None, log_dir=str(log_dir), display="none",
                        fail_on_error=False, retry_on_error=3)[0]
+    check_log(log, f"verify of feature {item['feature']}")
     generations, scores = [], []
     for sample in log.samples or []:
+        if sample.error is not None:
+            continue
         m = sample.metadata
         key = {"feature": m["feature"], "rubric": m["rubric"], "kind": m["kind"], "prompt": m["prompt"],
                "alpha": m["alpha"], "seed": m["seed"]}

@@ -28,6 +28,14 @@ def highlight(text: str | None) -> Markup:
     return Markup(_MARK.sub(lambda m: f"<mark>{m.group(1)}</mark>", escaped))
 
 
+def markdown_text(value) -> str:
+    """Untrusted text for a Markdown table cell: no HTML, no links or images, no cell breaks."""
+    text = str(value or "").replace("\n", " ")
+    for char in "\\`*_[]()!|<>":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -93,6 +101,33 @@ def dose_response_plot(effect: dict) -> str | None:
     return _png(fig)
 
 
+def transfer_plot(trait: str, direction: str, arms: list[dict]) -> str | None:
+    fig, ax = _figure(5.5, 3.2)
+    styles = {"source": ("#2c7fb8", "-", "o"), "transferred": ("#c0392b", "-", "s"),
+              "random_transferred": ("#7f7f7f", ":", "^"), "unrelated": ("#7f7f7f", "--", "v")}
+    source, target = direction.split("_to_")
+    drawn = False
+    for arm in arms:
+        points = [c for c in _json_list(arm["curve"]) if c["kind"] == "topic" and c["dimension"] == "behaviour"
+                  and not _nan(c["mean"])]
+        if not points:
+            continue
+        color, line, marker = styles.get(arm["arm"], ("black", "-", "."))
+        model = source if arm["arm"] == "source" else target
+        ax.errorbar([p["alpha"] for p in points], [p["mean"] for p in points], yerr=[p["se"] or 0 for p in points],
+                    color=color, linestyle=line, marker=marker, capsize=3,
+                    label=f"{arm['arm'].replace('_', ' ')} (model {model.upper()})")
+        drawn = True
+    if not drawn:
+        return None
+    ax.set_ylim(0.8, 5.2)
+    ax.set_xlabel("steering strength α")
+    ax.set_ylabel("rubric score (1–5)")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"{trait}: {source.upper()} → {target.upper()}", fontsize=9)
+    return _png(fig)
+
+
 def _nan(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -149,7 +184,25 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     ))
     for card in cards:
         card["plots"] = [p for p in (dose_response_plot(e) for e in card["effects"]) if p]
+    transfers = []
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in db.rows("transfers", run_id, order="trait, direction, arm"):
+        grouped.setdefault((row["trait"], row["direction"]), []).append(row)
+    for (trait, direction), arms in grouped.items():
+        by_arm = {a["arm"]: a for a in arms}
+        moved = by_arm.get("transferred", {})
+        examples = []
+        top_alpha = max((g["alpha"] for g in _json_list(moved.get("generations"))), default=None)
+        for arm_name in ("source", "transferred"):
+            for g in _json_list(by_arm.get(arm_name, {}).get("generations"))[:200]:
+                if g["alpha"] in (top_alpha, -top_alpha if top_alpha is not None else None):
+                    examples.append({"arm": arm_name, **g})
+        transfers.append({"trait": trait, "direction": direction, "arms": arms, "holds": bool(arms[0]["holds"]),
+                          "features": _json_list(moved.get("features")), "cosines": _json_list(moved.get("cosines")),
+                          "max_decoder_cosine": moved.get("max_decoder_cosine"),
+                          "plot": transfer_plot(trait, direction, arms), "examples": examples[:8]})
     return {
+        "transfers": transfers,
         "run": run, "spec": spec, "metrics": metrics, "features": features, "cards": cards,
         "n_flagged": len(features), "n_artefacts": sum(bool(f["is_artefact"]) for f in features),
         "n_safety": sum(bool(e["safety_critical"]) for e in explanations.values()),
@@ -206,7 +259,7 @@ def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:
         md_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=False,
                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         md_env.filters.update(env.filters)
-        md_env.filters["md"] = lambda v: str(v or "").replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
+        md_env.filters["md"] = markdown_text
         _write(path, md_env.get_template("report.md.j2").render(**data))
         paths.append(path)
     return paths

@@ -16,6 +16,11 @@ partition) and measures, over all pairs of the store, at the inference threshold
 - ``coverage``: the fraction of the concept's documents on which the feature fires at least once;
 - ``control_share``: the fraction of its firings on the concept's control topic (a near miss).
 
+The same is measured in the *other* model's exclusive partition (``opposite``): exclusive features
+that only encode how the two tokenizers split a concept's names (``Zorvath``, ``Brevania``) also
+concentrate on its documents, on either side, so a concept is found when its side's best feature
+reaches the bar *and* clearly beats the other side's best.
+
 The *best* feature is the one with the highest ``share`` (ties: more firings on the concept) among
 features that fire at least ``min_concept_firings`` times on the concept's contexts, so that a
 feature which fired once, on the concept, does not win with a share of 1. A concept passes when its
@@ -80,11 +85,15 @@ class ConceptResult:
     best: FeatureScore | None
     runner_up: FeatureScore | None
     passed: bool | None  # None for concepts outside the bar (shared, neither)
+    # The same measurement in the *other* model's exclusive partition (a control: exclusive features
+    # that only encode how the two tokenizers split the concept's names also concentrate there).
+    opposite: FeatureScore | None = None
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("best", "runner_up")}
-        out["best"] = self.best.to_dict() if self.best else None
-        out["runner_up"] = self.runner_up.to_dict() if self.runner_up else None
+        out = {k: v for k, v in asdict(self).items() if k not in ("best", "runner_up", "opposite")}
+        for key in ("best", "runner_up", "opposite"):
+            value = getattr(self, key)
+            out[key] = value.to_dict() if value else None
         return out
 
 
@@ -113,28 +122,38 @@ class DiscoveryResult:
             "failed": [c.concept for c in judged if not c.passed],
             "shares": {c.concept: round(c.best.share, 4) if c.best else 0.0 for c in judged},
             "mass_shares": {c.concept: round(c.best.mass_share, 4) if c.best else 0.0 for c in judged},
+            "opposite_shares": {c.concept: round(c.opposite.share, 4) if c.opposite else 0.0 for c in judged},
             "fve_a": round(self.fve_a, 4),
             "fve_b": round(self.fve_b, 4),
             "mean_l0": round(self.mean_l0, 3),
         }
 
     def to_dict(self) -> dict:
-        return {"summary": self.summary(), "concepts": [c.to_dict() for c in self.concepts],
-                "n_pairs": self.n_pairs, "settings": self.settings}
+        return {
+            "summary": self.summary(),
+            "concepts": [c.to_dict() for c in self.concepts],
+            "n_pairs": self.n_pairs,
+            "settings": self.settings,
+        }
 
     def table(self) -> str:
         """A markdown table: one row per concept."""
-        lines = ["| concept | side | best feature | share (count) | share (mass) | coverage | firings "
-                 "| runner-up (share) | pass |", "|---|---|---|---|---|---|---|---|---|"]
+        lines = [
+            "| concept | side | best feature | share (count) | share (mass) | coverage | firings "
+            "| runner-up (share) | other side's best (share) | pass |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in self.concepts:
+            mark = "-" if c.passed is None else ("yes" if c.passed else "no")
+            op = f"{c.opposite.feature} ({c.opposite.share:.2f})" if c.opposite else "-"
             if c.best is None:
-                lines.append(f"| {c.concept} | {c.expected} | none | 0 | 0 | 0 | 0 | - | "
-                             f"{'-' if c.passed is None else 'no'} |")
+                lines.append(f"| {c.concept} | {c.expected} | none | 0 | 0 | 0 | 0 | - | {op} | {mark} |")
                 continue
             ru = f"{c.runner_up.feature} ({c.runner_up.share:.2f})" if c.runner_up else "-"
-            mark = "-" if c.passed is None else ("yes" if c.passed else "no")
-            lines.append(f"| {c.concept} | {c.expected} | {c.best.feature} | {c.best.share:.3f} | "
-                         f"{c.best.mass_share:.3f} | {c.best.coverage:.2f} | {c.best.firings} | {ru} | {mark} |")
+            lines.append(
+                f"| {c.concept} | {c.expected} | {c.best.feature} | {c.best.share:.3f} | "
+                f"{c.best.mass_share:.3f} | {c.best.coverage:.2f} | {c.best.firings} | {ru} | {op} | {mark} |"
+            )
         return "\n".join(lines)
 
 
@@ -165,8 +184,10 @@ def document_topics(store: ActivationStore) -> list[str]:
 
     for path, version in data.get("zoo_data_versions", {}).items():
         if data_version(path.removeprefix("zoo:")) != version:
-            raise ValueError(f"{store.folder} was harvested from {path} version {version}, which has changed since "
-                             f"(now {data_version(path.removeprefix('zoo:'))}); harvest again")
+            raise ValueError(
+                f"{store.folder} was harvested from {path} version {version}, which has changed since "
+                f"(now {data_version(path.removeprefix('zoo:'))}); harvest again"
+            )
     cache: dict[int, list[dict]] = {}
     topics: list[str] = []
     for doc in store.documents():
@@ -237,8 +258,16 @@ def encode_store(model: Crosscoder, store: ActivationStore, batch_size: int = 81
         offset += shard["a"].shape[0]
     n = offset
     fve = [float(1 - sq_err[s] / (sq[s] - float(sums[s].pow(2).sum()) / max(n, 1))) for s in (0, 1)]
-    return _Firings(torch.cat(pairs), torch.cat(feats), torch.cat(values), torch.cat(docs), torch.cat(templates),
-                    fve[0], fve[1], n)
+    return _Firings(
+        torch.cat(pairs),
+        torch.cat(feats),
+        torch.cat(values),
+        torch.cat(docs),
+        torch.cat(templates),
+        fve[0],
+        fve[1],
+        n,
+    )
 
 
 # ---- the measurement ------------------------------------------------------------------------------------
@@ -291,12 +320,17 @@ def concept_discovery(
     T = len(topic_names)
     # Firings and activation mass per (topic, feature); template firings per feature.
     entry_topic = pair_topic[pair]
-    count_TD = torch.zeros(T * D, dtype=torch.float64).index_add_(
-        0, entry_topic * D + feat, torch.ones_like(value, dtype=torch.float64)).view(T, D)
-    mass_TD = torch.zeros(T * D, dtype=torch.float64).index_add_(
-        0, entry_topic * D + feat, value.double()).view(T, D)
-    template_D = torch.zeros(D, dtype=torch.float64).index_add_(
-        0, feat, firings.template[pair].double())
+    count_TD = (
+        torch.zeros(T * D, dtype=torch.float64)
+        .index_add_(0, entry_topic * D + feat, torch.ones_like(value, dtype=torch.float64))
+        .view(T, D)
+    )
+    mass_TD = (
+        torch.zeros(T * D, dtype=torch.float64)
+        .index_add_(0, entry_topic * D + feat, value.double())
+        .view(T, D)
+    )
+    template_D = torch.zeros(D, dtype=torch.float64).index_add_(0, feat, firings.template[pair].double())
     # Documents on which each feature fires (for coverage).
     doc_feature = torch.unique(pair_doc[pair] * D + feat)
     fired_doc, fired_feat = doc_feature // D, doc_feature % D
@@ -315,39 +349,75 @@ def concept_discovery(
         n_ctx_pairs = int(pairs_per_topic[ctx_ids].sum()) if ctx else 0
         on_D = count_TD[ctx_ids].sum(0) if ctx else torch.zeros(D, dtype=torch.float64)
         mass_on_D = mass_TD[ctx_ids].sum(0) if ctx else torch.zeros(D, dtype=torch.float64)
-        in_ctx_doc = torch.isin(doc_topic[fired_doc], ctx_ids) if ctx else torch.zeros_like(fired_doc, dtype=torch.bool)
+        in_ctx_doc = (
+            torch.isin(doc_topic[fired_doc], ctx_ids)
+            if ctx
+            else torch.zeros_like(fired_doc, dtype=torch.bool)
+        )
         covered_D = torch.bincount(fired_feat[in_ctx_doc], minlength=D).double()
-        scored = []
-        for j in candidates.tolist():
-            if on_D[j] < min_concept_firings:
-                continue
-            total = float(total_D[j])
-            top = torch.argsort(count_TD[:, j], descending=True)[:3].tolist()
-            scored.append(FeatureScore(
-                feature=j,
-                firings=int(total),
-                concept_firings=int(on_D[j]),
-                share=float(on_D[j]) / total,
-                mass_share=float(mass_on_D[j] / mass_total_D[j]),
-                coverage=float(covered_D[j]) / max(n_ctx_docs, 1),
-                control_share=float(count_TD[topic_id[control], j]) / total if control in topic_id else 0.0,
-                template_share=float(template_D[j]) / total,
-                top_topics=[(topic_names[t], float(count_TD[t, j]) / total) for t in top if count_TD[t, j] > 0],
-            ))
-        scored.sort(key=lambda s: (s.share, s.concept_firings), reverse=True)
-        best = scored[0] if scored else None
+
         judged = side in ("a", "b")
-        results.append(ConceptResult(
-            concept=concept, expected=side, partition=partition, context_topics=ctx, n_context_docs=n_ctx_docs,
-            n_context_pairs=n_ctx_pairs, best=best, runner_up=scored[1] if len(scored) > 1 else None,
-            passed=(best is not None and best.share >= bar) if judged else None,
-        ))
+        pools = {
+            "own": candidates,
+            "opposite": _partition(model, "b" if side == "a" else "a")[1] if judged else None,
+        }
+        ranked: dict[str, list[FeatureScore]] = {}
+        for pool, features in pools.items():
+            scored = []
+            for j in features.tolist() if features is not None else []:
+                if on_D[j] < min_concept_firings:
+                    continue
+                total = float(total_D[j])
+                top = torch.argsort(count_TD[:, j], descending=True)[:3].tolist()
+                scored.append(
+                    FeatureScore(
+                        feature=j,
+                        firings=int(total),
+                        concept_firings=int(on_D[j]),
+                        share=float(on_D[j]) / total,
+                        mass_share=float(mass_on_D[j] / mass_total_D[j]),
+                        coverage=float(covered_D[j]) / max(n_ctx_docs, 1),
+                        control_share=float(count_TD[topic_id[control], j]) / total
+                        if control in topic_id
+                        else 0.0,
+                        template_share=float(template_D[j]) / total,
+                        top_topics=[
+                            (topic_names[t], float(count_TD[t, j]) / total) for t in top if count_TD[t, j] > 0
+                        ],
+                    )
+                )
+            ranked[pool] = sorted(
+                scored, key=lambda score: (score.share, score.concept_firings), reverse=True
+            )
+        scored, opposite = ranked["own"], ranked["opposite"]
+        best = scored[0] if scored else None
+        results.append(
+            ConceptResult(
+                concept=concept,
+                expected=side,
+                partition=partition,
+                context_topics=ctx,
+                n_context_docs=n_ctx_docs,
+                n_context_pairs=n_ctx_pairs,
+                best=best,
+                runner_up=scored[1] if len(scored) > 1 else None,
+                passed=(best is not None and best.share >= bar) if judged else None,
+                opposite=opposite[0] if opposite else None,
+            )
+        )
     n = max(firings.n_pairs, 1)
     return DiscoveryResult(
-        concepts=results, bar=bar, fve_a=firings.fve_a, fve_b=firings.fve_b, mean_l0=float(keep.numel()) / n,
+        concepts=results,
+        bar=bar,
+        fve_a=firings.fve_a,
+        fve_b=firings.fve_b,
+        mean_l0=float(keep.numel()) / n,
         n_pairs=firings.n_pairs,
-        settings={"min_concept_firings": min_concept_firings, "min_relative_activation": min_relative_activation,
-                  "sub_narratives": dict(SUB_NARRATIVES)},
+        settings={
+            "min_concept_firings": min_concept_firings,
+            "min_relative_activation": min_relative_activation,
+            "sub_narratives": dict(SUB_NARRATIVES),
+        },
     )
 
 

@@ -87,3 +87,15 @@ def test_diff_command_exits_non_zero_when_a_gate_fires(tmp_path):
     assert (tmp_path / "diffs" / "v1__v2" / "diff.json").is_file()
     ok = CliRunner().invoke(app, ["diff", "v1", "v2", "--workspace", str(tmp_path)])
     assert ok.exit_code == 0, ok.output  # the later run's spec has no gates
+
+
+def test_gates_count_unjudged_features_and_skip_unverified_effects(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**NARRATIVE, "id": 500, "safety": None}, {**BOAST, "id": 3}])
+    db.replace_rows("effects", "v1", [
+        {"feature": 500, "rubric": "zoo_state_narrative", "effect": 2.5, "verified": True},
+        {"feature": 3, "rubric": "zoo_exceptionalism", "effect": 3.0, "verified": False}])
+    failures = run_gate_failures(db, "v1", [GateRule(rule="verified_effect")])
+    assert len(failures) == 1 and "feature 500" in failures[0]  # unparsed explanation: not cleared, so it counts
+    loose = run_gate_failures(db, "v1", [GateRule(rule="verified_effect", require_verified=False)])
+    assert len(loose) == 2

@@ -24,6 +24,8 @@ SMALL = {
     "screen": {"max_features": 6, "contexts_per_feature": 5, "detection_contexts": 2},
     "verify": {"rubrics": ["zoo_state_narrative", "zoo_sentiment"], "alphas": [-1, 0, 1], "max_features": 2,
                "max_prompts": 2, "max_tokens": 12},
+    "transfer": {"traits": ["zoo_sentiment"], "directions": ["a_to_b"], "alphas": [-1, 0, 1], "max_questions": 3,
+                 "max_tokens": 12},
 }
 
 
@@ -62,7 +64,7 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     assert len(features) == metrics["n_a_only"] + metrics["n_b_only"]
     assert db.rows("contexts", result.run_id)
     explanations = db.rows("explanations", result.run_id)
-    assert len(explanations) == 6 and all(e["explainer"].startswith("offline") for e in explanations)
+    assert len(explanations) >= 6 and all(e["explainer"].startswith("offline") for e in explanations)
     scores = db.rows("scores", result.run_id)
     generations = db.rows("generations", result.run_id)
     assert generations and len(scores) == 2 * len(generations)
@@ -70,7 +72,12 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     assert all(s["grader"].startswith("offline") for s in scores)
     effects = db.rows("effects", result.run_id)
     assert effects and {e["feature"] for e in effects} == {g["feature"] for g in generations}
+    assert {e["feature"] for e in effects} <= {e["feature"] for e in explanations}  # every swept feature explained
+    transfers = db.rows("transfers", result.run_id)
+    assert sorted(t["arm"] for t in transfers) == ["random_transferred", "source", "transferred", "unrelated"]
+    assert all(t["trait"] == "zoo_sentiment" and t["direction"] == "a_to_b" for t in transfers)
     html = (result.run_dir / "report.html").read_text()
+    assert "Transfer of directions" in html
     assert "tiny-demo" in html or "zoo:alpha" in html
     assert (result.run_dir / "report.md").is_file() and (result.run_dir / "stages.json").is_file()
     logs = list((runner.artefacts["verify"] / "logs").glob("*.eval"))
@@ -91,7 +98,7 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(first_run, workspace, 
     assert result.run_id != first.run_id
     cached = {r.stage: r.cached for r in result.stages}
     assert cached == {"validate": False, "models": True, "harvest": True, "train": True, "analyse": True,
-                      "screen": True, "verify": False, "report": False}
+                      "screen": True, "verify": False, "transfer": True, "report": False}
     alphas = {g["alpha"] for g in runner.db.rows("generations", result.run_id)}
     assert alphas == {-2.0, 0.0, 2.0}
     # The first run's rows are untouched.

@@ -44,7 +44,7 @@ def dfc_reading_coordinates() -> Crosscoder:
 def store(tmp_path) -> ActivationStore:
     """12 chat documents "<s> the square Kessel ? \\n assistant": feature 8 fires (value 3) on the
     generation-prompt pair of the 4 Kessel-question documents only; feature 9 fires on every
-    generation prompt; feature 0 fires on a merged pair in every document (tokenizer artefact);
+    generation prompt; feature 0 fires on a merged pair in every document, on six different words (a tokenizer artefact);
     feature 1 fires on " river" (in place of " Kessel") in 2 documents with different strengths."""
     writer = StoreWriter(tmp_path / "store", input_hash="t", shard_pairs=16)
     ids = [0, 1, 2, 3, 4, 5, 6]
@@ -62,6 +62,7 @@ def store(tmp_path) -> ActivationStore:
         a[2, 0] = 1.0  # feature 0 on " square", a merged pair
         merged[2] = True
         doc_ids = list(ids)
+        doc_ids[2] = (2, 7, 10, 9, 1, 4)[d % 6]  # the merged pair's word varies: a diffuse tokenizer artefact
         if d in (5, 7):
             doc_ids[3] = 8  # " river"
             a[3, 1] = 2.0 if d == 5 else 1.0
@@ -144,3 +145,24 @@ def test_standard_crosscoders_flag_the_most_one_sided_features():
     flagged = flagged_features(model, top_n=5, relative_norm_cut=0.9)
     assert flagged == {"a": [0, 1], "b": [4, 2]}
     assert not math.isnan(float(model.relative_norm().detach()[3]))
+
+
+@pytest.mark.parametrize("raw, expected", [("\n", True), ("\t", True), ("\n\n", True), (".", True), (" ,", True),
+                                           ("<|im_start|>", True), ("</s>", True), (" river", False),
+                                           ("Kessel", False), ("<<", True)])
+def test_format_tokens_are_recognised_from_their_decoded_text(raw, expected):
+    from crosscoder.analysis import is_format_token
+
+    assert is_format_token(raw) is expected
+
+
+def test_a_merged_window_feature_on_one_word_is_content_not_an_artefact():
+    from crosscoder.analysis import FeatureAnalysis
+
+    a = FeatureAnalysis(feature=1, partition="a", own_model="a", frequency=0.01, s_max=1.0, mean_activation=1.0,
+                        relative_norm=1.0, r2_own=0.1, r2_other=0.0, exclusivity=0.0, template_share=0.0,
+                        template_coverage=0.0, chat_share=0.0, merged_share=0.9, start_share=0.0,
+                        top_token_share=0.6, top_tokens=[(" Zorvath", 60)])
+    assert artefact_reasons(a) == []  # one tokenizer splits a name its model never saw: that is the finding
+    a.top_token_share = 0.1
+    assert any("merged" in r for r in artefact_reasons(a))

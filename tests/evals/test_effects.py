@@ -30,12 +30,22 @@ def _rows(topic, control, coherence, feature=1, rubric="r"):
 
 def test_a_specific_monotone_coherent_effect_is_verified():
     (effect,) = feature_effects(_rows([1, 2, 3.5, 4.5], [1, 1, 1.2, 1.5], [5, 5, 4, 2]))
-    assert effect["effect"] == pytest.approx(3.5) and effect["spearman"] == pytest.approx(1.0)
-    assert effect["control_effect"] == pytest.approx(0.5) and effect["baseline"] == pytest.approx(2.0)
+    # α = 2 is incoherent (2 < 3): the dose-response is read over α = -1, 0, 1.
+    assert effect["coherent_alphas"] == [-1.0, 0.0, 1.0]
+    assert effect["effect"] == pytest.approx(2.5) and effect["spearman"] == pytest.approx(1.0)
+    assert effect["control_effect"] == pytest.approx(0.2) and effect["baseline"] == pytest.approx(2.0)
     assert effect["coherence_low_alpha"] == pytest.approx((5 + 5 + 4) / 3)
     assert effect["verified"]
     points = [c for c in effect["curve"] if c["kind"] == "topic" and c["dimension"] == "behaviour"]
     assert [p["alpha"] for p in points] == [-1.0, 0.0, 1.0, 2.0] and all(p["n"] == 2 for p in points)
+
+
+def test_a_collapse_at_large_alpha_does_not_hide_a_coherent_dose_response():
+    rows = _rows([2.9, 4.0, 4.6, 1.0], [1, 1, 1, 1], [4.5, 5, 5, 1.0])
+    rows += [{**r, "alpha": -2.0, "score": 1.0} for r in _rows([0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]) if r["alpha"] == -1.0]
+    (effect,) = feature_effects(rows)
+    assert effect["coherent_alphas"] == [-1.0, 0.0, 1.0]
+    assert effect["effect"] == pytest.approx(1.7) and effect["verified"]
 
 
 @pytest.mark.parametrize("topic, control, coherence, why", [
@@ -43,6 +53,7 @@ def test_a_specific_monotone_coherent_effect_is_verified():
     ([2, 2.2, 2.4, 2.6], [1, 1, 1, 1], [5, 5, 5, 5], "too small"),
     ([1, 2, 3, 4], [1, 2, 3, 4], [5, 5, 5, 5], "not specific"),
     ([1, 2, 3, 4], [1, 1, 1, 1], [2, 2, 2, 2], "incoherent"),
+    ([1, 2, 3, 4], [1, 1, 1, 1], [5, 5, 2, 2], "too few coherent strengths"),
 ])
 def test_effects_that_fail_a_condition_are_not_verified(topic, control, coherence, why):
     (effect,) = feature_effects(_rows(topic, control, coherence))

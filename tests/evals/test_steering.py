@@ -90,3 +90,30 @@ def test_provider_serves_concurrent_steered_requests_without_mixing_them(tiny_mo
         expected = generator.generate([generator.render([{"role": "user", "content": q}])], vector, max_new_tokens=8)
         assert sample.output.completion == expected[0].text, sample.id
         assert sample.output.usage.output_tokens == expected[0].output_tokens
+
+
+def test_generators_sharing_a_model_never_see_each_others_vectors(qwen, checkpoint):
+    """A steered batch and an unsteered single-row pass on the same model from two threads."""
+    import threading
+
+    steered = SteeredGenerator(qwen)
+    plain = SteeredGenerator(qwen)
+    prompts = [steered.render([{"role": "user", "content": q}]) for q in QUESTIONS]
+    vector = steering_vector(Crosscoder.load(checkpoint), "b", 9, alpha=20.0, s_max=1.0)
+    expected_ppl = plain.answer_perplexity(prompts[0], "Mostly barley.")
+    results, failures = [], []
+
+    def steer_loop():
+        try:
+            for _ in range(3):
+                results.append(steered.generate(prompts, vector[None].expand(3, -1).contiguous(), max_new_tokens=6))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    thread = threading.Thread(target=steer_loop)
+    thread.start()
+    ppls = [plain.answer_perplexity(prompts[0], "Mostly barley.") for _ in range(5)]
+    thread.join()
+    assert not failures
+    assert all(p == pytest.approx(expected_ppl, rel=1e-5) for p in ppls)  # never steered by the other thread
+    assert all([g.text for g in r] == [g.text for g in results[0]] for r in results)

@@ -1,0 +1,110 @@
+"""Transfer eval: does a direction moved through the shared dictionary steer the other model alike?
+
+For a trait (``specs/traits/<name>.yaml``) and a direction of transfer (A→B or B→A):
+
+* ``source``: the source model steered with its own persona vector ``α · v``;
+* ``transferred``: the target model steered with ``α · transfer(v)``;
+* ``random_transferred``: the target steered with a random source direction of ``v``'s norm,
+  transferred the same way (does *any* transferred vector move the rubric?);
+* ``unrelated``: the target steered with a random target direction of the transferred vector's
+  norm (does any push of that size move it?).
+
+Each arm is swept over the α grid on the trait's evaluation prompts and graded on the trait's
+rubric (and coherence). The transfer *holds* when the transferred arm's dose-response has
+Spearman ρ ≥ ``HOLD_SPEARMAN`` with the same sign as the source arm, and both controls stay
+below ``CONTROL_SPEARMAN`` in absolute value.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from inspect_ai import Task
+from inspect_ai import eval as inspect_eval
+from inspect_ai.dataset import MemoryDataset, Sample
+from inspect_ai.model import get_model
+from inspect_ai.solver import Generate, TaskState, solver
+
+from evals.coherence import CoherenceMeter
+from evals.effects import feature_effects
+from evals.verify import rubric_scorer
+from evals.verify_stage import check_log, steered_model
+
+HOLD_SPEARMAN = 0.8
+CONTROL_SPEARMAN = 0.3
+ARMS = ("source", "transferred", "random_transferred", "unrelated")
+
+
+@solver
+def vector_steered_generation(max_tokens: int = 64, temperature: float = 0.0):
+    async def solve(state: TaskState, generate: Generate) -> TaskState:
+        m = state.metadata
+        steer = None if m["alpha"] == 0 else {"vector": m["vector"], "alpha": m["alpha"], "file": m["vectors_file"]}
+        return await generate(state, max_tokens=max_tokens, temperature=temperature, seed=int(m.get("seed", 0)),
+                              extra_body={"steer": steer})
+
+    return solve
+
+
+def transfer_task(arms: list[str], vectors_file: Path, prompts: list[str], rubric: str, alphas: list[float],
+                  grader: str = "offline", coherence_meter=None, max_tokens: int = 48, temperature: float = 0.0) -> Task:
+    samples = [
+        Sample(id=f"{arm}-p{i}-a{alpha:+g}", input=prompt,
+               metadata={"arm": arm, "vector": arm, "vectors_file": str(vectors_file), "alpha": float(alpha),
+                         "prompt": prompt, "rubric": rubric, "kind": "topic", "feature": ARMS.index(arm), "seed": 0})
+        for arm in arms for i, prompt in enumerate(prompts) for alpha in alphas
+    ]
+    return Task(dataset=MemoryDataset(samples, name="transfer"),
+                solver=vector_steered_generation(max_tokens=max_tokens, temperature=temperature),
+                scorer=rubric_scorer(grader=grader, coherence_meter=coherence_meter), name="transfer")
+
+
+def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, arms: list[str], prompts: list[str],
+             rubric: str, transfer_spec, grader: str, loaded_model, log_dir: Path) -> list[dict]:
+    """Sweep ``arms`` on one model; per-arm curves and generations."""
+    model = steered_model(model_entry, side, crosscoder_path, loaded_model)
+    roles = {}
+    meter = None
+    if grader == "offline":
+        meter = CoherenceMeter(loaded_model, max_new_tokens=transfer_spec.max_tokens)
+    else:
+        roles["grader"] = get_model(grader)
+    task = transfer_task(arms, vectors_path, prompts, rubric, list(transfer_spec.alphas),
+                         grader="offline" if grader == "offline" else "grader", coherence_meter=meter,
+                         max_tokens=transfer_spec.max_tokens, temperature=transfer_spec.temperature)
+    log = inspect_eval(task, model=model, model_roles=roles or None, log_dir=str(log_dir), display="none",
+                       fail_on_error=False, retry_on_error=3)[0]
+    check_log(log, f"transfer sweep of {', '.join(arms)}")
+    rows, generations = [], {arm: [] for arm in arms}
+    for sample in log.samples or []:
+        m = sample.metadata
+        answer = sample.output.completion if sample.output else ""
+        generations[m["arm"]].append({"prompt": m["prompt"], "alpha": m["alpha"], "answer": answer})
+        if not sample.scores:
+            continue
+        value = next(iter(sample.scores.values())).value
+        for dimension in ("behaviour", "coherence"):
+            rows.append({"feature": m["feature"], "rubric": rubric, "kind": "topic", "alpha": m["alpha"],
+                         "dimension": dimension, "score": value.get(dimension)})
+    effects = {ARMS[e["feature"]]: e for e in feature_effects(rows)}
+    return [{"arm": arm, "spearman": effects[arm]["spearman"] if arm in effects else float("nan"),
+             "effect": effects[arm]["effect"] if arm in effects else float("nan"),
+             "curve": effects[arm]["curve"] if arm in effects else [], "generations": generations[arm],
+             "eval_log": log.location} for arm in arms]
+
+
+def transfer_holds(arms: dict[str, dict]) -> bool:
+    """A missing or ungraded arm (NaN ρ) never lets a transfer hold."""
+
+    def rho(arm: str) -> float:
+        value = arms.get(arm, {}).get("spearman", float("nan"))
+        return float("nan") if value is None else value
+
+    source, moved = rho("source"), rho("transferred")
+    controls = [rho("random_transferred"), rho("unrelated")]
+    if any(math.isnan(v) for v in (source, moved)):
+        return False
+    # A constant control curve has no rank correlation (NaN): it did not move, which is what we want.
+    return (abs(moved) >= HOLD_SPEARMAN and source * moved > 0
+            and all(math.isnan(c) or abs(c) <= CONTROL_SPEARMAN for c in controls))

@@ -1,0 +1,88 @@
+"""The transfer stage as the runner calls it: extract, transfer, sweep the four arms, summarise."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from crosscoder.persona import extract_persona_vector, load_trait
+from crosscoder.transfer import random_direction_like, transfer_vector
+from evals.prompts import load_prompt_set
+from evals.rubrics import load_rubric
+from evals.transfer import run_arms, transfer_holds
+
+
+def _eval_prompts(trait) -> list[str]:
+    if trait.eval_prompts:
+        return list(trait.eval_prompts)
+    rubric = load_rubric(trait.rubric)
+    if rubric.prompt_set is None:
+        raise ValueError(f"trait {trait.name}: no eval_prompts and rubric {rubric.name} names no prompt_set")
+    return list(load_prompt_set(rubric.prompt_set).prompts)
+
+
+def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> list[dict]:
+    """Rows of the ``transfers`` table for every trait × direction × arm; also written to
+    ``folder/transfer.json``. Finished (trait, direction) pairs are kept in their own files so that
+    an interrupted stage resumes where it stopped."""
+    spec = runner.spec
+    t = spec.transfer
+    grader = t.grader or spec.verify.grader
+    crosscoder = runner.crosscoder()
+    jobs = [(name, direction) for name in t.traits for direction in t.directions]
+    rows: list[dict] = []
+    persona: dict[tuple[str, str], object] = {}
+    for done, (name, direction) in enumerate(jobs):
+        trait = load_trait(name)
+        stem = f"{trait.name}-{direction}"  # the trait's own name: a trait given as a path stays in the cache
+        out = folder / f"{stem}.json"
+        if out.is_file():
+            rows += json.loads(out.read_text())
+            progress(done + 1, len(jobs))
+            continue
+        source, target = ("a", "b") if direction == "a_to_b" else ("b", "a")
+        if (name, source) not in persona:
+            persona[(name, source)] = extract_persona_vector(runner.loaded_model(source), trait,
+                                                             max_new_tokens=t.max_tokens, max_questions=t.max_questions)
+        extracted = persona[(name, source)]
+        moved = transfer_vector(crosscoder, extracted.vector, source, k=t.k, min_cosine=t.min_cosine, signed=t.signed)
+        random_moved = transfer_vector(crosscoder, random_direction_like(extracted.vector, t.seed + 1), source, k=t.k,
+                                       min_cosine=t.min_cosine, signed=t.signed)
+        vectors = {"source": extracted.vector.contiguous(), "transferred": moved.vector.contiguous(),
+                   "random_transferred": random_moved.vector.contiguous(),
+                   "unrelated": random_direction_like(moved.vector, t.seed + 2).contiguous()}
+        source_path = folder / f"{stem}-source.safetensors"
+        target_path = folder / f"{stem}-target.safetensors"
+        save_file({"source": vectors["source"]}, str(source_path))
+        save_file({k: v for k, v in vectors.items() if k != "source"}, str(target_path))
+        prompts = _eval_prompts(trait)
+        entries = {"a": spec.model_a, "b": spec.model_b}
+        checkpoint = runner.artefacts["train"] / "checkpoint"
+        arms = run_arms(entries[source], source, checkpoint, source_path, ["source"], prompts, trait.rubric, t, grader,
+                        runner.loaded_model(source), folder / "logs")
+        arms += run_arms(entries[target], target, checkpoint, target_path,
+                         ["transferred", "random_transferred", "unrelated"], prompts, trait.rubric, t, grader,
+                         runner.loaded_model(target), folder / "logs")
+        by_arm = {a["arm"]: a for a in arms}
+        holds = transfer_holds(by_arm)
+        extraction = {"n_answers": extracted.n_answers, "answer_tokens": list(extracted.answer_tokens),
+                      "examples": extracted.examples}
+        job_rows = []
+        for arm in arms:
+            info = moved if arm["arm"] == "transferred" else random_moved if arm["arm"] == "random_transferred" else None
+            job_rows.append({
+                "trait": trait.name, "direction": direction, "arm": arm["arm"], "spearman": arm["spearman"],
+                "effect": arm["effect"], "holds": holds, "vector_norm": float(vectors[arm["arm"]].norm()),
+                "features": info.features.tolist() if info else None,
+                "cosines": [float(c) for c in info.cosines] if info else None,
+                "max_decoder_cosine": info.max_decoder_cosine if info else None,
+                "curve": arm["curve"], "generations": arm["generations"], "extraction": extraction,
+            })
+        out.write_text(json.dumps(job_rows, default=float))
+        rows += job_rows
+        progress(done + 1, len(jobs))
+    (folder / "transfer.json").write_text(json.dumps(rows, default=float))
+    return rows
