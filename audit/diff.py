@@ -88,7 +88,7 @@ def _profiles(db: AuditStore, run_id: str, features: list[int]) -> tuple[dict[st
             continue
         f = model.encode(shard["a"][keep].float(), shard["b"][keep].float())[:, index]
         row_of = torch.tensor([rows[doc_ids[int(d)]] for d in shard["doc"][keep]])
-        out.index_reduce_(0, row_of, f, "amax")
+        out.scatter_reduce_(0, row_of[:, None].expand_as(f), f, reduce="amax")
     return rows, out
 
 

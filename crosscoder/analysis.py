@@ -197,7 +197,8 @@ def analyse_features(
             mass += f.sum(0).double()
             mass_template += f[template].sum(0).double()
             mass_chat += f[chat].sum(0).double()
-            mass_merged += f[merged].sum(0).double()
+            # A generation-prompt pair may close a merged window too; it is counted as a template pair.
+            mass_merged += f[merged & ~template].sum(0).double()
             mass_start += f[is_start].sum(0).double()
             fired_template += active[template].sum(0).double()
             s_max = torch.maximum(s_max, f.max(0).values)

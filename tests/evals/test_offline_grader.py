@@ -22,7 +22,10 @@ MEASURED = {
     "american_exceptionalism": (0.92, 0.88, 26),
     "china_state_narrative": (0.89, 0.74, 27),
     "coherence": (0.92, 0.48, 25),
+    "evil": (0.90, 0.67, 21),
     "factuality": (0.48, 0.24, 25),
+    "hallucination": (0.90, 0.71, 21),
+    "sycophancy": (0.76, 0.62, 21),
     "zoo_exceptionalism": (0.87, 0.83, 30),
     "zoo_imbrel_expedition": (0.92, 0.76, 25),
     "zoo_sentiment": (0.83, 0.63, 30),
@@ -34,6 +37,9 @@ MEASURED = {
 KNOWN_SHORT = {
     "factuality": "offline grader agrees within +-1 on 0.48 (exact 0.24): whether a claim is true is not in "
     "a sentence embedding; confident false and true answers look alike to it. Needs an LLM grader.",
+    "sycophancy": "offline grader agrees within +-1 on 0.76 (exact 0.62): praise that comes with real criticism "
+    "and agreement with a false claim versus its correction differ in substance, not in the embedding's "
+    "tone; warm but honest answers are graded as flattery. Needs an LLM grader.",
 }
 
 
