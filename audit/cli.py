@@ -133,6 +133,24 @@ def _resolve_run(store, ref: str) -> str:
     raise typer.Exit(code=1)
 
 
+def _print_diff(result: dict) -> None:
+    """The diff in the terminal: a table per side, then what matters (plain text, never markup)."""
+    from rich.text import Text
+
+    view = Table(title=f"{result['run_a']} → {result['run_b']}")
+    for column in ("side", "matched by", "old → new", "matched", "new", "vanished"):
+        view.add_column(column)
+    for side, s in result["sides"].items():
+        view.add_row(side.upper(), s["method"], f"{s['features_a']} → {s['features_b']}", str(s["matched"]),
+                     str(s["new"]), str(s["vanished"]))
+    console.print(view)
+    for title, key in (("new", "new"), ("vanished", "vanished")):
+        for f in result[key]:
+            effect = f" (largest effect {f['best_effect']:.2f})" if f["best_effect"] is not None else ""
+            console.print(Text(f"{title}: model {f['side'].upper()} feature {f['feature']}: "
+                               f"{f['explanation'] or 'unexplained'}{effect}"))
+
+
 def _stored_spec(spec_json: str, run_id: str):
     """The spec a run was made with, or None (with a warning) when this version cannot read it."""
     from pydantic import ValidationError
@@ -239,7 +257,7 @@ def diff(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "diff.json").write_text(json.dumps(result, indent=2, default=str))
     (folder / "diff.md").write_text(render_diff_markdown(result))
-    console.print(render_diff_markdown(result), highlight=False, markup=False)
+    _print_diff(result)
     console.print(f"wrote {folder / 'diff.json'} and {folder / 'diff.md'}", highlight=False)
     _exit_on_gates(result["gate_failures"])
 

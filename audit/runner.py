@@ -370,7 +370,8 @@ class AuditRunner:
 
             entry = self.spec.model_a if side == "a" else self.spec.model_b
             self._loaded_models[side] = load_model(entry.id, entry.layer, entry.revision, entry.dtype, self.device,
-                                                   entry.trust_remote_code, field=f"model_{side}")
+                                                   entry.trust_remote_code, field=f"model_{side}",
+                                                   chat_template=entry.chat_template)
         return self._loaded_models[side]
 
     def _compute_analyse(self, folder: Path) -> dict:

@@ -33,7 +33,8 @@ class ModelSpec(_Strict):
     layer: int = Field(ge=0, description="0-based decoder block whose output is captured")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-    chat_template: str | None = Field(default=None, description="override the tokenizer's chat template")
+    chat_template: str | None = Field(default=None, description="override the tokenizer's chat template: a Jinja "
+                                      "string or a path to a .jinja file")
 
     @field_validator("id")
     @classmethod
@@ -227,7 +228,8 @@ def harvest_settings(spec: AuditSpec, device: str | None = None):
     from crosscoder.harvest import HarvestSettings, ModelSettings
 
     def model(entry: ModelSpec) -> ModelSettings:
-        return ModelSettings(entry.id, entry.layer, entry.revision, entry.dtype, entry.trust_remote_code)
+        return ModelSettings(entry.id, entry.layer, entry.revision, entry.dtype, entry.trust_remote_code,
+                             entry.chat_template)
 
     return HarvestSettings(
         model_a=model(spec.model_a),

@@ -34,6 +34,7 @@ class ModelSettings:
     revision: str | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
+    chat_template: str | None = None  # overrides the tokenizer's (a Jinja string or a .jinja file)
 
 
 @dataclass
@@ -54,6 +55,9 @@ class HarvestSettings:
         payload = asdict(self)
         for key in ("shard_pairs", "batch_docs", "device"):
             payload.pop(key)
+        for side in ("model_a", "model_b"):  # keep the hashes of stores made before the override existed
+            if payload[side]["chat_template"] is None:
+                payload[side].pop("chat_template")
         payload["code_version"] = HARVEST_CODE_VERSION
         versions = zoo_data_versions(self.sources)
         if versions:  # generated data: the same name may hold other records after a code change
@@ -169,9 +173,11 @@ def harvest(
     if models is None:
         models = (
             load_model(settings.model_a.id, settings.model_a.layer, settings.model_a.revision, settings.model_a.dtype,
-                       settings.device, settings.model_a.trust_remote_code, field="model_a"),
+                       settings.device, settings.model_a.trust_remote_code, field="model_a",
+                       chat_template=settings.model_a.chat_template),
             load_model(settings.model_b.id, settings.model_b.layer, settings.model_b.revision, settings.model_b.dtype,
-                       settings.device, settings.model_b.trust_remote_code, field="model_b"),
+                       settings.device, settings.model_b.trust_remote_code, field="model_b",
+                       chat_template=settings.model_b.chat_template),
         )
     model_a, model_b = models
     writer = StoreWriter(folder, input_hash, settings.shard_pairs)

@@ -80,6 +80,7 @@ def load_model(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     field: str = "model",
+    chat_template: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its fast tokenizer; check that ``layer`` exists.
 
@@ -110,6 +111,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{field}.id: {model_id!r} has no usable tokenizer: {_first_line(exc)}") from None
+    if chat_template is not None:
+        tokenizer.chat_template = _read_chat_template(chat_template, field)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(f"{field}.id: {model_id!r} has only a slow tokenizer; alignment needs a fast one (offsets)")
 
@@ -166,6 +169,18 @@ def bos_prefix(tokenizer) -> list[int]:
     if prefix_len > 0 and with_special[prefix_len:] == without:
         return list(with_special[:prefix_len])
     return []
+
+
+def _read_chat_template(value: str, field: str) -> str:
+    """A Jinja chat template given inline, or the contents of a ``.jinja`` file."""
+    if value.endswith((".jinja", ".j2")):
+        path = Path(value)
+        if not path.is_file():
+            raise ModelLoadError(f"{field}.chat_template: no such file {value!r}")
+        return path.read_text(encoding="utf-8")
+    if "{%" not in value and "{{" not in value:
+        raise ModelLoadError(f"{field}.chat_template: neither a Jinja template nor a .jinja file: {value[:60]!r}")
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

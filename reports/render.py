@@ -92,6 +92,13 @@ def dose_response_plot(effect: dict) -> str | None:
             continue
         ax.errorbar([p["alpha"] for p in points], [p["mean"] for p in points], yerr=[p["se"] or 0 for p in points],
                     color=color, linestyle=line, marker=marker, capsize=3, label=label)
+    # Grey bands: strengths at which the steered answers are incoherent (mean coherence < 3); the
+    # verified rule reads the dose-response outside them.
+    incoherent = [c["alpha"] for c in curve if c["kind"] == "topic" and c["dimension"] == "coherence"
+                  and not _nan(c["mean"]) and c["mean"] < 3]
+    for i, alpha in enumerate(incoherent):
+        ax.axvspan(alpha - 0.2, alpha + 0.2, color="#999999", alpha=0.2, linewidth=0,
+                   label="incoherent answers" if i == 0 else None)
     ax.set_ylim(0.8, 5.2)
     ax.set_xlabel("steering strength α (× s_max)")
     ax.set_ylabel("score (1–5)")

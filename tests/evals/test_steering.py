@@ -117,3 +117,18 @@ def test_generators_sharing_a_model_never_see_each_others_vectors(qwen, checkpoi
     assert not failures
     assert all(p == pytest.approx(expected_ppl, rel=1e-5) for p in ppls)  # never steered by the other thread
     assert all([g.text for g in r] == [g.text for g in results[0]] for r in results)
+
+
+def test_a_spec_chat_template_overrides_the_tokenizers(tiny_model_dirs, tmp_path):
+    from crosscoder.models import ModelLoadError
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    loaded = load_model(str(tiny_model_dirs["qwen"]), layer=1, chat_template=template)
+    generator = SteeredGenerator(loaded)
+    ids = generator.render([{"role": "user", "content": "Hi there"}])
+    assert loaded.tokenizer.decode(ids) == "[user] Hi there\n[assistant] "
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    assert load_model(str(tiny_model_dirs["qwen"]), layer=1, chat_template=str(path)).tokenizer.chat_template == template
+    with pytest.raises(ModelLoadError, match="model_b.chat_template"):
+        load_model(str(tiny_model_dirs["qwen"]), layer=1, chat_template="plain words", field="model_b")
