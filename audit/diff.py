@@ -62,8 +62,14 @@ def _model_key(spec: dict, side: str) -> tuple:
 
 
 @torch.no_grad()
-def _profiles(db: AuditStore, run_id: str, features: list[int]) -> tuple[dict[str, int], torch.Tensor] | None:
-    """``({doc source id: row}, [n_docs, n_features])`` of per-document max activations."""
+def _profiles(db: AuditStore, run_id: str, features: list[int], position_key: str | None = None
+              ) -> tuple[dict, torch.Tensor] | None:
+    """``({key: row}, [n_keys, n_features])`` of max activations per key.
+
+    The key is the document (its source id), or, when ``position_key`` ("pos_a" / "pos_b") names a
+    model whose tokenizer is the same in both runs, the (document, token position) pair: token-level
+    profiles tell apart features that fire in the same documents at different places.
+    """
     from crosscoder import Crosscoder
     from crosscoder.store import ActivationStore
 
@@ -78,17 +84,28 @@ def _profiles(db: AuditStore, run_id: str, features: list[int]) -> tuple[dict[st
             break
         doc_ids[rec["doc"]] = str(rec["id"])
     index = torch.tensor(features)
-    rows = {source: i for i, source in enumerate(doc_ids.values())}
-    out = torch.zeros(len(rows), len(features))
+    keys: list = []
+    values: list[torch.Tensor] = []
     for shard_index in range(len(store.shard_paths())):
-        shard = store.load_shard(shard_index, ("a", "b", "doc"))
-        keep = shard["doc"] < (max(doc_ids) + 1 if doc_ids else 0)
-        keep &= torch.isin(shard["doc"], torch.tensor(list(doc_ids)))
+        shard = store.load_shard(shard_index, ("a", "b", "doc", "pos_a", "pos_b"))
+        keep = torch.isin(shard["doc"], torch.tensor(list(doc_ids)))
         if not keep.any():
             continue
-        f = model.encode(shard["a"][keep].float(), shard["b"][keep].float())[:, index]
-        row_of = torch.tensor([rows[doc_ids[int(d)]] for d in shard["doc"][keep]])
-        out.scatter_reduce_(0, row_of[:, None].expand_as(f), f, reduce="amax")
+        values.append(model.encode(shard["a"][keep].float(), shard["b"][keep].float())[:, index])
+        docs = [doc_ids[int(d)] for d in shard["doc"][keep]]
+        if position_key is None:
+            keys += docs
+        else:
+            keys += list(zip(docs, shard[position_key][keep].tolist(), strict=True))
+    if not values:
+        return None
+    rows: dict = {}
+    for key in keys:
+        rows.setdefault(key, len(rows))
+    f = torch.cat(values)
+    row_of = torch.tensor([rows[k] for k in keys])
+    out = torch.zeros(len(rows), len(features))
+    out.scatter_reduce_(0, row_of[:, None].expand_as(f), f, reduce="amax")
     return rows, out
 
 
@@ -136,8 +153,12 @@ def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tup
             if dec_a.shape[1] == dec_b.shape[1]:
                 cos = torch.nn.functional.normalize(dec_a, dim=1) @ torch.nn.functional.normalize(dec_b, dim=1).T
                 score, methods = cos / DECODER_MATCH, ["decoder cosine"]
-    prof_a = _profiles(db, run_a, ids_a)
-    prof_b = _profiles(db, run_b, ids_b)
+    # Token-level profiles when one model (hence its tokenizer) is the same in both runs.
+    other = "b" if side == "a" else "a"
+    position_key = (f"pos_{other}" if _model_key(spec_a, other) == _model_key(spec_b, other)
+                    else f"pos_{side}" if _model_key(spec_a, side) == _model_key(spec_b, side) else None)
+    prof_a = _profiles(db, run_a, ids_a, position_key)
+    prof_b = _profiles(db, run_b, ids_b, position_key)
     if prof_a is not None and prof_b is not None:
         shared = sorted(set(prof_a[0]) & set(prof_b[0]))
         if len(shared) >= 10:
@@ -145,7 +166,8 @@ def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tup
             rows_b = torch.tensor([prof_b[0][s] for s in shared])
             corr = _correlate(prof_a[1][rows_a], prof_b[1][rows_b]) / PROFILE_MATCH
             score = corr if score is None else torch.maximum(score, corr)
-            methods.append(f"activation profiles on {len(shared)} shared documents")
+            unit = "documents" if position_key is None else "token positions"
+            methods.append(f"activation profiles on {len(shared)} shared {unit}")
     if score is not None:
         return _greedy(score, 1.0), " or ".join(methods)
     texts_a = [f["explanation"] or "" for f in feats_a]

@@ -162,3 +162,18 @@ def test_runs_show_and_report_commands(first_run, workspace):
     out = workspace / "rerendered"
     rendered = cli.invoke(app, ["report", result.run_id, "--workspace", str(workspace), "--out", str(out)])
     assert rendered.exit_code == 0 and (out / "report.html").is_file()
+
+
+def test_diffing_two_runs_of_one_crosscoder_finds_nothing_new(first_run, workspace, tmp_path):
+    from audit.diff import diff_runs
+
+    runner, first = first_run
+    spec_path = write_spec(tmp_path, verify={"alphas": [-2, 0, 2]})  # same harvest and crosscoder, other sweep
+    second = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+    result = diff_runs(runner.db, first.run_id, second.run_id)
+    for side in ("a", "b"):
+        s = result["sides"][side]
+        assert s["matched"] == s["features_a"] == s["features_b"] > 0
+        assert "decoder cosine" in s["method"] and "token positions" in s["method"]
+        assert s["new"] == s["vanished"] == 0
+    assert result["new"] == result["vanished"] == []
