@@ -25,7 +25,16 @@ _MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
 def highlight(text: str | None) -> Markup:
     """Escape ``text`` and show its ``<<marked>>`` tokens highlighted."""
     escaped = str(escape(text or ""))
-    return Markup(_MARK.sub(lambda m: f"<mark>{m.group(1)}</mark>", escaped))
+    return Markup(_MARK.sub(_mark, escaped))
+
+
+def _mark(match: re.Match) -> str:
+    token = match.group(1)
+    if token.strip():
+        return f"<mark>{token}</mark>"
+    # A whitespace token (often the newline that opens an assistant turn) gets a visible sign.
+    shown = token.replace(" ", "␣").replace("\t", "⇥").replace("\n", "⏎")
+    return f"<mark>{shown}</mark>" + ("\n" if "\n" in token else "")
 
 
 def markdown_text(value) -> str:

@@ -63,3 +63,8 @@ def test_report_escapes_untrusted_text_and_puts_verified_findings_first(tmp_path
 
 def test_highlight_marks_only_after_escaping():
     assert str(highlight("a <<b>> <i>c</i>")) == "a <mark>b</mark> &lt;i&gt;c&lt;/i&gt;"
+
+
+def test_whitespace_tokens_are_marked_visibly():
+    assert str(highlight("assistant<<\n>>")) == "assistant<mark>⏎</mark>\n"
+    assert str(highlight("a<< >>b")) == "a<mark>␣</mark>b"
