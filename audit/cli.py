@@ -113,6 +113,13 @@ def run(
     _exit_on_gates(result.gate_failures)
 
 
+def _store(workspace: Path, db: Path | None):
+    """The workspace's DuckDB store (``--db`` overrides ``<workspace>/audit.duckdb``)."""
+    from .store import AuditStore
+
+    return AuditStore(db or workspace / "audit.duckdb")
+
+
 def _resolve_run(store, ref: str) -> str:
     """A run id, a spec file (its run id) or a spec name (its latest run) → a run id in the store."""
     from .runner import run_id_for
@@ -178,9 +185,8 @@ def runs(
     db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
 ) -> None:
     """List the runs in the workspace's store."""
-    from .store import AuditStore
 
-    store = AuditStore(db or workspace / "audit.duckdb")
+    store = _store(workspace, db)
     view = Table(title=str(store.path))
     view.add_column("run", no_wrap=True)  # the id is what users copy; never wrap it
     for column in ("models", "status", "updated", "flagged", "verified", "report"):
@@ -205,9 +211,8 @@ def report(
     """Re-render a run's report from the store."""
     from reports.render import render_run
 
-    from .store import AuditStore
 
-    store = AuditStore(db or workspace / "audit.duckdb")
+    store = _store(workspace, db)
     found = store.run(run_id)
     if found is None:
         errors.print(f"no run {run_id!r} in {store.path}; `audit runs` lists them", highlight=False, markup=False)
@@ -226,9 +231,8 @@ def show(
 ) -> None:
     """Print one feature's card in the terminal."""
     from .show import feature_card
-    from .store import AuditStore
 
-    store = AuditStore(db or workspace / "audit.duckdb")
+    store = _store(workspace, db)
     try:
         feature_card(store, run_id, feature, console)
     except KeyError as exc:
@@ -247,9 +251,8 @@ def diff(
 ) -> None:
     """Compare two audits: new, vanished and changed exclusive features; exits 3 when a gate fires."""
     from .diff import diff_runs, render_diff_markdown
-    from .store import AuditStore
 
-    store = AuditStore(db or workspace / "audit.duckdb")
+    store = _store(workspace, db)
     run_a, run_b = _resolve_run(store, run_a), _resolve_run(store, run_b)
     gates_spec = load_spec(spec) if spec else _stored_spec(store.run(run_b)["spec_json"], run_b)
     result = diff_runs(store, run_a, run_b, gates_spec.gates if gates_spec else [])

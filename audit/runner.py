@@ -120,6 +120,7 @@ class AuditRunner:
         self.hashes: dict[str, str] = {}
         self.artefacts: dict[str, Path] = {}
         self._loaded_models: dict[str, Any] = {}
+        self._meters: dict[tuple[str, int], Any] = {}
         self._missing: list[str] = []  # earlier stages neither run nor cached in this invocation
 
     # ---- driving ------------------------------------------------------------------------------
@@ -374,6 +375,16 @@ class AuditRunner:
                                                    chat_template=entry.chat_template)
         return self._loaded_models[side]
 
+    def coherence_meter(self, side: str, max_new_tokens: int):
+        """One offline coherence grader per model and answer length, shared by every sweep: its
+        unsteered baseline answers are computed once, and its steering hook is registered once."""
+        from evals.coherence import CoherenceMeter
+
+        key = (side, max_new_tokens)
+        if key not in self._meters:
+            self._meters[key] = CoherenceMeter(self.loaded_model(side), max_new_tokens=max_new_tokens)
+        return self._meters[key]
+
     def _compute_analyse(self, folder: Path) -> dict:
         from crosscoder.analysis import analyse_features, flagged_features, unembedding
 
@@ -467,7 +478,8 @@ class AuditRunner:
                 if not out.is_file():  # resume: finished features are kept
                     side = item["own_model"]
                     result = run_sweep(item, self.spec, self.artefacts["train"] / "checkpoint",
-                                       self.loaded_model(side), folder / "logs", self.device)
+                                       self.loaded_model(side), folder / "logs",
+                                       self.coherence_meter(side, self.spec.verify.max_tokens))
                     _write_json(out, result)
                 progress.advance(task)
         return {"features": len(plan)}

@@ -23,13 +23,12 @@ from pathlib import Path
 from inspect_ai import Task
 from inspect_ai import eval as inspect_eval
 from inspect_ai.dataset import MemoryDataset, Sample
-from inspect_ai.model import get_model
 from inspect_ai.solver import Generate, TaskState, solver
 
 from evals.coherence import CoherenceMeter
 from evals.effects import feature_effects
 from evals.verify import rubric_scorer
-from evals.verify_stage import check_log, steered_model
+from evals.verify_stage import check_log, grading, steered_model
 
 HOLD_SPEARMAN = 0.8
 CONTROL_SPEARMAN = 0.3
@@ -61,17 +60,13 @@ def transfer_task(arms: list[str], vectors_file: Path, prompts: list[str], rubri
 
 
 def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, arms: list[str], prompts: list[str],
-             rubric: str, transfer_spec, grader: str, loaded_model, log_dir: Path) -> list[dict]:
+             rubric: str, transfer_spec, grader: str, loaded_model, log_dir: Path,
+             coherence_meter: CoherenceMeter | None = None) -> list[dict]:
     """Sweep ``arms`` on one model; per-arm curves and generations."""
     model = steered_model(model_entry, side, crosscoder_path, loaded_model)
-    roles = {}
-    meter = None
-    if grader == "offline":
-        meter = CoherenceMeter(loaded_model, max_new_tokens=transfer_spec.max_tokens)
-    else:
-        roles["grader"] = get_model(grader)
+    grader, meter, roles = grading(grader, coherence_meter)
     task = transfer_task(arms, vectors_path, prompts, rubric, list(transfer_spec.alphas),
-                         grader="offline" if grader == "offline" else "grader", coherence_meter=meter,
+                         grader=grader, coherence_meter=meter,
                          max_tokens=transfer_spec.max_tokens, temperature=transfer_spec.temperature)
     log = inspect_eval(task, model=model, model_roles=roles or None, log_dir=str(log_dir), display="none",
                        fail_on_error=False, retry_on_error=3)[0]

@@ -62,10 +62,10 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
         entries = {"a": spec.model_a, "b": spec.model_b}
         checkpoint = runner.artefacts["train"] / "checkpoint"
         arms = run_arms(entries[source], source, checkpoint, source_path, ["source"], prompts, trait.rubric, t, grader,
-                        runner.loaded_model(source), folder / "logs")
+                        runner.loaded_model(source), folder / "logs", runner.coherence_meter(source, t.max_tokens))
         arms += run_arms(entries[target], target, checkpoint, target_path,
                          ["transferred", "random_transferred", "unrelated"], prompts, trait.rubric, t, grader,
-                         runner.loaded_model(target), folder / "logs")
+                         runner.loaded_model(target), folder / "logs", runner.coherence_meter(target, t.max_tokens))
         by_arm = {a["arm"]: a for a in arms}
         holds = transfer_holds(by_arm)
         extraction = {"n_answers": extracted.n_answers, "answer_tokens": list(extracted.answer_tokens),

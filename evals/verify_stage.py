@@ -120,19 +120,27 @@ def steered_model(entry, side: str, crosscoder_path: Path, loaded_model):
                      shared=key)
 
 
-def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Path, device: str | None = None) -> dict:
+def grading(grader: str, coherence_meter: CoherenceMeter | None) -> tuple[str, CoherenceMeter | None, dict]:
+    """``(scorer's grader argument, coherence meter, Inspect model roles)`` for a spec's grader.
+
+    Offline grading needs the caller's ``CoherenceMeter`` (one per model, kept across sweeps so that
+    its unsteered baselines are computed once); an LLM grader is the ``grader`` model role.
+    """
+    if grader == "offline":
+        if coherence_meter is None:
+            raise ValueError("offline grading needs a CoherenceMeter for the steered model")
+        return "offline", coherence_meter, {}
+    return "grader", None, {"grader": get_model(grader)}
+
+
+def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Path,
+              coherence_meter: CoherenceMeter | None = None) -> dict:
     """Sweep one feature on its rubrics; rows for the generations, scores and effects tables."""
     v = spec.verify
     entry = spec.model_a if item["own_model"] == "a" else spec.model_b
     steered = steered_model(entry, item["own_model"], crosscoder_path, loaded_model)
-    roles = {}
-    meter = None
-    if v.grader == "offline":
-        meter = CoherenceMeter(loaded_model, max_new_tokens=v.max_tokens)
-    else:
-        roles["grader"] = get_model(v.grader)
-    task = verify_task([item], item["rubrics"], list(v.alphas), grader="offline" if v.grader == "offline" else "grader",
-                       coherence_meter=meter, max_tokens=v.max_tokens, temperature=v.temperature,
+    grader, meter, roles = grading(v.grader, coherence_meter)
+    task = verify_task([item], item["rubrics"], list(v.alphas), grader=grader, coherence_meter=meter, max_tokens=v.max_tokens, temperature=v.temperature,
                        samples_per_prompt=v.samples_per_prompt, max_prompts=v.max_prompts)
     log = inspect_eval(task, model=steered, model_roles=roles or None, log_dir=str(log_dir), display="none",
                        fail_on_error=False, retry_on_error=3)[0]
