@@ -309,6 +309,11 @@ def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[Span]]:
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
+def encode_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without added special tokens, exactly as the aligners tokenize it."""
+    return list(_encode(tokenizer, text)[0])
+
+
 def align_encodings(
     text: str,
     offsets_a: Sequence[Span],

@@ -13,14 +13,17 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .align import align_chat, align_text
+from .align import align_chat, align_text, encode_ids, render_chat
 from .data import SourceSettings, iter_records
+from .distributed import DistContext, all_gather_objects, barrier, rank_device
+from .distributed import current as current_context
 from .models import LoadedModel, bos_prefix, capture_block_output, load_model
 from .store import ActivationStore, StoreWriter
 
@@ -151,19 +154,44 @@ def _new_stats() -> dict:
             "merged_pairs": 0, "cut_reasons": {}, "elapsed_s": 0.0}
 
 
+def count_tokens_a(record: dict, model_a: LoadedModel, context_length: int) -> int:
+    """``len(prepare_record(record, …).ids_a)`` without aligning: what the token budget counts.
+
+    Every rank of a distributed harvest counts every record, its own and the others', so that all
+    ranks stop where a one-process harvest stops.
+    """
+    tokenizer = model_a.tokenizer
+    if "messages" in record:
+        rendered = render_chat(record["messages"], tokenizer, bool(record.get("add_generation_prompt")))
+        length = len(encode_ids(tokenizer, rendered))
+    else:
+        length = len(bos_prefix(tokenizer)) + len(encode_ids(tokenizer, record["text"].rstrip()))
+    return min(length, context_length)
+
+
 def harvest(
     settings: HarvestSettings,
     folder: str | Path,
     *,
     models: tuple[LoadedModel, LoadedModel] | None = None,
     progress: bool = False,
+    on_shard: Callable[[int], None] | None = None,
+    sync: DistContext | None = None,
 ) -> ActivationStore:
     """Harvest into ``folder`` and return the finished store.
 
     A finished store with the same input hash is returned as is; an interrupted one resumes after
-    its last committed shard. ``models`` lets a caller pass already-loaded models.
+    its last committed shard. ``models`` lets a caller pass already-loaded models. ``on_shard(n)``
+    runs after each committed shard (``n``: this rank's shards so far).
+
+    Distributed (under ``torchrun``; ``sync`` defaults to the initialised process group): record
+    ``i`` of the data stream goes to rank ``i mod N``; every rank counts every record's tokens, so
+    all stop at the record where one process would, and N ranks store exactly the pairs one
+    process stores. Each rank writes and resumes its own shards; rank 0 merges the statistics and
+    writes ``meta.json``.
     """
     folder = Path(folder)
+    sync = sync if sync is not None else current_context()
     input_hash = settings.input_hash()
     meta_path = folder / "meta.json"
     if meta_path.is_file():
@@ -171,37 +199,40 @@ def harvest(
         if store.meta.get("input_hash") == input_hash:
             return store
     if models is None:
-        models = (
-            load_model(settings.model_a.id, settings.model_a.layer, settings.model_a.revision, settings.model_a.dtype,
-                       settings.device, settings.model_a.trust_remote_code, field="model_a",
-                       chat_template=settings.model_a.chat_template),
-            load_model(settings.model_b.id, settings.model_b.layer, settings.model_b.revision, settings.model_b.dtype,
-                       settings.device, settings.model_b.trust_remote_code, field="model_b",
-                       chat_template=settings.model_b.chat_template),
+        device = rank_device(settings.device, sync)
+        models = tuple(
+            load_model(entry.id, entry.layer, entry.revision, entry.dtype, device, entry.trust_remote_code,
+                       field=side, chat_template=entry.chat_template)
+            for side, entry in (("model_a", settings.model_a), ("model_b", settings.model_b))
         )
     model_a, model_b = models
-    writer = StoreWriter(folder, input_hash, settings.shard_pairs)
+    writer = StoreWriter(folder, input_hash, settings.shard_pairs, sync.rank, sync.world_size)
     stats = writer.stats or _new_stats()
-    records = iter_records(settings.sources, settings.seed)
-    for _ in range(writer.docs_consumed):  # resume: these records are already in committed shards
-        next(records, None)
+    resume_after = writer.progress["next_record"]  # this rank's records before it are committed
+    records = enumerate(iter_records(settings.sources, settings.seed))
 
-    bar = _HarvestProgress(settings.max_tokens, stats) if progress else None
+    bar = _HarvestProgress(settings.max_tokens) if progress and sync.is_main else None
     started = time.perf_counter() - stats["elapsed_s"]
+    budget_used = 0  # model A tokens of all records so far, every rank's
     try:
-        while stats["tokens_a"] < settings.max_tokens:
-            batch: list[_Prepared] = []
-            for record in records:
-                prepared = prepare_record(record, model_a, model_b, settings.context_length)
-                batch.append(prepared)
-                stats["tokens_a"] += len(prepared.ids_a)
-                if len(batch) >= settings.batch_docs or stats["tokens_a"] >= settings.max_tokens:
+        while budget_used < settings.max_tokens:
+            batch: list[tuple[int, _Prepared]] = []
+            for index, record in records:
+                if index % sync.world_size == sync.rank and index >= resume_after:
+                    prepared = prepare_record(record, model_a, model_b, settings.context_length)
+                    batch.append((index, prepared))
+                    tokens = len(prepared.ids_a)
+                    stats["tokens_a"] += tokens
+                else:
+                    tokens = count_tokens_a(record, model_a, settings.context_length)
+                budget_used += tokens
+                if len(batch) >= settings.batch_docs or budget_used >= settings.max_tokens:
                     break
             if not batch:
-                break  # the sources ran out before the budget
-            hidden_a = _run_batch(model_a, [p.ids_a for p in batch])
-            hidden_b = _run_batch(model_b, [p.ids_b for p in batch])
-            for row, prepared in enumerate(batch):
+                break  # the budget is spent, or the sources ran out
+            hidden_a = _run_batch(model_a, [p.ids_a for _, p in batch])
+            hidden_b = _run_batch(model_b, [p.ids_b for _, p in batch])
+            for row, (index, prepared) in enumerate(batch):
                 pos_a, pos_b = torch.tensor(prepared.pos_a, dtype=torch.long), torch.tensor(prepared.pos_b, dtype=torch.long)
                 doc = {"id": prepared.record["id"], "ids_a": prepared.ids_a, "ids_b": prepared.ids_b,
                        "chat": prepared.in_chat}
@@ -209,28 +240,58 @@ def harvest(
                 if prepared.generation_prompt_pair:
                     template[-1] = True
                 writer.add_document(doc, hidden_a[row, pos_a], hidden_b[row, pos_b], pos_a, pos_b,
-                                    torch.tensor(prepared.merged, dtype=torch.bool), prepared.in_chat, template)
+                                    torch.tensor(prepared.merged, dtype=torch.bool), prepared.in_chat, template,
+                                    number=index)
                 _count(stats, prepared)
             stats["elapsed_s"] = time.perf_counter() - started
             if writer.should_flush():
                 writer.flush(stats)
+                if on_shard is not None:
+                    on_shard(len(writer.progress["shards"]))
             if bar is not None:
-                bar.update(stats)
+                bar.update(budget_used, stats, sync.world_size)
         writer.flush(stats)
+        if on_shard is not None:
+            on_shard(len(writer.progress["shards"]))
     finally:
         if bar is not None:
             bar.close()
-    meta = {
-        "model_a": model_a.describe(),
-        "model_b": model_b.describe(),
-        "data": {"sources": [asdict(s) for s in settings.sources], "max_tokens": settings.max_tokens,
-                 "context_length": settings.context_length, "seed": settings.seed,
-                 "zoo_data_versions": zoo_data_versions(settings.sources)},
-        "dtype": {"a": str(model_a.dtype).removeprefix("torch."), "b": str(model_b.dtype).removeprefix("torch.")},
-        "alignment": alignment_summary(stats),
-    }
-    writer.finalize(meta, target_norm=math.sqrt((model_a.d_model + model_b.d_model) / 2))
+
+    # Every rank's shards and statistics, reduced on rank 0 into meta.json.
+    parts = all_gather_objects({"shards": writer.progress["shards"], "stats": stats,
+                                "docs": writer.progress["docs_consumed"]}, sync)
+    if sync.is_main:
+        merged = merge_stats([part["stats"] for part in parts])
+        meta = {
+            "model_a": model_a.describe(),
+            "model_b": model_b.describe(),
+            "data": {"sources": [asdict(s) for s in settings.sources], "max_tokens": settings.max_tokens,
+                     "context_length": settings.context_length, "seed": settings.seed,
+                     "zoo_data_versions": zoo_data_versions(settings.sources)},
+            "dtype": {"a": str(model_a.dtype).removeprefix("torch."), "b": str(model_b.dtype).removeprefix("torch.")},
+            "alignment": alignment_summary(merged),
+            "ranks": sync.world_size,
+        }
+        writer.finalize(meta, target_norm=math.sqrt((model_a.d_model + model_b.d_model) / 2),
+                        shards=[shard for part in parts for shard in part["shards"]], stats=merged,
+                        docs=sum(part["docs"] for part in parts))
+    barrier(sync)
     return ActivationStore(folder)
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """The statistics of a harvest from those of its ranks: counts add up, time is the slowest rank's."""
+    merged = _new_stats()
+    for part in parts:
+        for key, value in part.items():
+            if key == "cut_reasons":
+                for reason, count in value.items():
+                    merged["cut_reasons"][reason] = merged["cut_reasons"].get(reason, 0) + count
+            elif key == "elapsed_s":
+                merged["elapsed_s"] = max(merged["elapsed_s"], value)
+            else:
+                merged[key] += value
+    return merged
 
 
 def _count(stats: dict, prepared: _Prepared) -> None:
@@ -262,19 +323,21 @@ def alignment_summary(stats: dict) -> dict:
 
 
 class _HarvestProgress:
-    def __init__(self, total_tokens: int, stats: dict):
+    def __init__(self, total_tokens: int):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(TextColumn("harvest"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
                                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        self._task = self._progress.add_task("harvest", total=total_tokens, completed=stats["tokens_a"], info="")
+        self._task = self._progress.add_task("harvest", total=total_tokens, completed=0, info="")
         self._progress.start()
 
-    def update(self, stats: dict) -> None:
-        rate = (stats["tokens_a"] + stats["tokens_b"]) / max(stats["elapsed_s"], 1e-9)
+    def update(self, budget_used: int, stats: dict, ranks: int) -> None:
+        """``stats`` are this rank's (rank 0 shows the bar); rates are scaled to all ranks."""
+        rate = ranks * (stats["tokens_a"] + stats["tokens_b"]) / max(stats["elapsed_s"], 1e-9)
         aligned = stats["fully_aligned"] / max(stats["sequences"], 1)
-        self._progress.update(self._task, completed=stats["tokens_a"],
-                              info=f"{stats['pairs']:,} pairs · {rate:,.0f} tok/s · {100 * aligned:.1f}% aligned")
+        on = f" on {ranks} ranks" if ranks > 1 else ""
+        self._progress.update(self._task, completed=budget_used,
+                              info=f"{ranks * stats['pairs']:,} pairs · {rate:,.0f} tok/s{on} · {100 * aligned:.1f}% aligned")
 
     def close(self) -> None:
         self._progress.stop()

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import CrosscoderConfig
+from .distributed import DistContext, global_batch_topk
 from .sparse import (
     SelectedEntries,
     batch_topk,
@@ -213,11 +214,14 @@ class Crosscoder(nn.Module):
         norm_b = torch.cat([zeros_b, self.W_dec_DB.detach().norm(dim=1)])
         return norm_a, norm_b
 
-    def sparse_codes(self, x_nA: Tensor, x_nB: Tensor, k: int | None = None, dense: bool = False) -> SparseCodes:
+    def sparse_codes(self, x_nA: Tensor, x_nB: Tensor, k: int | None = None, dense: bool = False,
+                     sync: DistContext | None = None, global_rows: int | None = None) -> SparseCodes:
         """Select active entries from normalised inputs: BatchTopK with ``k`` if given, else θ.
 
         ``dense`` keeps gradients on the full pre-activation matrix (plain matmul backward),
         which is faster on GPUs; the default routes gradients only through selected entries.
+        With ``sync`` (a distributed step), the batch is this rank's share of a global batch of
+        ``global_rows`` pairs and BatchTopK selects over the global batch.
         """
         pre_live = self.pre_activations(x_nA, x_nB) if dense and torch.is_grad_enabled() else None
         with torch.no_grad():
@@ -230,7 +234,10 @@ class Crosscoder(nn.Module):
             )
         if k is not None:
             cost = self.score_cost_D if self.config.n_designated_shared else None
-            entries = batch_topk(scores, x_nA.shape[0] * k, cost)
+            if sync is not None and sync.active:
+                entries = global_batch_topk(scores, (global_rows or x_nA.shape[0]) * k, sync, cost)
+            else:
+                entries = batch_topk(scores, x_nA.shape[0] * k, cost)
         else:
             entries = threshold_select(scores, float(self.threshold))
         codes = SparseCodes(entries, None, pre, scores, pre_live)

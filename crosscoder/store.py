@@ -10,6 +10,10 @@ Folder layout::
 
 A shard holds whole documents and is committed by renaming it into place after its docs file,
 so a killed harvest loses at most the shard in flight and resumes after the last committed one.
+A harvest on N ranks writes ``progress-r003.json``, ``pairs-r003-00000.safetensors`` … per rank
+into the same folder; each rank only ever touches its own files, and rank 0 writes ``meta.json``
+listing every rank's shards. A document's number is its record's index in the data stream, so it
+does not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -41,8 +47,17 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def shard_name(index: int) -> str:
-    return f"pairs-{index:05d}.safetensors"
+def shard_name(index: int, rank_tag: str = "") -> str:
+    return f"pairs-{rank_tag}{index:05d}.safetensors"
+
+
+def rank_tag(rank: int, world_size: int) -> str:
+    """The part of a file name that says which rank wrote it ("" for a one-process harvest)."""
+    return "" if world_size == 1 else f"r{rank:03d}-"
+
+
+def progress_name(rank: int, world_size: int) -> str:
+    return "progress.json" if world_size == 1 else f"progress-r{rank:03d}.json"
 
 
 def docs_name(shard_file: str) -> str:
@@ -51,34 +66,52 @@ def docs_name(shard_file: str) -> str:
 
 
 class StoreWriter:
-    """Appends documents' pairs and commits a shard once it holds ``shard_pairs`` pairs."""
+    """Appends documents' pairs and commits a shard once it holds ``shard_pairs`` pairs.
 
-    def __init__(self, folder: Path, input_hash: str, shard_pairs: int = 65536):
+    ``rank``/``world_size``: one writer per rank of a distributed harvest, each with its own files.
+    """
+
+    def __init__(self, folder: Path, input_hash: str, shard_pairs: int = 65536, rank: int = 0, world_size: int = 1):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.input_hash = input_hash
         self.shard_pairs = shard_pairs
-        self.progress = {"input_hash": input_hash, "shards": [], "docs_consumed": 0, "stats": {}}
-        progress_path = self.folder / "progress.json"
-        if progress_path.is_file():
-            saved = json.loads(progress_path.read_text())
+        self.rank, self.world_size = rank, world_size
+        self.tag = rank_tag(rank, world_size)
+        self._check_world_size()
+        self.progress = {"input_hash": input_hash, "shards": [], "docs_consumed": 0, "next_record": 0, "stats": {},
+                         "world_size": world_size}
+        self.progress_path = self.folder / progress_name(rank, world_size)
+        if self.progress_path.is_file():
+            saved = json.loads(self.progress_path.read_text())
             if saved.get("input_hash") != input_hash:
                 raise StoreError(
                     f"{self.folder} holds a harvest of other inputs (hash {saved.get('input_hash')}, "
                     f"now {input_hash}); choose another folder or delete it"
                 )
+            saved.setdefault("next_record", saved["docs_consumed"])  # stores from before ranks existed
             self.progress = saved
         self._drop_uncommitted()
         self._pending: list[dict] = []
         self._pending_docs: list[dict] = []
         self._pending_pairs = 0
 
+    def _check_world_size(self) -> None:
+        """A half-done harvest continues on the number of ranks it started with."""
+        single = (self.folder / "progress.json").is_file()
+        ranked = sorted(self.folder.glob("progress-r*.json"))
+        started = 1 if single else json.loads(ranked[0].read_text()).get("world_size") if ranked else None
+        if started is not None and started != self.world_size:
+            raise StoreError(f"{self.folder}: this harvest was started on {started} rank(s); resume it with "
+                             f"--nproc {started}, or delete the folder to start over on {self.world_size}")
+
     def _drop_uncommitted(self) -> None:
-        """Remove shards or temp files written after the last progress.json (a kill mid-shard)."""
+        """Remove this rank's shards or temp files written after its last progress file (a kill mid-shard)."""
         committed = {s["file"] for s in self.progress["shards"]}
         committed |= {docs_name(s["file"]) for s in self.progress["shards"]}
+        own = re.compile(rf"^\.?(pairs|docs)-{self.tag}\d{{5}}\.|^\.{re.escape(self.progress_path.name)}\.")
         for path in self.folder.iterdir():
-            if path.name.startswith((".", "pairs-", "docs-")) and path.name not in committed and path.is_file():
+            if own.match(path.name) and path.name not in committed and path.is_file():
                 path.unlink()
 
     @property
@@ -91,13 +124,16 @@ class StoreWriter:
 
     def add_document(
         self, doc: dict, a: Tensor, b: Tensor, pos_a: Tensor, pos_b: Tensor, merged: Tensor, in_chat: bool,
-        template: Tensor | None = None,
+        template: Tensor | None = None, number: int | None = None,
     ) -> None:
         """Queue one document's pairs (possibly none); ``doc`` goes to the docs file.
 
         ``template [n]`` marks pairs of chat-template positions (the generation-prompt pair).
+        ``number``: the document's record index in the data stream (default: the next number).
         """
-        number = self.progress["docs_consumed"] + len(self._pending_docs)
+        if number is None:
+            number = self.progress["docs_consumed"] + len(self._pending_docs)
+        self._last_number = number
         self._pending_docs.append({"doc": number, **doc})
         if a.shape[0]:
             self._pending.append({
@@ -118,7 +154,7 @@ class StoreWriter:
         if not self._pending_docs:
             return
         index = len(self.progress["shards"])
-        name = shard_name(index)
+        name = shard_name(index, self.tag)
         docs_file = docs_name(name)
         n_pairs = self._pending_pairs
         if self._pending:
@@ -135,14 +171,21 @@ class StoreWriter:
             os.replace(tmp, self.folder / name)
             self.progress["shards"].append({"file": name, "pairs": n_pairs, "docs": len(self._pending_docs)})
         self.progress["docs_consumed"] += len(self._pending_docs)
+        self.progress["next_record"] = self._last_number + 1
         self.progress["stats"] = stats
-        _write_json(self.folder / "progress.json", self.progress)
+        _write_json(self.progress_path, self.progress)
         self._pending, self._pending_docs, self._pending_pairs = [], [], 0
 
-    def finalize(self, meta: dict, target_norm: float) -> dict:
-        """Compute the normalisation scalars from all stored norms and write ``meta.json``."""
+    def finalize(self, meta: dict, target_norm: float, shards: list[dict] | None = None,
+                 stats: dict | None = None, docs: int | None = None) -> dict:
+        """Compute the normalisation scalars from all stored norms and write ``meta.json``.
+
+        A distributed harvest's rank 0 passes every rank's ``shards``, merged ``stats`` and the
+        total number of ``docs``; a one-process harvest uses its own.
+        """
+        shards = self.progress["shards"] if shards is None else shards
         norms_a, norms_b = [], []
-        for shard in self.progress["shards"]:
+        for shard in shards:
             with safe_open(str(self.folder / shard["file"]), framework="pt") as handle:
                 norms_a.append(handle.get_tensor("norm_a"))
                 norms_b.append(handle.get_tensor("norm_b"))
@@ -155,12 +198,12 @@ class StoreWriter:
             "version": STORE_VERSION,
             "complete": True,
             "input_hash": self.input_hash,
-            "n_pairs": sum(s["pairs"] for s in self.progress["shards"]),
-            "n_docs": self.progress["docs_consumed"],
-            "shards": self.progress["shards"],
+            "n_pairs": sum(s["pairs"] for s in shards),
+            "n_docs": self.progress["docs_consumed"] if docs is None else docs,
+            "shards": shards,
             "median_norm": {"a": median_a, "b": median_b},
             "norm_scales": {"a": target_norm / median_a, "b": target_norm / median_b},
-            "stats": self.progress["stats"],
+            "stats": self.progress["stats"] if stats is None else stats,
             **meta,
         }
         _write_json(self.folder / "meta.json", meta)
@@ -178,6 +221,7 @@ class ActivationStore:
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != STORE_FORMAT or not self.meta.get("complete"):
             raise StoreError(f"{meta_path}: not a complete {STORE_FORMAT}")
+        self._maps: dict[int, dict[str, MappedTensor]] = {}
 
     @property
     def n_pairs(self) -> int:
@@ -218,53 +262,96 @@ class ActivationStore:
         epochs: int | None = 1,
         dtype: torch.dtype = torch.float32,
         template_weight: float = 1.0,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_batches: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled ``(x_a [batch, d_A], x_b [batch, d_B])`` batches with bounded memory.
 
         Shards are visited in a seeded random order; pairs pass through a buffer of
-        ``shuffle_buffer`` pairs that is permuted before batches are taken from it, so memory is
-        about one shard plus the buffer whatever the store's size. ``epochs=None`` loops forever.
-        Raw activations unless ``normalise`` (then multiplied by the store's scalars).
+        ``shuffle_buffer`` pairs that is permuted before batches are taken from it. Only row
+        indices are shuffled: the rows of a batch are then read from memory-mapped shards, so
+        memory stays small whatever the store's size. ``epochs=None`` loops forever. Raw
+        activations unless ``normalise`` (then multiplied by the store's scalars).
 
         ``template_weight``: how often, on average, each generation-prompt pair (``template``
         flag: where a chat model is about to answer) is served per epoch, against once for every
         other pair. Weights are applied by repetition (the integer part, plus one more copy with
         the probability of the fractional part), so an epoch grows by the extra copies.
+
+        ``rank``/``world_size`` (distributed training): yield only this rank's rows of each batch,
+        ``batch_size / world_size`` of them. The batches themselves do not depend on the world
+        size, and each rank reads only its own rows. ``skip_batches``: start after this many
+        batches without reading them (a resumed run).
         """
         if template_weight <= 0 or not math.isfinite(template_weight):
             raise ValueError(f"template_weight must be a positive number, got {template_weight}")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must split evenly over world_size {world_size} "
+                             f"(rank {rank})")
+        local = batch_size // world_size
+        scale_a, scale_b = self.norm_scales if normalise else (1.0, 1.0)
+        schedule = self._batch_rows(batch_size, shuffle_buffer, seed, epochs, template_weight)
+        for number, (shard_ids, rows) in enumerate(schedule):
+            if number < skip_batches:
+                continue
+            mine = slice(rank * local, (rank + 1) * local)
+            x_a, x_b = self.gather(shard_ids[mine], rows[mine])
+            yield x_a.to(dtype) * scale_a, x_b.to(dtype) * scale_b
+
+    def _batch_rows(self, batch_size: int, shuffle_buffer: int, seed: int, epochs: int | None,
+                    template_weight: float) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(shard index [batch], row [batch])`` of every batch, in serving order."""
         rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed)
-        scale_a, scale_b = self.norm_scales if normalise else (1.0, 1.0)
+        shards = self.meta["shards"]
         epoch = 0
         while epochs is None or epoch < epochs:
-            order = list(range(len(self.meta["shards"])))
+            order = list(range(len(shards)))
             rng.shuffle(order)
-            buf_a: list[Tensor] = []
-            buf_b: list[Tensor] = []
+            buf_shard: list[Tensor] = []
+            buf_row: list[Tensor] = []
             buffered = 0
             for position, index in enumerate(order):
-                keys = ("a", "b", "template") if template_weight != 1.0 else ("a", "b")
-                shard = self.load_shard(index, keys)
+                rows = torch.arange(shards[index]["pairs"])
                 if template_weight != 1.0:
-                    shard = _repeat_weighted(shard, shard.pop("template").bool(), template_weight, generator)
-                buf_a.append(shard["a"])
-                buf_b.append(shard["b"])
-                buffered += shard["a"].shape[0]
+                    flagged = self.load_shard(index, ("template",))["template"].bool()
+                    rows = rows.repeat_interleave(_repeats(flagged, template_weight, generator))
+                buf_shard.append(torch.full_like(rows, index))
+                buf_row.append(rows)
+                buffered += rows.shape[0]
                 last = position == len(order) - 1
                 if buffered < shuffle_buffer and not last:
                     continue
-                x_a, x_b = torch.cat(buf_a), torch.cat(buf_b)
-                perm = torch.randperm(x_a.shape[0], generator=generator)
-                x_a, x_b = x_a[perm], x_b[perm]
-                usable = x_a.shape[0] if last else (x_a.shape[0] // batch_size) * batch_size
+                shard_ids, row_ids = torch.cat(buf_shard), torch.cat(buf_row)
+                perm = torch.randperm(shard_ids.shape[0], generator=generator)
+                shard_ids, row_ids = shard_ids[perm], row_ids[perm]
+                usable = shard_ids.shape[0] if last else (shard_ids.shape[0] // batch_size) * batch_size
                 for start in range(0, usable - batch_size + 1, batch_size):
-                    yield (x_a[start : start + batch_size].to(dtype) * scale_a,
-                           x_b[start : start + batch_size].to(dtype) * scale_b)
+                    yield shard_ids[start : start + batch_size], row_ids[start : start + batch_size]
                 # Carry the remainder into the next buffer so that no pair is dropped mid-epoch.
-                buf_a, buf_b = [x_a[usable:]], [x_b[usable:]]
-                buffered = buf_a[0].shape[0]
+                buf_shard, buf_row = [shard_ids[usable:]], [row_ids[usable:]]
+                buffered = buf_shard[0].shape[0]
             epoch += 1
+
+    def gather(self, shard_ids: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw ``(a, b)`` rows by ``(shard index, row)``, read from memory-mapped shards."""
+        out_a = torch.empty(rows.shape[0], self.d_a, dtype=self._dtype("a"))
+        out_b = torch.empty(rows.shape[0], self.d_b, dtype=self._dtype("b"))
+        for index in torch.unique(shard_ids).tolist():
+            where = torch.nonzero(shard_ids == index).squeeze(1)
+            mapped = self._mapped(index)
+            for key, out in (("a", out_a), ("b", out_b)):
+                out[where] = mapped[key].rows(rows[where])
+        return out_a, out_b
+
+    def _mapped(self, index: int) -> dict[str, MappedTensor]:
+        if index not in self._maps:
+            self._maps[index] = map_safetensors(self.shard_paths()[index], ("a", "b"))
+        return self._maps[index]
+
+    def _dtype(self, key: str) -> torch.dtype:
+        return self._mapped(0)[key].torch_dtype
 
     def sample(self, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
         """``n`` raw pairs drawn evenly from all shards (for evaluation or norm checks)."""
@@ -280,10 +367,47 @@ class ActivationStore:
         return torch.cat(parts_a)[:n].float(), torch.cat(parts_b)[:n].float()
 
 
-def _repeat_weighted(shard: dict[str, Tensor], flagged: Tensor, weight: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """Repeat the flagged rows of ``shard`` ``weight`` times on average (stochastic rounding)."""
+def _repeats(flagged: Tensor, weight: float, generator: torch.Generator) -> Tensor:
+    """How many times each row is served: flagged rows ``weight`` times on average (stochastic rounding)."""
     whole = math.floor(weight)
     repeats = torch.ones(flagged.shape[0], dtype=torch.long)
     extra = (torch.rand(flagged.shape[0], generator=generator) < weight - whole).long()
     repeats[flagged] = whole + extra[flagged]
-    return {key: value.repeat_interleave(repeats, dim=0) for key, value in shard.items()}
+    return repeats
+
+
+_NUMPY_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+                 "BF16": (np.uint16, torch.bfloat16), "F64": (np.float64, torch.float64),
+                 "I64": (np.int64, torch.int64), "I32": (np.int32, torch.int32), "U8": (np.uint8, torch.uint8)}
+
+
+class MappedTensor:
+    """One tensor of a safetensors file, memory-mapped: reading rows touches only their pages."""
+
+    def __init__(self, array: np.memmap, torch_dtype: torch.dtype):
+        self.array = array
+        self.torch_dtype = torch_dtype
+
+    def rows(self, index: Tensor) -> Tensor:
+        order = torch.argsort(index)  # ascending reads are kinder to the disk
+        picked = torch.from_numpy(np.ascontiguousarray(self.array[index[order].numpy()]))
+        if self.torch_dtype == torch.bfloat16:
+            picked = picked.view(torch.bfloat16)
+        out = torch.empty_like(picked)
+        out[order] = picked
+        return out
+
+
+def map_safetensors(path: Path, keys: tuple[str, ...]) -> dict[str, MappedTensor]:
+    """Memory-map tensors of a safetensors file (8-byte header length, JSON header, raw data)."""
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    mapped = {}
+    for key in keys:
+        info = header[key]
+        np_dtype, torch_dtype = _NUMPY_DTYPES[info["dtype"]]
+        start, _ = info["data_offsets"]
+        array = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + header_len + start, shape=tuple(info["shape"]))
+        mapped[key] = MappedTensor(array, torch_dtype)
+    return mapped

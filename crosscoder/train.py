@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import CrosscoderConfig
+from .distributed import DistContext, all_gather_cat, all_min, all_sum, barrier
+from .distributed import current as current_context
 from .model import Crosscoder, check_pair_batch, write_json_atomic
 from .sparse import row_topk
 
@@ -71,13 +73,16 @@ def estimate_norm_scales(x_a: Tensor, x_b: Tensor, config: CrosscoderConfig) -> 
 class _TensorBatches:
     """Deterministic minibatches from in-memory tensors: the batch of step t depends only on t."""
 
-    def __init__(self, x_a: Tensor, x_b: Tensor, batch_size: int, seed: int):
+    def __init__(self, x_a: Tensor, x_b: Tensor, batch_size: int, seed: int, sync: DistContext | None = None):
+        sync = sync or DistContext()
         self.x_a, self.x_b = x_a, x_b
         self.n = x_a.shape[0]
         self.batch_size = min(batch_size, self.n)
         self.seed = seed
         self.batches_per_epoch = self.n // self.batch_size
         self._epoch, self._perm = -1, None
+        self._local = self.batch_size // sync.world_size  # distributed: this rank's rows of each batch
+        self._offset = sync.rank * self._local
 
     def batch(self, step: int) -> PairBatch:
         epoch, within = divmod(step, self.batches_per_epoch)
@@ -86,6 +91,7 @@ class _TensorBatches:
             self._perm = torch.randperm(self.n, generator=generator)
             self._epoch = epoch
         index = self._perm[within * self.batch_size : (within + 1) * self.batch_size]
+        index = index[self._offset : self._offset + self._local]
         return self.x_a[index], self.x_b[index]
 
 
@@ -228,12 +234,27 @@ def lr_at_step(config: CrosscoderConfig, step: int, total_steps: int) -> float:
     return lr
 
 
-def outlier_mask(x_nA: Tensor, x_nB: Tensor, factor: float | None) -> Tensor:
-    """Pairs to keep: neither vector's norm exceeds ``factor`` × its batch median."""
+def outlier_mask(x_nA: Tensor, x_nB: Tensor, factor: float | None, sync: DistContext | None = None) -> Tensor:
+    """Pairs to keep: neither vector's norm exceeds ``factor`` × its (global) batch median."""
     if factor is None:
         return torch.ones(x_nA.shape[0], dtype=torch.bool, device=x_nA.device)
     norm_a, norm_b = x_nA.norm(dim=1), x_nB.norm(dim=1)
-    return (norm_a <= factor * norm_a.median()) & (norm_b <= factor * norm_b.median())
+    if sync is not None:
+        median_a, median_b = all_gather_cat(norm_a, sync).median(), all_gather_cat(norm_b, sync).median()
+    else:
+        median_a, median_b = norm_a.median(), norm_b.median()
+    return (norm_a <= factor * median_a) & (norm_b <= factor * median_b)
+
+
+def _centred_sq_sum(x_nd: Tensor, sync: DistContext | None) -> Tensor:
+    """``Σ_i |x_i − mean|²`` over the batch, or over the global batch when distributed."""
+    if sync is None:
+        return (x_nd - x_nd.mean(0)).pow(2).sum()
+    x = x_nd.detach().double()
+    packed = torch.cat([x.pow(2).sum().reshape(1), x.sum(0), x.new_tensor([x.shape[0]])])
+    all_sum(packed, sync)
+    total_sq, total, n = packed[0], packed[1:-1], packed[-1]
+    return (total_sq - total.pow(2).sum() / n.clamp_min(1)).to(x_nd.dtype)
 
 
 def training_step(
@@ -243,66 +264,105 @@ def training_step(
     k: int,
     dead_D: Tensor | None,
     dense: bool = False,
+    sync: DistContext | None = None,
 ) -> tuple[Tensor, dict, Tensor, float]:
     """Forward pass and loss on *normalised* inputs.
 
     Returns ``(loss, stats, fired_D, min_kept_score)``; ``fired_D`` marks features active in the batch.
     ``dense`` selects plain matmul kernels (see :func:`resolve_kernels`); the result is the same.
+    With ``sync`` (see :mod:`crosscoder.distributed`) the inputs are this rank's rows of a global
+    batch: selection, statistics, ``fired_D`` and ``min_kept_score`` are global, and ``loss`` is the
+    tensor to back-propagate under DDP (this rank's share of the global loss × the world size,
+    because DDP averages gradients); ``stats["loss"]`` is the global loss.
     """
     cfg = model.config
-    keep = outlier_mask(x_nA, x_nB, cfg.outlier_factor)
+    sync = sync if sync is not None and sync.active else None
+    keep = outlier_mask(x_nA, x_nB, cfg.outlier_factor, sync)
     if not bool(keep.all()):
         x_nA, x_nB = x_nA[keep], x_nB[keep]
     n = x_nA.shape[0]
+    if sync is not None:
+        n = int(all_sum(torch.tensor([n], dtype=torch.int64, device=x_nA.device), sync))
 
-    codes = model.sparse_codes(x_nA, x_nB, k=k, dense=dense)
+    codes = model.sparse_codes(x_nA, x_nB, k=k, dense=dense, sync=sync, global_rows=n)
     x_hat_a, x_hat_b = model.decode_sparse(codes.entries, codes.values, dense=dense)
     err_a, err_b = x_nA - x_hat_a, x_nB - x_hat_b
     sq_a, sq_b = err_a.pow(2).sum(), err_b.pow(2).sum()
-    loss = (sq_a + sq_b) / n
+    loss = (sq_a + sq_b) / max(n, 1)
 
     scores = codes.scores_nD[codes.entries.rows, codes.entries.cols]
-    min_kept = float(scores.min()) if scores.numel() else float("nan")
     fired = torch.zeros(cfg.dict_size, dtype=torch.bool, device=x_nA.device)
     fired[codes.entries.cols] = True
+    if sync is None:
+        min_kept = float(scores.min()) if scores.numel() else float("nan")
+    else:
+        local_min = scores.min().float().reshape(1) if scores.numel() else x_nA.new_full((1,), math.inf).float()
+        min_kept = float(all_min(local_min, sync))
+        min_kept = min_kept if math.isfinite(min_kept) else float("nan")
+        fired = all_sum(fired.to(torch.int32), sync) > 0
 
-    aux_loss = torch.zeros((), device=x_nA.device)
+    aux_value = 0.0
     n_dead = 0
     if dead_D is not None and cfg.aux_alpha > 0:
         n_dead = int(dead_D.sum())
         if n_dead:
-            aux_loss = _aux_loss(model, codes, x_nA, x_nB, err_a.detach(), err_b.detach(), dead_D, dense)
-            if not bool(torch.isfinite(aux_loss)):
-                aux_loss = torch.zeros((), device=x_nA.device)
-            loss = loss + cfg.aux_alpha * aux_loss
+            aux_term, aux_value = _aux_loss(model, codes, x_nA, x_nB, err_a.detach(), err_b.detach(), dead_D, dense,
+                                            sync)
+            if math.isfinite(aux_value):
+                loss = loss + cfg.aux_alpha * aux_term
+            else:
+                aux_value = 0.0
 
     with torch.no_grad():
-        var_a = (x_nA - x_nA.mean(0)).pow(2).sum()
-        var_b = (x_nB - x_nB.mean(0)).pow(2).sum()
+        var_a = _centred_sq_sum(x_nA, sync)
+        var_b = _centred_sq_sum(x_nB, sync)
+        totals = torch.stack([sq_a.detach().double(), sq_b.detach().double(),
+                              sq_a.new_tensor(codes.entries.rows.numel(), dtype=torch.float64),
+                              sq_a.new_tensor(int((~keep).sum()), dtype=torch.float64)])
+        if sync is not None:
+            all_sum(totals, sync)
+        total_sq_a, total_sq_b, entries, masked = (float(v) for v in totals)
     stats = {
-        "loss": float(loss.detach()),
-        "aux_loss": float(aux_loss.detach()),
-        "fve_a": float(1 - sq_a.detach() / var_a.clamp_min(1e-12)),
-        "fve_b": float(1 - sq_b.detach() / var_b.clamp_min(1e-12)),
-        "l0": codes.entries.rows.numel() / max(n, 1),
-        "masked": int((~keep).sum()),
+        "loss": (total_sq_a + total_sq_b) / max(n, 1) + cfg.aux_alpha * aux_value,
+        "aux_loss": aux_value,
+        "fve_a": 1 - total_sq_a / max(float(var_a), 1e-12),
+        "fve_b": 1 - total_sq_b / max(float(var_b), 1e-12),
+        "l0": entries / max(n, 1),
+        "masked": int(masked),
         "dead": n_dead,
     }
+    if sync is not None:
+        loss = loss * sync.world_size
     return loss, stats, fired, min_kept
 
 
-def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_D, dense: bool = False) -> Tensor:
-    """AuxK: reconstruct the residual from the top ``aux_k`` dead features of each pair."""
+def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_D, dense: bool = False,
+              sync: DistContext | None = None) -> tuple[Tensor, float]:
+    """AuxK: reconstruct the residual from the top ``aux_k`` dead features of each pair.
+
+    Returns this rank's term of the loss (``Σ residual² / global residual variance``) and the
+    global value; every rank makes the same collective calls whatever its own selection.
+    """
     cfg = model.config
     scores = codes.scores_nD * dead_D
     entries = row_topk(scores, min(cfg.aux_k, int(dead_D.sum())))
-    if entries.rows.numel() == 0:
-        return torch.zeros((), device=x_nA.device)
-    values = model.values_at(codes, entries, x_nA, x_nB)
-    e_hat_a, e_hat_b = model.decode_sparse(entries, values, with_bias=False, dense=dense)
-    residual_sq = (err_a - e_hat_a).pow(2).sum() + (err_b - e_hat_b).pow(2).sum()
-    residual_var = (err_a - err_a.mean(0)).pow(2).sum() + (err_b - err_b.mean(0)).pow(2).sum()
-    return residual_sq / residual_var.clamp_min(1e-12)
+    residual_var = _centred_sq_sum(err_a, sync) + _centred_sq_sum(err_b, sync)
+    selected = entries.rows.numel()
+    if sync is not None:
+        selected = int(all_sum(torch.tensor([selected], dtype=torch.int64, device=x_nA.device), sync))
+    if selected == 0:
+        return torch.zeros((), device=x_nA.device), 0.0
+    if entries.rows.numel():
+        values = model.values_at(codes, entries, x_nA, x_nB)
+        e_hat_a, e_hat_b = model.decode_sparse(entries, values, with_bias=False, dense=dense)
+        residual_sq = (err_a - e_hat_a).pow(2).sum() + (err_b - e_hat_b).pow(2).sum()
+    else:  # nothing selected on this rank: its residual is its whole error (no gradient)
+        residual_sq = err_a.pow(2).sum() + err_b.pow(2).sum()
+    term = residual_sq / residual_var.clamp_min(1e-12)
+    value = term.detach().double().reshape(1)
+    if sync is not None:
+        all_sum(value, sync)
+    return term, float(value)
 
 
 def resolve_kernels(kernels: str, device: torch.device) -> bool:
@@ -345,6 +405,7 @@ def train_crosscoder(
     log_every: int = 50,
     kernels: str = "auto",
     template_weight: float = 1.0,
+    sync: DistContext | None = None,
 ) -> Crosscoder:
     """Train a crosscoder on paired activations and return it (``eval()`` mode, on ``device``).
 
@@ -358,14 +419,26 @@ def train_crosscoder(
     ``kernels``: "sparse", "dense" or "auto" (see :func:`resolve_kernels`); results agree.
     ``template_weight`` (store data only): sampling weight of generation-prompt pairs against 1 for
     the others (see :meth:`ActivationStore.batches`); recorded in ``training_metrics``.
+
+    Distributed (under ``torchrun``, once :func:`crosscoder.distributed.init_from_env` has joined
+    the group; ``sync`` defaults to that group): ``batch_size`` is the *global* batch, split evenly
+    over the ranks; each rank reads its own rows of every batch (tensors and stores; any other
+    iterable must already yield this rank's rows), gradients are all-reduced by DDP and the
+    BatchTopK selection, θ and the dead-feature counters are global, so N ranks take the same steps
+    as one process with the same batch. Rank 0 writes the checkpoints; a run resumes on any
+    number of ranks.
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be positive")
+    sync = sync if sync is not None else current_context()
+    if batch_size % sync.world_size:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the number of ranks ({sync.world_size})")
     device = torch.device(device) if device is not None else torch.device("cpu")
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     resume_from = _state_dirs(root)[-1] if root is not None and _state_dirs(root) else None
     start_step = 0
+    skipped = 0  # batches a store iterator skips by itself on resume
     if resume_from is not None:
         start_step = json.loads((resume_from / "trainer.json").read_text())["step"]
 
@@ -374,20 +447,24 @@ def train_crosscoder(
     if isinstance(data, ActivationStore):
         if norm_scales is None:
             norm_scales = data.norm_scales
-        data = data.batches(batch_size, seed=config.seed, epochs=None, template_weight=template_weight)
+        data = data.batches(batch_size, seed=config.seed, epochs=None, template_weight=template_weight,
+                            rank=sync.rank, world_size=sync.world_size, skip_batches=start_step)
+        skipped = start_step
     elif template_weight != 1.0:
         raise ValueError("template_weight needs an ActivationStore (other data carry no template flags)")
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x_a, x_b = data
         check_pair_batch(x_a, x_b, config.d_a, config.d_b, where="train_crosscoder data")
-        source: _TensorBatches | _IteratorBatches = _TensorBatches(x_a, x_b, batch_size, config.seed)
+        source: _TensorBatches | _IteratorBatches = _TensorBatches(x_a, x_b, batch_size, config.seed, sync)
         sample = (x_a[:100_000], x_b[:100_000])
     else:
-        source = _IteratorBatches(data, start_step)
-        peeked = source.peek(8192)
+        source = _IteratorBatches(data, start_step - skipped)
+        # Every rank looks at the same number of batches, and sees the whole of each.
+        peeked = source.peek(math.ceil(8192 / sync.world_size))
         if not peeked:
             raise ValueError("train_crosscoder: the batch iterator yielded no data")
-        sample = (torch.cat([b[0] for b in peeked]), torch.cat([b[1] for b in peeked]))
+        sample = (torch.cat([all_gather_cat(b[0], sync) for b in peeked]),
+                  torch.cat([all_gather_cat(b[1], sync) for b in peeked]))
         check_pair_batch(*sample, config.d_a, config.d_b, where="train_crosscoder data")
 
     if norm_scales is None and (config.norm_scale_a is None or config.norm_scale_b is None):
@@ -424,12 +501,19 @@ def train_crosscoder(
 
     model.train()
     use_dense = resolve_kernels(kernels, device)
+    step_fn: Callable = _Step(model)
+    if sync.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP starts every rank from rank 0's weights and averages gradients in the backward pass.
+        step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False)
     # θ is averaged once k has reached its target. Published runs (100k steps) start after ~1k
     # steps with β = 0.999; a short run starts after a quarter of its steps and shortens the EMA
     # window to a tenth of what remains, so that early, untrained batches do not dominate θ.
     threshold_from = max(config.k_anneal_steps or 0, config.warmup_steps or 0, min(1000, steps // 4))
     threshold_beta = min(config.threshold_beta, 1 - 10 / max(steps - threshold_from, 10))
-    bar = _progress_bar(progress, steps, state.step)
+    bar = _progress_bar(progress and sync.is_main, steps, state.step)
     start_time = time.perf_counter() - state.elapsed_s
     last_stats: dict = {}
     try:
@@ -447,7 +531,7 @@ def train_crosscoder(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_step(config, state.step, steps)
 
-            loss, stats, fired, min_kept = training_step(model, x_nA, x_nB, k, dead, dense=use_dense)
+            loss, stats, fired, min_kept = step_fn(x_nA, x_nB, k, dead, use_dense, sync)
             if not math.isfinite(stats["loss"]):
                 where = f"; the last good state is in {root}" if root is not None else ""
                 raise TrainingDivergedError(
@@ -459,8 +543,9 @@ def train_crosscoder(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
 
+            global_rows = x_nA.shape[0] * sync.world_size
             with torch.no_grad():
-                state.pairs_since_fired += x_nA.shape[0]
+                state.pairs_since_fired += global_rows
                 state.pairs_since_fired[fired] = 0
                 if state.step >= threshold_from and math.isfinite(min_kept):
                     beta = threshold_beta
@@ -469,14 +554,16 @@ def train_crosscoder(
                     # Bias-corrected EMA, so short runs get a usable θ too.
                     model.threshold.fill_(state.threshold_ema / (1 - beta**state.threshold_updates))
             state.step += 1
-            state.pairs_seen += x_nA.shape[0]
+            state.pairs_seen += global_rows
             state.elapsed_s = time.perf_counter() - start_time
             stats |= {"k": k, "step": state.step}
             last_stats = stats
             if state.step % log_every == 0 or state.step == steps:
                 state.history.append({key: round(v, 6) if isinstance(v, float) else v for key, v in stats.items()})
             if root is not None and (state.step % checkpoint_every == 0) and state.step < steps:
-                _save_state(root, model, optimizer, state, keep_checkpoints)
+                if sync.is_main:
+                    _save_state(root, model, optimizer, state, keep_checkpoints)
+                barrier(sync)
             if bar is not None:
                 bar.update(state.step, stats)
             if callback is not None:
@@ -498,8 +585,22 @@ def train_crosscoder(
     }
     model.eval()
     if root is not None:
-        model.save(root)
+        if sync.is_main:
+            model.save(root)
+        barrier(sync)
     return model
+
+
+class _Step(torch.nn.Module):
+    """One training step as a module, so that DDP can wrap it (DDP hooks a module's forward)."""
+
+    def __init__(self, model: Crosscoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_nA: Tensor, x_nB: Tensor, k: int, dead_D: Tensor | None, dense: bool,
+                sync: DistContext) -> tuple[Tensor, dict, Tensor, float]:
+        return training_step(self.model, x_nA, x_nB, k, dead_D, dense=dense, sync=sync)
 
 
 def _progress_bar(enabled: bool, total: int, start: int) -> _TrainProgress | None:
