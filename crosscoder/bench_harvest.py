@@ -51,9 +51,12 @@ def _random_model(kind: str, geometry: dict, tokenizer, device: torch.device, dt
 
 def run_harvest_benchmark(
     geometry: str = "small", device: str = "cpu", dtype: str = "float32", max_tokens: int = 20_000,
-    context_length: int = 256, batch_docs: int = 16,
+    context_length: int = 256, batch_docs: int = 16, keep_store: Path | None = None,
 ) -> dict:
-    """Harvest ``max_tokens`` (model A's tokens) of a varied corpus; returns rates and alignment."""
+    """Harvest ``max_tokens`` (model A's tokens) of a varied corpus; returns rates and alignment.
+
+    ``keep_store``: harvest into this folder and keep it (e.g. to benchmark training on it).
+    """
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype)
     llama_tok, qwen_tok = load_reference_tokenizers()
     llama_tok.bos_token = "<|begin_of_text|>"
@@ -76,7 +79,7 @@ def run_harvest_benchmark(
         if torch_device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        store = harvest(settings, Path(scratch) / "store", models=models)
+        store = harvest(settings, keep_store or Path(scratch) / "store", models=models)
         if torch_device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
@@ -84,8 +87,12 @@ def run_harvest_benchmark(
         return {
             "geometry": geometry, "device": device, "dtype": dtype, "context_length": context_length,
             "batch_docs": batch_docs, "model_build_s": round(build_s, 2), "elapsed_s": round(elapsed, 2),
-            "pairs": store.n_pairs, "pairs_per_s": store.n_pairs / elapsed,
+            "pairs": store.n_pairs, "pairs_per_s": store.n_pairs / elapsed, "store_gib": _size_gib(store.folder),
             "tokens_per_s": (stats["tokens_a"] + stats["tokens_b"]) / elapsed,
             "alignment": store.meta["alignment"],
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch_device.type == "cuda" else None,
         }
+
+
+def _size_gib(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file()) / 2**30, 3)

@@ -144,3 +144,66 @@ def run_train_benchmark(
         "speedup_ours_dense_kernels": ours_dense["pairs_per_s"] / dense["pairs_per_s"],
         "fve_gap": sparse["final_fve"] - dense["final_fve"],
     }
+
+
+def run_store_train_benchmark(store_folder: str, dict_size: int, k: int, batch_size: int, steps: int,
+                              device: str = "cpu", dtype: str = "float32", warmup: int = 10,
+                              profile_steps: int = 0) -> dict:
+    """The shipping trainer fed by an activation store: what ``audit run`` trains at.
+
+    DFC with 5 % exclusive features, AuxK and outlier masking on, batches read from the store's
+    memory-mapped shards. Rates exclude the first ``warmup`` steps (allocation, kernel tuning).
+    ``profile_steps``: also profile that many steps after the warm-up (top operators by device time).
+    """
+    from .store import ActivationStore
+    from .train import train_crosscoder
+
+    store = ActivationStore(store_folder)
+    # The reader alone: how fast batches come off the memory-mapped shards (page cache warm).
+    reader = store.batches(batch_size, epochs=None, dtype=getattr(torch, dtype))
+    next(reader)
+    started = time.perf_counter()
+    for _ in range(20):
+        next(reader)
+    reader_pairs_per_s = 20 * batch_size / (time.perf_counter() - started)
+    config = CrosscoderConfig(architecture="dfc", d_a=store.d_a, d_b=store.d_b, dict_size=dict_size, k=k,
+                              exclusive_fraction=0.05)
+    torch_device = torch.device(device)
+    times: list[float] = []
+
+    profiler = None
+    if profile_steps:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch_device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(
+            wait=warmup, warmup=2, active=profile_steps, repeat=1))
+        profiler.start()
+
+    def on_step(step: int, stats: dict) -> None:
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        if profiler is not None:
+            profiler.step()
+
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = train_crosscoder(config, store, steps=steps, batch_size=batch_size, device=device,
+                             dtype=getattr(torch, dtype), callback=on_step)
+    table = None
+    if profiler is not None:
+        profiler.stop()
+        sort = "self_device_time_total" if torch_device.type == "cuda" else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+    timed = times[warmup:]
+    elapsed = timed[-1] - timed[0]
+    final = model.training_metrics["final"]
+    return {
+        "store_pairs": store.n_pairs, "d_a": store.d_a, "d_b": store.d_b, "dict_size": dict_size, "k": k,
+        "batch_size": batch_size, "steps": steps, "dtype": dtype, "reader_pairs_per_s": reader_pairs_per_s,
+        "pairs_per_s": (len(timed) - 1) * batch_size / elapsed, "step_ms": 1000 * elapsed / (len(timed) - 1),
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch_device.type == "cuda" else None,
+        "final_fve_a": final["fve_a"], "final_fve_b": final["fve_b"], "final_l0": final["l0"],
+        "dead_fraction": model.training_metrics["dead_fraction"], "profile": table,
+    }

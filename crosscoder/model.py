@@ -269,6 +269,21 @@ class Crosscoder(nn.Module):
             x_hat_b = x_hat_b + self.b_dec_B
         return x_hat_a, x_hat_b
 
+    def decode_features(self, feature_ids: Tensor, rows_m: Tensor, slots_m: Tensor, values_m: Tensor, n: int
+                        ) -> tuple[Tensor, Tensor]:
+        """Normalised-space reconstructions without bias from entries of a few features only.
+
+        ``feature_ids [S]``: the features; entry ``i`` is value ``values_m[i]`` of feature
+        ``feature_ids[slots_m[i]]`` on pair ``rows_m[i]`` of ``n``. Dense matmuls over ``S`` columns,
+        not ``D``.
+        """
+        f = torch.zeros(n, feature_ids.shape[0], dtype=values_m.dtype, device=values_m.device)
+        f = f.index_put((rows_m, slots_m), values_m)
+        in_a, in_b = feature_ids < self.width_a, feature_ids >= self.offset_b
+        x_hat_a = f[:, in_a] @ self.W_dec_DA[feature_ids[in_a]]
+        x_hat_b = f[:, in_b] @ self.W_dec_DB[feature_ids[in_b] - self.offset_b]
+        return x_hat_a, x_hat_b
+
     @torch.no_grad()
     def encode(self, x_a: Tensor, x_b: Tensor, k: int | None = None) -> Tensor:
         """Sparse codes ``[n, D]`` of *raw* activations ``x_a [n, d_a]``, ``x_b [n, d_b]``.

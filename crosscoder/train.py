@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from .config import CrosscoderConfig
 from .distributed import DistContext, all_gather_cat, all_min, all_sum, barrier
 from .distributed import current as current_context
 from .model import Crosscoder, check_pair_batch, write_json_atomic
-from .sparse import row_topk
+from .sparse import SelectedEntries, row_topk
 
 PairBatch = tuple[Tensor, Tensor]
 StepCallback = Callable[[int, dict], None]
@@ -131,6 +133,57 @@ class _IteratorBatches:
             return self._pull()
         except StopIteration:
             return None
+
+
+class _Prefetch:
+    """Reads the next batches on a background thread while the current step runs.
+
+    Reading a store batch (gathering rows from memory-mapped shards) costs about as much as a
+    GPU training step at D = 32k; numpy and torch copies release the GIL, so the two overlap.
+    Batches are pinned when training on CUDA, for asynchronous copies to the device.
+    """
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterable[PairBatch], depth: int = 4, pin: bool = False):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(iter(batches), pin), daemon=True)
+        self._thread.start()
+
+    def _fill(self, batches: Iterator[PairBatch], pin: bool) -> None:
+        try:
+            for x_a, x_b in batches:
+                if pin:
+                    x_a, x_b = x_a.pin_memory(), x_b.pin_memory()
+                if not self._put((x_a, x_b)):
+                    return
+        except BaseException as exc:  # handed to the training thread, which raises it
+            self._put(exc)
+            return
+        self._put(self._DONE)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[PairBatch]:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
@@ -344,8 +397,11 @@ def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_D, dense: bool = Fals
     global value; every rank makes the same collective calls whatever its own selection.
     """
     cfg = model.config
-    scores = codes.scores_nD * dead_D
-    entries = row_topk(scores, min(cfg.aux_k, int(dead_D.sum())))
+    # Only dead features compete: select among their columns (a few % of D once training is
+    # under way) instead of masking all D, which made AuxK cost as much as the main pass.
+    dead_ids = torch.nonzero(dead_D).squeeze(1)
+    among_dead = row_topk(codes.scores_nD[:, dead_ids], min(cfg.aux_k, dead_ids.numel()))
+    entries = SelectedEntries(among_dead.rows, dead_ids[among_dead.cols], among_dead.n)
     residual_var = _centred_sq_sum(err_a, sync) + _centred_sq_sum(err_b, sync)
     selected = entries.rows.numel()
     if sync is not None:
@@ -354,7 +410,11 @@ def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_D, dense: bool = Fals
         return torch.zeros((), device=x_nA.device), 0.0
     if entries.rows.numel():
         values = model.values_at(codes, entries, x_nA, x_nB)
-        e_hat_a, e_hat_b = model.decode_sparse(entries, values, with_bias=False, dense=dense)
+        if dense:
+            e_hat_a, e_hat_b = model.decode_features(dead_ids, among_dead.rows, among_dead.cols, values,
+                                                       x_nA.shape[0])
+        else:
+            e_hat_a, e_hat_b = model.decode_sparse(entries, values, with_bias=False)
         residual_sq = (err_a - e_hat_a).pow(2).sum() + (err_b - e_hat_b).pow(2).sum()
     else:  # nothing selected on this rank: its residual is its whole error (no gradient)
         residual_sq = err_a.pow(2).sum() + err_b.pow(2).sum()
@@ -439,6 +499,7 @@ def train_crosscoder(
     resume_from = _state_dirs(root)[-1] if root is not None and _state_dirs(root) else None
     start_step = 0
     skipped = 0  # batches a store iterator skips by itself on resume
+    prefetch: _Prefetch | None = None
     if resume_from is not None:
         start_step = json.loads((resume_from / "trainer.json").read_text())["step"]
 
@@ -448,7 +509,7 @@ def train_crosscoder(
         if norm_scales is None:
             norm_scales = data.norm_scales
         data = data.batches(batch_size, seed=config.seed, epochs=None, template_weight=template_weight,
-                            rank=sync.rank, world_size=sync.world_size, skip_batches=start_step)
+                            rank=sync.rank, world_size=sync.world_size, skip_batches=start_step, dtype=dtype)
         skipped = start_step
     elif template_weight != 1.0:
         raise ValueError("template_weight needs an ActivationStore (other data carry no template flags)")
@@ -458,7 +519,8 @@ def train_crosscoder(
         source: _TensorBatches | _IteratorBatches = _TensorBatches(x_a, x_b, batch_size, config.seed, sync)
         sample = (x_a[:100_000], x_b[:100_000])
     else:
-        source = _IteratorBatches(data, start_step - skipped)
+        prefetch = _Prefetch(data, pin=device.type == "cuda")
+        source = _IteratorBatches(prefetch, start_step - skipped)
         # Every rank looks at the same number of batches, and sees the whole of each.
         peeked = source.peek(math.ceil(8192 / sync.world_size))
         if not peeked:
@@ -524,7 +586,8 @@ def train_crosscoder(
             raw_a, raw_b = batch
             if isinstance(source, _IteratorBatches):
                 check_pair_batch(raw_a, raw_b, config.d_a, config.d_b, where=f"batch of step {state.step}")
-            x_nA, x_nB = model.normalise(raw_a.to(device, dtype), raw_b.to(device, dtype))
+            x_nA, x_nB = model.normalise(raw_a.to(device, dtype, non_blocking=True),
+                                         raw_b.to(device, dtype, non_blocking=True))
 
             dead = state.pairs_since_fired >= config.dead_after_pairs
             k = k_at_step(config, state.step)
@@ -571,6 +634,8 @@ def train_crosscoder(
     finally:
         if bar is not None:
             bar.close()
+        if prefetch is not None:
+            prefetch.close()
 
     model.training_metrics = {
         "steps": state.step,
