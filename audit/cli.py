@@ -84,7 +84,10 @@ def run(
     only: str | None = typer.Option(None, help="run only this stage (earlier stages must be cached)"),
     start: str | None = typer.Option(None, "--from", help="run from this stage on"),
     force: bool = typer.Option(False, help="rerun the selected stages even when cached"),
-    device: str | None = typer.Option(None, help="cuda, cpu, ... (default: CUDA when present)"),
+    device: str | None = typer.Option(None, help="cuda, cpu, ... (default: the spec's compute.device, else CUDA "
+                                      "when present)"),
+    nproc: int | None = typer.Option(None, min=1, help="processes (one per GPU) for harvest and training, under "
+                                     "torchrun (default: the spec's compute.nproc)"),
 ) -> None:
     """Run an audit end to end: validate → models → harvest → train → analyse → screen → verify → report."""
     from transformers.utils import logging as hf_logging
@@ -93,7 +96,12 @@ def run(
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening; theirs interleave
     loaded = _load_or_exit(spec)
-    runner = AuditRunner(loaded, spec, workspace=workspace, db_path=db, device=device, console=console)
+    try:
+        runner = AuditRunner(loaded, spec, workspace=workspace, db_path=db, device=device, console=console,
+                             nproc=nproc)
+    except StageError as exc:
+        errors.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
+        raise typer.Exit(code=1) from None
     console.print(f"run [bold]{runner.run_id}[/bold] → {runner.run_dir}", highlight=False)
     try:
         result = runner.run(only=only, start=start, force=force)

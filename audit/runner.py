@@ -107,21 +107,34 @@ class RunResult:
 
 class AuditRunner:
     def __init__(self, spec: AuditSpec, spec_path: Path | None = None, workspace: Path = Path("runs"),
-                 db_path: Path | None = None, device: str | None = None, console: Console | None = None):
+                 db_path: Path | None = None, device: str | None = None, console: Console | None = None,
+                 nproc: int | None = None):
         self.spec = spec
         self.spec_path = spec_path
         self.workspace = Path(workspace)
         self.cache = self.workspace / "cache"
         self.run_id = run_id_for(spec)
         self.run_dir = self.workspace / spec.name / self.run_id
-        self.db = AuditStore(db_path or self.workspace / "audit.duckdb")
-        self.device = device
+        self._db_path = db_path or self.workspace / "audit.duckdb"
+        self._db: AuditStore | None = None
+        self.device = device or spec.compute.device
+        self.nproc = nproc or spec.compute.nproc
+        if spec.crosscoder.train.batch_size % self.nproc:
+            raise StageError("validate", f"crosscoder.train.batch_size ({spec.crosscoder.train.batch_size}) must be a "
+                             f"multiple of the number of processes ({self.nproc})")
         self.console = console or Console()
         self.hashes: dict[str, str] = {}
         self.artefacts: dict[str, Path] = {}
         self._loaded_models: dict[str, Any] = {}
         self._meters: dict[tuple[str, int], Any] = {}
         self._missing: list[str] = []  # earlier stages neither run nor cached in this invocation
+
+    @property
+    def db(self) -> AuditStore:
+        """The workspace's DuckDB store, opened on first use (ranks of a torchrun job never open it)."""
+        if self._db is None:
+            self._db = AuditStore(self._db_path)
+        return self._db
 
     # ---- driving ------------------------------------------------------------------------------
     def run(self, only: str | None = None, start: str | None = None, force: bool = False) -> RunResult:
@@ -132,6 +145,7 @@ class AuditRunner:
         _write_json(self.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json"))
         self._register_run(status="running")
         first = STAGES.index(start) if start else 0
+        self._missing = []  # a runner may run several times (e.g. --only harvest, then --only train)
         results = []
         for index, stage in enumerate(STAGES):
             selected = (only is None or stage == only) and index >= first
@@ -298,6 +312,8 @@ class AuditRunner:
         from crosscoder.store import StoreError
 
         try:
+            if self.nproc > 1:
+                self._launch("harvest")  # the ranks write the store; the call below then just opens it
             store = harvest(self._harvest_settings(), folder / "store", progress=True)
         except (ModelLoadError, DataSourceError, StoreError) as exc:
             raise StageError("harvest", f"{exc}\nfinished shards in {folder} are kept; fix the problem and rerun "
@@ -314,9 +330,10 @@ class AuditRunner:
 
     # ---- train ----------------------------------------------------------------------------------
     def _hash_train(self) -> str:
-        # Where and how often to checkpoint does not change the result.
-        settings = self.spec.crosscoder.model_dump(mode="json", exclude={"train": {"device", "checkpoint_every"}})
-        return _hash(self.hashes["harvest"], settings, RUNNER_VERSION, _code_hash("train"))
+        # Where and how often to checkpoint, and on how many ranks, does not change the result.
+        settings = self.spec.crosscoder.model_dump(mode="json", exclude={"train": {"checkpoint_every"}})
+        return _hash(self.hashes["harvest"], settings, self.spec.compute.train_dtype, RUNNER_VERSION,
+                     _code_hash("train"))
 
     def _compute_train(self, folder: Path) -> dict:
         from crosscoder import TrainingDivergedError, train_crosscoder
@@ -324,10 +341,12 @@ class AuditRunner:
 
         store = self.store()
         config = self.spec.crosscoder.to_config(store.d_a, store.d_b)
-        kwargs = self.spec.crosscoder.train.train_kwargs()
+        kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute)
         if self.device:
             kwargs["device"] = self.device
         try:
+            if self.nproc > 1:
+                self._launch("train")  # the ranks train; the call below then loads the finished model
             model = train_crosscoder(config, store, checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
         except TrainingDivergedError as exc:
             raise StageError("train", f"{exc}\nthe last good checkpoint in {folder} is kept; lower crosscoder.lr "
@@ -359,6 +378,49 @@ class AuditRunner:
             "relative_norms": metrics["relative_norm"]}])
         self._register_run(status="running")
 
+    # ---- distributed stages ---------------------------------------------------------------------
+    def _launch(self, stage: str) -> None:
+        """Run ``stage`` on ``nproc`` processes of this machine under torchrun, and wait."""
+        import subprocess
+        import sys
+
+        spec_file = self.run_dir / "spec.resolved.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
+                   "-m", "audit.launch", stage, str(spec_file), "--workspace", str(self.workspace)]
+        if self.device:
+            command += ["--device", self.device]
+        self.console.print(f"[dim]{stage} on {self.nproc} processes: {' '.join(command[2:])}[/dim]", highlight=False)
+        code = subprocess.run(command, env={**os.environ, "PYTHONPATH": _python_path()}).returncode
+        if code != 0:
+            raise StageError(stage, f"torchrun exited with code {code} (its ranks' messages are above); finished "
+                             f"work in {self.cache} is kept and the same command resumes it")
+
+    def run_distributed(self, stage: str) -> None:
+        """This rank's part of ``stage`` ("harvest" or "train") in a torchrun job (see ``audit.launch``).
+
+        Every rank writes into the same cache folder that ``audit run`` uses, so that a later
+        ``audit run`` finds the work done; the database is left to that single process.
+        """
+        from crosscoder import train_crosscoder
+        from crosscoder.distributed import current, rank_device
+        from crosscoder.harvest import harvest
+
+        sync = current()
+        self.hashes["harvest"] = self._hash_harvest()
+        harvest_folder = self.cache / f"harvest-{self.hashes['harvest']}"
+        if stage == "harvest":
+            harvest(self._harvest_settings(), harvest_folder / "store", progress=True)
+            return
+        if stage != "train":
+            raise StageError(stage, "only the harvest and train stages run on several processes")
+        self.artefacts["harvest"] = harvest_folder
+        store = self.store()
+        kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute)
+        kwargs["device"] = rank_device(self.device or kwargs["device"] or "cpu", sync)
+        folder = self.cache / f"train-{self._hash_train()}"
+        train_crosscoder(self.spec.crosscoder.to_config(store.d_a, store.d_b), store,
+                         checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
+
     # ---- analyse --------------------------------------------------------------------------------
     def _hash_analyse(self) -> str:
         s = self.spec.screen
@@ -370,7 +432,8 @@ class AuditRunner:
             from crosscoder.models import load_model
 
             entry = self.spec.model_a if side == "a" else self.spec.model_b
-            self._loaded_models[side] = load_model(entry.id, entry.layer, entry.revision, entry.dtype, self.device,
+            self._loaded_models[side] = load_model(entry.id, entry.layer, entry.revision, self.spec.compute.model_dtype,
+                                                   self.device,
                                                    entry.trust_remote_code, field=f"model_{side}",
                                                    chat_template=entry.chat_template)
         return self._loaded_models[side]
@@ -612,3 +675,9 @@ class _progress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+def _python_path() -> str:
+    """PYTHONPATH for child processes: this checkout first, so that ``-m audit.launch`` imports it."""
+    existing = os.environ.get("PYTHONPATH")
+    return f"{REPO_ROOT}{os.pathsep}{existing}" if existing else str(REPO_ROOT)

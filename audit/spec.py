@@ -25,16 +25,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _refuse_hardware(values, moved: dict[str, str]):
+    """Hardware settings live in ``compute:`` only; say where a field of older specs went."""
+    if isinstance(values, dict):
+        for key, target in moved.items():
+            if key in values:
+                raise ValueError(f"{key} has moved to {target} (the compute: section holds every hardware setting)")
+    return values
+
+
 class ModelSpec(_Strict):
     """One side of the comparison."""
 
     id: str = Field(description="Hugging Face hub id, local folder, or zoo:<name>")
     revision: str | None = None
     layer: int = Field(ge=0, description="0-based decoder block whose output is captured")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     chat_template: str | None = Field(default=None, description="override the tokenizer's chat template: a Jinja "
                                       "string or a path to a .jinja file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, values):
+        return _refuse_hardware(values, {"dtype": "compute.model_dtype", "device": "compute.device"})
 
     @field_validator("id")
     @classmethod
@@ -72,22 +85,38 @@ class DataSpec(_Strict):
 
 class TrainSpec(_Strict):
     steps: int = Field(default=3000, gt=0)
-    batch_size: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=256, gt=0, description="global batch: split over the ranks when distributed")
     checkpoint_every: int = Field(default=1000, gt=0)
-    device: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
     template_weight: float = Field(
         default=1.0, gt=0, le=1000,
         description="sampling weight of generation-prompt pairs (where a chat model is about to answer) "
                     "against 1 for every other pair",
     )
 
-    def train_kwargs(self) -> dict:
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, values):
+        return _refuse_hardware(values, {"dtype": "compute.train_dtype", "device": "compute.device"})
+
+    def train_kwargs(self, compute: ComputeSpec) -> dict:
         """Keyword arguments of ``crosscoder.train_crosscoder`` for these settings (data from a store)."""
         import torch
 
         return {"steps": self.steps, "batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every,
-                "device": self.device, "dtype": getattr(torch, self.dtype), "template_weight": self.template_weight}
+                "device": compute.device, "dtype": getattr(torch, compute.train_dtype),
+                "template_weight": self.template_weight}
+
+
+class ComputeSpec(_Strict):
+    """Every hardware setting of an audit, and nothing else: where and how the work runs."""
+
+    device: str | None = Field(default=None, description="cuda, cuda:1, cpu, mps; default: CUDA when present")
+    nproc: int = Field(default=1, ge=1, le=1024, description="processes (one per GPU) for harvest and training, "
+                       "started with torchrun; 1 runs them in the audit's own process")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="the two models while harvesting, steering and grading")
+    train_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="crosscoder weights")
+    harvest_batch_docs: int = Field(default=16, gt=0, description="documents per forward pass on each rank")
 
 
 class CrosscoderSpec(_Strict):
@@ -214,10 +243,23 @@ class AuditSpec(_Strict):
     transfer: TransferSpec = TransferSpec()
     report: ReportSpec = ReportSpec()
     gates: list[GateRule] = Field(default_factory=list)
+    compute: ComputeSpec = ComputeSpec()
+
+    @model_validator(mode="after")
+    def _batch_splits_over_ranks(self) -> AuditSpec:
+        if self.crosscoder.train.batch_size % self.compute.nproc:
+            raise ValueError(f"crosscoder.train.batch_size ({self.crosscoder.train.batch_size}) must be a multiple "
+                             f"of compute.nproc ({self.compute.nproc}): each rank takes an equal share")
+        return self
 
     def content_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (all when none), for keying stage artefacts."""
+        """Stable hash of the named sections (all when none), for keying stage artefacts.
+
+        Where the work runs (device, number of processes, documents per forward pass) does not
+        change the results, so it does not change the hash; the dtypes do.
+        """
         dumped = self.model_dump(mode="json")
+        dumped["compute"] = {key: dumped["compute"][key] for key in ("model_dtype", "train_dtype")}
         chosen = {key: dumped[key] for key in sections} if sections else dumped
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -228,7 +270,7 @@ def harvest_settings(spec: AuditSpec, device: str | None = None):
     from crosscoder.harvest import HarvestSettings, ModelSettings
 
     def model(entry: ModelSpec) -> ModelSettings:
-        return ModelSettings(entry.id, entry.layer, entry.revision, entry.dtype, entry.trust_remote_code,
+        return ModelSettings(entry.id, entry.layer, entry.revision, spec.compute.model_dtype, entry.trust_remote_code,
                              entry.chat_template)
 
     return HarvestSettings(
@@ -238,7 +280,8 @@ def harvest_settings(spec: AuditSpec, device: str | None = None):
         max_tokens=spec.data.max_tokens,
         context_length=spec.data.context_length,
         seed=spec.data.seed,
-        device=device or spec.crosscoder.train.device,
+        batch_docs=spec.compute.harvest_batch_docs,
+        device=device or spec.compute.device,
     )
 
 

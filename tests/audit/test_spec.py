@@ -48,6 +48,10 @@ def test_defaults_and_hash(tmp_path):
     changed = load_spec(write(tmp_path, GOOD.replace("k: 8", "k: 9")))
     assert spec.content_hash("model_a", "model_b", "data") == changed.content_hash("model_a", "model_b", "data")
     assert spec.content_hash("crosscoder") != changed.content_hash("crosscoder")
+    # Where the work runs leaves the run id alone; the dtypes change the results, so the hash.
+    elsewhere = load_spec(write(tmp_path, GOOD + "compute:\n  device: cuda\n  nproc: 8\n  harvest_batch_docs: 4\n"))
+    assert elsewhere.content_hash() == spec.content_hash()
+    assert load_spec(write(tmp_path, GOOD + "compute:\n  model_dtype: bfloat16\n")).content_hash() != spec.content_hash()
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,11 @@ def test_defaults_and_hash(tmp_path):
         (("    - path: corpus.jsonl", "    - path: corpus.jsonl\n      text_field: null"), "data.sources.0: set text_field"),
         (("name: tiny", "name: 'bad name!'"), ":1: name: String should match pattern"),
         (("crosscoder:\n  dict_size: 256\n  k: 8\n", ""), "crosscoder: Field required"),
+        (("  layer: 1", "  layer: 1\n  dtype: bfloat16"), "model_a: dtype has moved to compute.model_dtype"),
+        (("  k: 8", "  k: 8\n  train:\n    device: cuda"), "crosscoder.train: device has moved to compute.device"),
+        (("  k: 8", "  k: 8\n  train:\n    batch_size: 100\ncompute:\n  nproc: 8"),
+         "must be a multiple of compute.nproc (8)"),
+        (("  k: 8", "  k: 8\ncompute:\n  nproc: 0"), "compute.nproc: Input should be greater than or equal to 1"),
     ],
 )
 def test_errors_name_file_line_and_field(tmp_path, edit, expected):

@@ -1,0 +1,54 @@
+"""One stage of an audit on every rank of a torchrun job: the distributed part of ``audit run``.
+
+    torchrun --nproc_per_node 8 -m audit.launch harvest specs/llama_vs_qwen.yaml
+    torchrun --nproc_per_node 8 -m audit.launch train   specs/llama_vs_qwen.yaml
+    audit run specs/llama_vs_qwen.yaml          # everything else, finding both stages done
+
+``audit run SPEC --nproc N`` starts this itself on one machine; on several machines, start it on
+each with torchrun's multi-node flags (see docs/runbook.md). Every rank writes into the
+workspace's stage cache (a folder all nodes share); the database is written by ``audit run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m audit.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("harvest", "train"))
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--workspace", type=Path, default=Path("runs"))
+    parser.add_argument("--device", default=None, help="cuda, cpu … (default: the spec's compute.device)")
+    args = parser.parse_args(argv)
+
+    from crosscoder.distributed import init_from_env
+    from crosscoder.models import default_device
+
+    from .runner import AuditRunner, StageError
+    from .spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    device = args.device or spec.compute.device or str(default_device())
+    sync = init_from_env(device)
+    console = Console(quiet=not sync.is_main, stderr=True)
+    runner = AuditRunner(spec, args.spec, workspace=args.workspace, device=device, console=console,
+                         nproc=sync.world_size)
+    try:
+        runner.run_distributed(args.stage)
+    except StageError as exc:
+        print(f"rank {sync.rank}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
