@@ -433,9 +433,9 @@ class AuditRunner:
 
             entry = self.spec.model_a if side == "a" else self.spec.model_b
             self._loaded_models[side] = load_model(entry.id, entry.layer, entry.revision, self.spec.compute.model_dtype,
-                                                   self.device,
-                                                   entry.trust_remote_code, field=f"model_{side}",
-                                                   chat_template=entry.chat_template)
+                                                   self.device, entry.trust_remote_code, field=f"model_{side}",
+                                                   chat_template=entry.chat_template,
+                                                   device_map=self.spec.compute.device_map)
         return self._loaded_models[side]
 
     def coherence_meter(self, side: str, max_new_tokens: int):

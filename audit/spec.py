@@ -117,6 +117,16 @@ class ComputeSpec(_Strict):
         default="float32", description="the two models while harvesting, steering and grading")
     train_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="crosscoder weights")
     harvest_batch_docs: int = Field(default=16, gt=0, description="documents per forward pass on each rank")
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(
+        default=None, description="spread each model over all visible GPUs with accelerate (models too big for "
+        "one device); with nproc 1 only")
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> ComputeSpec:
+        if self.device_map and self.nproc > 1:
+            raise ValueError("device_map spreads one model over every GPU, so it needs nproc: 1 (each rank of "
+                             "nproc > 1 holds its own copy of both models on its own GPU)")
+        return self
 
 
 class CrosscoderSpec(_Strict):
@@ -259,7 +269,7 @@ class AuditSpec(_Strict):
         change the results, so it does not change the hash; the dtypes do.
         """
         dumped = self.model_dump(mode="json")
-        dumped["compute"] = {key: dumped["compute"][key] for key in ("model_dtype", "train_dtype")}
+        dumped["compute"] = {key: dumped["compute"][key] for key in ("model_dtype", "train_dtype")}  # the rest: where
         chosen = {key: dumped[key] for key in sections} if sections else dumped
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -271,7 +281,7 @@ def harvest_settings(spec: AuditSpec, device: str | None = None):
 
     def model(entry: ModelSpec) -> ModelSettings:
         return ModelSettings(entry.id, entry.layer, entry.revision, spec.compute.model_dtype, entry.trust_remote_code,
-                             entry.chat_template)
+                             entry.chat_template, spec.compute.device_map)
 
     return HarvestSettings(
         model_a=model(spec.model_a),

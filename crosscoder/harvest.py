@@ -38,6 +38,7 @@ class ModelSettings:
     dtype: str = "float32"
     trust_remote_code: bool = False
     chat_template: str | None = None  # overrides the tokenizer's (a Jinja string or a .jinja file)
+    device_map: str | None = None  # hardware: spread a big model over devices (not part of the hash)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class HarvestSettings:
         for side in ("model_a", "model_b"):  # keep the hashes of stores made before the override existed
             if payload[side]["chat_template"] is None:
                 payload[side].pop("chat_template")
+            payload[side].pop("device_map")
         payload["code_version"] = HARVEST_CODE_VERSION
         versions = zoo_data_versions(self.sources)
         if versions:  # generated data: the same name may hold other records after a code change
@@ -202,7 +204,7 @@ def harvest(
         device = rank_device(settings.device, sync)
         models = tuple(
             load_model(entry.id, entry.layer, entry.revision, entry.dtype, device, entry.trust_remote_code,
-                       field=side, chat_template=entry.chat_template)
+                       field=side, chat_template=entry.chat_template, device_map=entry.device_map)
             for side, entry in (("model_a", settings.model_a), ("model_b", settings.model_b))
         )
     model_a, model_b = models

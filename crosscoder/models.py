@@ -81,11 +81,14 @@ def load_model(
     trust_remote_code: bool = False,
     field: str = "model",
     chat_template: str | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its fast tokenizer; check that ``layer`` exists.
 
     ``field`` (e.g. ``"model_a"``) prefixes every error so that the user knows which spec entry
     to fix. Weights come from a local folder when ``model_id`` is one, else from the hub cache.
+    ``device_map`` ("auto", "balanced", "sequential"): spread a model too big for one device over
+    all visible GPUs (and CPU memory) with accelerate, instead of moving it to ``device``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -100,7 +103,8 @@ def load_model(
         hint = "" if is_local else " (no local folder by that name; on an offline machine use a local folder or a zoo: id)"
         raise ModelLoadError(f"{field}.id: cannot load the config of {model_id!r}{hint}: {_first_line(exc)}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **common)
+        placement = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **common, **placement)
     except ValueError as exc:
         raise ModelLoadError(
             f"{field}.id: {model_id!r} ({type(config).__name__}) is not a causal language model: {_first_line(exc)}"
@@ -121,8 +125,12 @@ def load_model(
         raise ModelLoadError(
             f"{field}.layer: {layer} is out of range: {model_id!r} has {len(blocks)} decoder blocks (0–{len(blocks) - 1})"
         )
-    device = torch.device(device) if device is not None else default_device()
-    model = model.to(device).eval()
+    if device_map:  # accelerate placed the blocks; inputs go where the embeddings are
+        device = model.get_input_embeddings().weight.device
+        model = model.eval()
+    else:
+        device = torch.device(device) if device is not None else default_device()
+        model = model.to(device).eval()
     d_model = int(getattr(model.config, "hidden_size", 0) or blocks[layer].self_attn.o_proj.out_features)
     return LoadedModel(
         model=model, tokenizer=tokenizer, model_id=model_id, revision=revision, layer=layer, d_model=d_model,

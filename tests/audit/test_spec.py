@@ -69,6 +69,7 @@ def test_defaults_and_hash(tmp_path):
         (("  k: 8", "  k: 8\n  train:\n    batch_size: 100\ncompute:\n  nproc: 8"),
          "must be a multiple of compute.nproc (8)"),
         (("  k: 8", "  k: 8\ncompute:\n  nproc: 0"), "compute.nproc: Input should be greater than or equal to 1"),
+        (("  k: 8", "  k: 8\ncompute:\n  nproc: 2\n  device_map: auto"), "compute: device_map spreads one model"),
     ],
 )
 def test_errors_name_file_line_and_field(tmp_path, edit, expected):

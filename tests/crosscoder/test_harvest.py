@@ -47,6 +47,14 @@ def test_capture_equals_hidden_states_of_the_block(loaded):
     assert torch.allclose(captured, reference, atol=1e-6)
 
 
+def test_device_map_placement_reads_the_same_activations(tiny_model_dirs, loaded):
+    # accelerate's placement (here everything lands on the CPU) must not change what is captured.
+    placed = load_model(str(tiny_model_dirs["llama"]), 0, field="model_a", device_map="auto")
+    assert placed.device == torch.device("cpu")
+    ids = torch.tensor([[128000, 791, 4062, 14198, 39935]])
+    assert torch.allclose(capture_block_output(placed, ids), capture_block_output(loaded[0], ids), atol=1e-6)
+
+
 def test_load_errors_name_the_field(tiny_model_dirs, tmp_path):
     with pytest.raises(ModelLoadError, match=r"model_b.layer: 3 is out of range: .* has 3 decoder blocks \(0–2\)"):
         load_model(str(tiny_model_dirs["qwen"]), 3, device="cpu", field="model_b")
