@@ -175,7 +175,7 @@ def analyse_features(
     generator = torch.Generator().manual_seed(0)
     negatives: list[tuple[int, int, int, Tensor]] = []  # (doc, pos_a, pos_b, active [n_f]) of random pairs
     keys = ("a", "b", "doc", "pos_a", "pos_b", "merged", "in_chat", "template")
-    shard_count = len(store.shard_paths())
+    shard_count = store.n_shards
     for shard_index in range(shard_count):
         shard = store.load_shard(shard_index, keys)
         for start in range(0, shard["a"].shape[0], batch_size):
@@ -300,7 +300,7 @@ def _active_positions(model, store, index, own_of, ids, docs, batch_size) -> dic
         return out
     wanted = torch.tensor(sorted(docs))
     device = model.W_enc_AD.device
-    for shard_index in range(len(store.shard_paths())):
+    for shard_index in range(store.n_shards):
         shard = store.load_shard(shard_index, ("a", "b", "doc", "pos_a", "pos_b"))
         keep = torch.isin(shard["doc"], wanted)
         if not keep.any():

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import storage
 from .align import align_chat, align_text, encode_ids, render_chat
 from .data import SourceSettings, iter_records
 from .distributed import DistContext, all_gather_objects, barrier, rank_device
 from .distributed import current as current_context
 from .models import LoadedModel, bos_prefix, capture_block_output, load_model
-from .store import ActivationStore, StoreWriter
+from .store import ActivationStore, StoreWriter, store_exists
 
 HARVEST_CODE_VERSION = 2  # bump when a change alters which pairs are produced
 
@@ -180,7 +181,7 @@ def harvest(
     on_shard: Callable[[int], None] | None = None,
     sync: DistContext | None = None,
 ) -> ActivationStore:
-    """Harvest into ``folder`` and return the finished store.
+    """Harvest into ``folder`` (a path or an fsspec URL such as ``s3://bucket/store``) and return the finished store.
 
     A finished store with the same input hash is returned as is; an interrupted one resumes after
     its last committed shard. ``models`` lets a caller pass already-loaded models. ``on_shard(n)``
@@ -192,11 +193,10 @@ def harvest(
     process stores. Each rank writes and resumes its own shards; rank 0 merges the statistics and
     writes ``meta.json``.
     """
-    folder = Path(folder)
+    folder = storage.locate(folder)
     sync = sync if sync is not None else current_context()
     input_hash = settings.input_hash()
-    meta_path = folder / "meta.json"
-    if meta_path.is_file():
+    if store_exists(folder):
         store = ActivationStore(folder)
         if store.meta.get("input_hash") == input_hash:
             return store

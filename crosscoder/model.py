@@ -18,6 +18,7 @@ import json
 import math
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import storage
 from .config import CrosscoderConfig
 from .distributed import DistContext, global_batch_topk
 from .sparse import (
@@ -312,12 +314,22 @@ class Crosscoder(nn.Module):
         return x_a.to(device=device, dtype=dtype), x_b.to(device=device, dtype=dtype)
 
     # ---- persistence ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike) -> Path | str:
         """Write ``model.safetensors`` + ``config.json`` into folder ``path`` (each atomically).
 
         Both files carry the same random save id, so a save killed between the two is detected
-        at load time instead of pairing new weights with an old config.
+        at load time instead of pairing new weights with an old config. ``path`` may be an fsspec
+        URL (``s3://bucket/run``): the files are written to a temporary folder and uploaded in
+        the same order, weights first.
         """
+        if storage.is_url(path):
+            url = storage.locate(path)
+            check_url(url)
+            with tempfile.TemporaryDirectory(prefix="crosscoder-save-") as tmp:
+                self.save(tmp)
+                for name in ("model.safetensors", "config.json"):
+                    storage.upload(Path(tmp) / name, storage.child(url, name))
+            return url
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         save_id = secrets.token_hex(8)
@@ -350,24 +362,40 @@ class Crosscoder(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Crosscoder:
-        """Load a folder written by :meth:`save`; needs no spec."""
-        folder = Path(path)
+        """Load a folder written by :meth:`save` (a path or an fsspec URL); needs no spec.
+
+        A URL's two files are downloaded into the local cache first (see :mod:`crosscoder.storage`).
+        """
+        if storage.is_url(path):
+            url = storage.locate(path)
+            check_url(url)
+            for name in ("config.json", "model.safetensors"):
+                try:
+                    storage.download(storage.child(url, name))
+                except FileNotFoundError:
+                    raise CheckpointError(f"{storage.child(url, name)} is missing: {url} is not a crosscoder "
+                                          "checkpoint") from None
+            folder, where = storage.cache_folder(url), url  # errors name the URL, not its cache
+        else:
+            folder = where = Path(path)
         config_path, weights_path = folder / "config.json", folder / "model.safetensors"
         for required in (config_path, weights_path):
             if not required.is_file():
                 raise CheckpointError(f"{required} is missing: {folder} is not a crosscoder checkpoint")
         meta = json.loads(config_path.read_text())
         if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{config_path}: format {meta.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+            raise CheckpointError(f"{storage.child(where, 'config.json')}: format {meta.get('format')!r} is not "
+                                  f"{CHECKPOINT_FORMAT!r}")
         if meta.get("version", 0) > CHECKPOINT_VERSION:
-            raise CheckpointError(f"{config_path}: version {meta['version']} is newer than this code reads")
+            raise CheckpointError(f"{storage.child(where, 'config.json')}: version {meta['version']} is newer than "
+                                  "this code reads")
         from safetensors import safe_open
 
         with safe_open(str(weights_path), framework="pt") as handle:
             weights_id = (handle.metadata() or {}).get("save_id")
         if weights_id != meta.get("save_id"):
             raise CheckpointError(
-                f"{folder}: model.safetensors and config.json come from different saves "
+                f"{where}: model.safetensors and config.json come from different saves "
                 "(a save was interrupted); use the previous checkpoint or retrain"
             )
         model = cls(CrosscoderConfig.model_validate(meta["config"]))
@@ -408,6 +436,14 @@ def check_pair_batch(x_a: Tensor, x_b: Tensor, d_a: int, d_b: int, where: str) -
             raise ValueError(
                 f"{where}: {name} has NaN or infinite values in {bad.numel()} row(s), first at row {int(bad[0])}"
             )
+
+
+def check_url(url: str) -> None:
+    """A URL that no installed fsspec backend opens is a CheckpointError that says what to install."""
+    try:
+        storage.filesystem(url)
+    except storage.StorageError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

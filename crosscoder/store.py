@@ -14,10 +14,16 @@ A harvest on N ranks writes ``progress-r003.json``, ``pairs-r003-00000.safetenso
 into the same folder; each rank only ever touches its own files, and rank 0 writes ``meta.json``
 listing every rank's shards. A document's number is its record's index in the data stream, so it
 does not depend on the number of ranks.
+
+The folder may be an fsspec URL (``s3://bucket/store``; see :mod:`crosscoder.storage`), for nodes
+that share object storage rather than a disk. The writer then builds each file in a local staging
+folder and uploads it, docs file and shard before the progress file that names them; the reader
+copies shards into a local cache on first use and memory-maps the copies.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -33,6 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from . import storage
+
 STORE_FORMAT = "crosscoder-audit/activation-store"
 STORE_VERSION = 1
 
@@ -45,6 +53,22 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _locate(folder: str | os.PathLike) -> storage.Location:
+    """The store's location; a URL no installed backend can open is a StoreError."""
+    location = storage.locate(folder)
+    if isinstance(location, str):
+        try:
+            storage.filesystem(location)
+        except storage.StorageError as exc:
+            raise StoreError(str(exc)) from exc
+    return location
+
+
+def store_exists(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` (a path or URL) holds a ``meta.json``, i.e. a finished store."""
+    return storage.is_file(storage.child(_locate(folder), "meta.json"))
 
 
 def shard_name(index: int, rank_tag: str = "") -> str:
@@ -68,11 +92,17 @@ def docs_name(shard_file: str) -> str:
 class StoreWriter:
     """Appends documents' pairs and commits a shard once it holds ``shard_pairs`` pairs.
 
-    ``rank``/``world_size``: one writer per rank of a distributed harvest, each with its own files.
+    ``folder``: a path or an fsspec URL. ``rank``/``world_size``: one writer per rank of a
+    distributed harvest, each with its own files.
     """
 
-    def __init__(self, folder: Path, input_hash: str, shard_pairs: int = 65536, rank: int = 0, world_size: int = 1):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike, input_hash: str, shard_pairs: int = 65536, rank: int = 0,
+                 world_size: int = 1):
+        self.location = _locate(folder)
+        self.remote = isinstance(self.location, str)
+        # A remote store is staged in the local cache of its URL: reading it back on this node
+        # then downloads nothing.
+        self.folder = storage.cache_folder(self.location) if self.remote else self.location
         self.folder.mkdir(parents=True, exist_ok=True)
         self.input_hash = input_hash
         self.shard_pairs = shard_pairs
@@ -82,11 +112,11 @@ class StoreWriter:
         self.progress = {"input_hash": input_hash, "shards": [], "docs_consumed": 0, "next_record": 0, "stats": {},
                          "world_size": world_size}
         self.progress_path = self.folder / progress_name(rank, world_size)
-        if self.progress_path.is_file():
-            saved = json.loads(self.progress_path.read_text())
+        saved = self._read_json(self.progress_path.name)
+        if saved is not None:
             if saved.get("input_hash") != input_hash:
                 raise StoreError(
-                    f"{self.folder} holds a harvest of other inputs (hash {saved.get('input_hash')}, "
+                    f"{self.location} holds a harvest of other inputs (hash {saved.get('input_hash')}, "
                     f"now {input_hash}); choose another folder or delete it"
                 )
             saved.setdefault("next_record", saved["docs_consumed"])  # stores from before ranks existed
@@ -96,13 +126,33 @@ class StoreWriter:
         self._pending_docs: list[dict] = []
         self._pending_pairs = 0
 
+    def _read_json(self, name: str) -> dict | None:
+        path = storage.child(self.location, name)
+        return json.loads(storage.read_text(path)) if storage.is_file(path) else None
+
+    def _write_json(self, name: str, payload: dict) -> None:
+        if self.remote:
+            storage.write_text(storage.child(self.location, name), json.dumps(payload, indent=2, sort_keys=True))
+        else:
+            _write_json(self.folder / name, payload)
+
+    def _upload(self, name: str) -> None:
+        """Remote stores: upload a committed local file (kept as the cached copy)."""
+        if self.remote:
+            storage.upload_cached(self.folder / name, storage.child(self.location, name))
+
     def _check_world_size(self) -> None:
         """A half-done harvest continues on the number of ranks it started with."""
-        single = (self.folder / "progress.json").is_file()
-        ranked = sorted(self.folder.glob("progress-r*.json"))
-        started = 1 if single else json.loads(ranked[0].read_text()).get("world_size") if ranked else None
+        if self.remote:
+            names = storage.list_names(self.location)
+            single = "progress.json" in names
+            ranked = [name for name in names if fnmatch.fnmatch(name, "progress-r*.json")]
+        else:
+            single = (self.folder / "progress.json").is_file()
+            ranked = [path.name for path in sorted(self.folder.glob("progress-r*.json"))]
+        started = 1 if single else self._read_json(ranked[0]).get("world_size") if ranked else None
         if started is not None and started != self.world_size:
-            raise StoreError(f"{self.folder}: this harvest was started on {started} rank(s); resume it with "
+            raise StoreError(f"{self.location}: this harvest was started on {started} rank(s); resume it with "
                              f"--nproc {started}, or delete the folder to start over on {self.world_size}")
 
     def _drop_uncommitted(self) -> None:
@@ -110,6 +160,12 @@ class StoreWriter:
         committed = {s["file"] for s in self.progress["shards"]}
         committed |= {docs_name(s["file"]) for s in self.progress["shards"]}
         own = re.compile(rf"^\.?(pairs|docs)-{self.tag}\d{{5}}\.|^\.{re.escape(self.progress_path.name)}\.")
+        if self.remote:
+            for name in storage.list_names(self.location):
+                if own.match(name) and name not in committed:
+                    storage.remove(storage.child(self.location, name))
+            # The staging folder is also the cache: keep its notes on which version a file is.
+            committed |= {f".{name}.remote.json" for name in committed}
         for path in self.folder.iterdir():
             if own.match(path.name) and path.name not in committed and path.is_file():
                 path.unlink()
@@ -169,11 +225,15 @@ class StoreWriter:
             tmp = self.folder / f".{name}.tmp"
             save_file(tensors, str(tmp), metadata={"format": STORE_FORMAT})
             os.replace(tmp, self.folder / name)
+            # Remote: in the same order as the local commit, so a progress file never names a
+            # shard or docs file that is not there.
+            self._upload(docs_file)
+            self._upload(name)
             self.progress["shards"].append({"file": name, "pairs": n_pairs, "docs": len(self._pending_docs)})
         self.progress["docs_consumed"] += len(self._pending_docs)
         self.progress["next_record"] = self._last_number + 1
         self.progress["stats"] = stats
-        _write_json(self.progress_path, self.progress)
+        self._write_json(self.progress_path.name, self.progress)
         self._pending, self._pending_docs, self._pending_pairs = [], [], 0
 
     def finalize(self, meta: dict, target_norm: float, shards: list[dict] | None = None,
@@ -186,11 +246,16 @@ class StoreWriter:
         shards = self.progress["shards"] if shards is None else shards
         norms_a, norms_b = [], []
         for shard in shards:
+            if self.remote:  # the norms' bytes only: other ranks' shards are not on this node
+                norms = read_remote_tensors(storage.child(self.location, shard["file"]), ("norm_a", "norm_b"))
+                norms_a.append(norms["norm_a"])
+                norms_b.append(norms["norm_b"])
+                continue
             with safe_open(str(self.folder / shard["file"]), framework="pt") as handle:
                 norms_a.append(handle.get_tensor("norm_a"))
                 norms_b.append(handle.get_tensor("norm_b"))
         if not norms_a:
-            raise StoreError(f"{self.folder}: the harvest produced no aligned pairs; check the data and the tokenizers")
+            raise StoreError(f"{self.location}: the harvest produced no aligned pairs; check the data and the tokenizers")
         median_a = float(torch.cat(norms_a).median())
         median_b = float(torch.cat(norms_b).median())
         meta = {
@@ -206,26 +271,37 @@ class StoreWriter:
             "stats": self.progress["stats"] if stats is None else stats,
             **meta,
         }
-        _write_json(self.folder / "meta.json", meta)
+        self._write_json("meta.json", meta)
         return meta
 
 
 class ActivationStore:
-    """Read access to a finished store: metadata, shards, documents, shuffled batches."""
+    """Read access to a finished store: metadata, shards, documents, shuffled batches.
+
+    ``folder``: a path or an fsspec URL (then ``location`` is the URL, ``folder`` the local cache
+    that its shards and docs files are copied into, each on first use).
+    """
 
     def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        meta_path = self.folder / "meta.json"
-        if not meta_path.is_file():
-            raise StoreError(f"{self.folder} is not a finished activation store (no meta.json); run the harvest")
-        self.meta = json.loads(meta_path.read_text())
+        self.location = _locate(folder)
+        self.remote = isinstance(self.location, str)
+        self.folder = storage.cache_folder(self.location) if self.remote else self.location
+        meta_path = storage.child(self.location, "meta.json")
+        if not storage.is_file(meta_path):
+            raise StoreError(f"{self.location} is not a finished activation store (no meta.json); run the harvest")
+        self.meta = json.loads(storage.read_text(meta_path))
         if self.meta.get("format") != STORE_FORMAT or not self.meta.get("complete"):
             raise StoreError(f"{meta_path}: not a complete {STORE_FORMAT}")
         self._maps: dict[int, dict[str, MappedTensor]] = {}
+        self._local: dict[str, Path] = {}  # remote stores: file name → cached copy
 
     @property
     def n_pairs(self) -> int:
         return self.meta["n_pairs"]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.meta["shards"])
 
     @property
     def d_a(self) -> int:
@@ -239,16 +315,31 @@ class ActivationStore:
     def norm_scales(self) -> tuple[float, float]:
         return self.meta["norm_scales"]["a"], self.meta["norm_scales"]["b"]
 
+    def _file(self, name: str) -> Path:
+        """A local path to one of the store's files (remote stores: downloaded on first use)."""
+        if not self.remote:
+            return self.folder / name
+        if name not in self._local:
+            try:
+                self._local[name] = storage.download(storage.child(self.location, name))
+            except FileNotFoundError as exc:
+                raise StoreError(f"{self.location}: {name} is missing; the store is damaged, harvest again") from exc
+        return self._local[name]
+
+    def shard_path(self, index: int) -> Path:
+        return self._file(self.meta["shards"][index]["file"])
+
     def shard_paths(self) -> list[Path]:
-        return [self.folder / s["file"] for s in self.meta["shards"]]
+        """Local paths of all shards (a remote store's are all downloaded: prefer ``shard_path``)."""
+        return [self.shard_path(index) for index in range(self.n_shards)]
 
     def load_shard(self, index: int, keys: tuple[str, ...] = ("a", "b")) -> dict[str, Tensor]:
-        with safe_open(str(self.shard_paths()[index]), framework="pt") as handle:
+        with safe_open(str(self.shard_path(index)), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in keys}
 
     def documents(self) -> Iterator[dict]:
-        for path in self.shard_paths():
-            with open(path.with_name(docs_name(path.name))) as handle:
+        for shard in self.meta["shards"]:
+            with open(self._file(docs_name(shard["file"]))) as handle:
                 for line in handle:
                     yield json.loads(line)
 
@@ -347,7 +438,7 @@ class ActivationStore:
 
     def _mapped(self, index: int) -> dict[str, MappedTensor]:
         if index not in self._maps:
-            self._maps[index] = map_safetensors(self.shard_paths()[index], ("a", "b"))
+            self._maps[index] = map_safetensors(self.shard_path(index), ("a", "b"))
         return self._maps[index]
 
     def _dtype(self, key: str) -> torch.dtype:
@@ -411,3 +502,18 @@ def map_safetensors(path: Path, keys: tuple[str, ...]) -> dict[str, MappedTensor
         array = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + header_len + start, shape=tuple(info["shape"]))
         mapped[key] = MappedTensor(array, torch_dtype)
     return mapped
+
+
+def read_remote_tensors(url: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """Tensors of a remote safetensors file, fetched by byte range (the header, then each tensor)."""
+    header_len = int.from_bytes(storage.read_range(url, 0, 8), "little")
+    header = json.loads(storage.read_range(url, 8, 8 + header_len))
+    out = {}
+    for key in keys:
+        info = header[key]
+        np_dtype, torch_dtype = _NUMPY_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        data = storage.read_range(url, 8 + header_len + start, 8 + header_len + end)
+        tensor = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(info["shape"])
+        out[key] = tensor.view(torch.bfloat16) if torch_dtype == torch.bfloat16 else tensor
+    return out

@@ -18,6 +18,7 @@ import os
 import queue
 import re
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,10 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import storage
 from .config import CrosscoderConfig
 from .distributed import DistContext, all_gather_cat, all_min, all_sum, barrier
 from .distributed import current as current_context
-from .model import Crosscoder, check_pair_batch, write_json_atomic
+from .model import Crosscoder, check_pair_batch, check_url, write_json_atomic
 from .sparse import SelectedEntries, row_topk
 
 PairBatch = tuple[Tensor, Tensor]
@@ -191,19 +193,61 @@ class _Prefetch:
 _STATE_DIR = re.compile(r"^state-(\d{8})$")
 
 
-def _state_dirs(root: Path) -> list[Path]:
+# The files of a state; trainer.json goes last: a remote state is complete once it is there.
+_STATE_FILES = ("model.safetensors", "config.json", "trainer.safetensors", "trainer.json")
+
+
+def _state_dirs(root: storage.Location) -> list[storage.Location]:
+    """Complete states, oldest first."""
+    if isinstance(root, str):
+        # Object stores have no folder rename to publish a state at once: a state is complete
+        # when its trainer.json, uploaded last, is there.
+        names = [name for name in storage.list_names(root) if _STATE_DIR.match(name)]
+        return [storage.child(root, name) for name in names if storage.is_file(storage.child(root, name, "trainer.json"))]
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STATE_DIR.match(p.name)]
     return sorted(found, key=lambda p: p.name)
 
 
-def _save_state(root: Path, model: Crosscoder, optimizer: torch.optim.Optimizer, state: TrainerState, keep: int) -> Path:
-    """Write a resumable state folder atomically (build under a temp name, then rename)."""
+def _save_state(root: storage.Location, model: Crosscoder, optimizer: torch.optim.Optimizer, state: TrainerState,
+                keep: int) -> storage.Location:
+    """Write a resumable state folder atomically (build under a temp name, then rename; remote:
+    build locally, then upload with trainer.json last)."""
+    if isinstance(root, str):
+        return _upload_state(root, model, optimizer, state, keep)
     final = root / f"state-{state.step:08d}"
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
+    _write_state(tmp, model, optimizer, state)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in _state_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _upload_state(root: str, model: Crosscoder, optimizer: torch.optim.Optimizer, state: TrainerState,
+                  keep: int) -> str:
+    final = storage.child(root, f"state-{state.step:08d}")
+    _remove_state(final)  # what a killed run may have left of this step
+    with tempfile.TemporaryDirectory(prefix="crosscoder-state-") as tmp:
+        _write_state(Path(tmp), model, optimizer, state)
+        for name in _STATE_FILES:
+            storage.upload(Path(tmp) / name, storage.child(final, name))
+    for old in _state_dirs(root)[:-keep]:
+        _remove_state(old)
+    return final
+
+
+def _remove_state(url: str) -> None:
+    """trainer.json first, so that a state deleted halfway never looks complete."""
+    storage.remove(storage.child(url, "trainer.json"))
+    storage.remove(url, recursive=True)
+
+
+def _write_state(folder: Path, model: Crosscoder, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
+    model.save(folder)
     tensors: dict[str, Tensor] = {"pairs_since_fired": state.pairs_since_fired.cpu()}
     names = {id(p): name for name, p in model.named_parameters()}
     opt_steps = {}
@@ -216,9 +260,9 @@ def _save_state(root: Path, model: Crosscoder, optimizer: torch.optim.Optimizer,
                     tensors[f"adam.{name}.{key}"] = slot[key].detach().cpu().contiguous()
             if "step" in slot:
                 opt_steps[name] = float(slot["step"])
-    save_file(tensors, str(tmp / "trainer.safetensors"))
+    save_file(tensors, str(folder / "trainer.safetensors"))
     write_json_atomic(
-        tmp / "trainer.json",
+        folder / "trainer.json",
         {
             "step": state.step,
             "pairs_seen": state.pairs_seen,
@@ -229,14 +273,15 @@ def _save_state(root: Path, model: Crosscoder, optimizer: torch.optim.Optimizer,
             "adam_steps": opt_steps,
         },
     )
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    for old in _state_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
-def _load_state(folder: Path, model: Crosscoder, optimizer: torch.optim.Optimizer) -> TrainerState:
+def _load_state(folder: storage.Location, model: Crosscoder, optimizer: torch.optim.Optimizer) -> TrainerState:
+    if isinstance(folder, str):
+        # Read once on resume: a temporary copy, not the cache, which would keep every state read.
+        with tempfile.TemporaryDirectory(prefix="crosscoder-state-") as tmp:
+            for name in _STATE_FILES:
+                storage.copy_to_local(storage.child(folder, name), Path(tmp) / name)
+            return _load_state(Path(tmp), model, optimizer)
     saved = Crosscoder.load(folder, device=model.W_enc_AD.device)
     model.load_state_dict(saved.state_dict())
     tensors = load_file(str(folder / "trainer.safetensors"))
@@ -472,9 +517,10 @@ def train_crosscoder(
     ``data`` is ``(x_a [n, d_a], x_b [n, d_b])`` raw tensors, sampled in seeded epochs; an
     :class:`~crosscoder.store.ActivationStore` (streamed, shuffled, with the store's normalisation
     scalars); or any iterable of raw batches (one per step; training stops early if it runs out).
-    With ``checkpoint_dir``, a resumable state is written every ``checkpoint_every`` steps and the
-    final model is saved there; calling again with the same settings resumes from the newest
-    state, or returns the finished model without training.
+    With ``checkpoint_dir`` (a path or an fsspec URL such as ``s3://bucket/run``), a resumable
+    state is written every ``checkpoint_every`` steps and the final model is saved there; calling
+    again with the same settings resumes from the newest state, or returns the finished model
+    without training.
     ``callback(step, stats)`` runs after each step (after any checkpoint of that step).
     ``kernels``: "sparse", "dense" or "auto" (see :func:`resolve_kernels`); results agree.
     ``template_weight`` (store data only): sampling weight of generation-prompt pairs against 1 for
@@ -494,14 +540,17 @@ def train_crosscoder(
     if batch_size % sync.world_size:
         raise ValueError(f"batch_size {batch_size} must be a multiple of the number of ranks ({sync.world_size})")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    root = storage.locate(checkpoint_dir) if checkpoint_dir is not None else None
+    if isinstance(root, str):
+        check_url(root)
 
-    resume_from = _state_dirs(root)[-1] if root is not None and _state_dirs(root) else None
+    states = _state_dirs(root) if root is not None else []
+    resume_from = states[-1] if states else None
     start_step = 0
     skipped = 0  # batches a store iterator skips by itself on resume
     prefetch: _Prefetch | None = None
     if resume_from is not None:
-        start_step = json.loads((resume_from / "trainer.json").read_text())["step"]
+        start_step = json.loads(storage.read_text(storage.child(resume_from, "trainer.json")))["step"]
 
     from .store import ActivationStore
 
@@ -535,7 +584,7 @@ def train_crosscoder(
         config = config.model_copy(update={"norm_scale_a": norm_scales[0], "norm_scale_b": norm_scales[1]})
     config = config.resolved(steps, batch_size)
 
-    if root is not None and (root / "config.json").is_file():
+    if root is not None and storage.is_file(storage.child(root, "config.json")):
         finished = Crosscoder.load(root, device=device)
         if (finished.config == config and finished.training_metrics.get("steps") == steps
                 and finished.training_metrics.get("template_weight", 1.0) == template_weight):
@@ -546,7 +595,8 @@ def train_crosscoder(
     state = TrainerState(pairs_since_fired=torch.zeros(config.dict_size, dtype=torch.long, device=device))
 
     if resume_from is not None:
-        saved_config = CrosscoderConfig.model_validate(json.loads((resume_from / "config.json").read_text())["config"])
+        saved_config = CrosscoderConfig.model_validate(
+            json.loads(storage.read_text(storage.child(resume_from, "config.json")))["config"])
         if saved_config != config:
             raise ValueError(
                 f"{root} holds a run with different settings ({', '.join(_settings_that_differ(saved_config, config))}); "

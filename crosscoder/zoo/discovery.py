@@ -185,14 +185,14 @@ def document_topics(store: ActivationStore) -> list[str]:
     for path, version in data.get("zoo_data_versions", {}).items():
         if data_version(path.removeprefix("zoo:")) != version:
             raise ValueError(
-                f"{store.folder} was harvested from {path} version {version}, which has changed since "
+                f"{store.location} was harvested from {path} version {version}, which has changed since "
                 f"(now {data_version(path.removeprefix('zoo:'))}); harvest again"
             )
     cache: dict[int, list[dict]] = {}
     topics: list[str] = []
     for doc in store.documents():
         if doc["doc"] != len(topics):
-            raise ValueError(f"{store.folder}: documents are not numbered 0..n-1 (found {doc['doc']})")
+            raise ValueError(f"{store.location}: documents are not numbered 0..n-1 (found {doc['doc']})")
         topic = doc.get("topic")
         if topic is None:
             source, _, row = str(doc["id"]).partition(":")
@@ -429,7 +429,7 @@ def zoo_discovery(model: Crosscoder, store: ActivationStore, **kwargs) -> Discov
     for side in ("model_a", "model_b"):
         model_id = store.meta[side]["id"]
         if not str(model_id).startswith("zoo:"):
-            raise ValueError(f"{store.folder}: {side} is {model_id!r}, not a zoo model")
+            raise ValueError(f"{store.location}: {side} is {model_id!r}, not a zoo model")
         names.append(str(model_id).removeprefix("zoo:"))
     return concept_discovery(model, store, expected_diff(*names), **kwargs)
 
