@@ -46,7 +46,8 @@ def validate(spec: list[Path] = typer.Argument(..., help="spec files to check"))
 @app.command()
 def harvest(
     spec: Path = typer.Argument(..., help="audit spec"),
-    out: Path | None = typer.Option(None, help="store folder (default runs/<name>/harvest-<input hash>)"),
+    out: str | None = typer.Option(None, help="store folder or fsspec URL, e.g. s3://bucket/store (default "
+                                   "runs/<name>/harvest-<input hash>)"),
     device: str | None = typer.Option(None, help="cuda, cpu, ... (default: CUDA when present)"),
 ) -> None:
     """Run the harvest stage alone: paired, aligned activations into an activation store."""
@@ -59,7 +60,7 @@ def harvest(
 
     loaded = _load_or_exit(spec)
     settings = harvest_settings(loaded, device)
-    folder = out or Path("runs") / loaded.name / f"harvest-{settings.input_hash()}"
+    folder = out or str(Path("runs") / loaded.name / f"harvest-{settings.input_hash()}")
     try:
         store = run_harvest(settings, folder, progress=True)
     except (ModelLoadError, DataSourceError, StoreError) as exc:

@@ -86,7 +86,7 @@ def _profiles(db: AuditStore, run_id: str, features: list[int], position_key: st
     index = torch.tensor(features)
     keys: list = []
     values: list[torch.Tensor] = []
-    for shard_index in range(len(store.shard_paths())):
+    for shard_index in range(store.n_shards):
         shard = store.load_shard(shard_index, ("a", "b", "doc", "pos_a", "pos_b"))
         keep = torch.isin(shard["doc"], torch.tensor(list(doc_ids)))
         if not keep.any():

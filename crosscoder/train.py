@@ -391,60 +391,59 @@ def training_step(
     scores = codes.scores_nD[codes.entries.rows, codes.entries.cols]
     fired = torch.zeros(cfg.dict_size, dtype=torch.bool, device=x_nA.device)
     fired[codes.entries.cols] = True
-    if sync is None:
-        min_kept = float(scores.min()) if scores.numel() else float("nan")
-    else:
-        local_min = scores.min().float().reshape(1) if scores.numel() else x_nA.new_full((1,), math.inf).float()
-        min_kept = float(all_min(local_min, sync))
-        min_kept = min_kept if math.isfinite(min_kept) else float("nan")
+    local_min = scores.min().double() if scores.numel() else x_nA.new_tensor(math.inf, dtype=torch.float64)
+    if sync is not None:
+        local_min = all_min(local_min.reshape(1), sync)[0]
         fired = all_sum(fired.to(torch.int32), sync) > 0
 
-    aux_value = 0.0
+    aux_term, aux_value = None, x_nA.new_zeros((), dtype=torch.float64)
     n_dead = 0
     if dead_D is not None and cfg.aux_alpha > 0:
-        n_dead = int(dead_D.sum())
+        dead_ids = torch.nonzero(dead_D).squeeze(1)
+        n_dead = dead_ids.numel()
         if n_dead:
-            aux_term, aux_value = _aux_loss(model, codes, x_nA, x_nB, err_a.detach(), err_b.detach(), dead_D, dense,
-                                            sync)
-            if math.isfinite(aux_value):
-                loss = loss + cfg.aux_alpha * aux_term
-            else:
-                aux_value = 0.0
+            aux_term, aux_value = _aux_loss(model, codes, x_nA, x_nB, err_a.detach(), err_b.detach(), dead_ids,
+                                            dense, sync)
 
     with torch.no_grad():
-        var_a = _centred_sq_sum(x_nA, sync)
-        var_b = _centred_sq_sum(x_nB, sync)
-        totals = torch.stack([sq_a.detach().double(), sq_b.detach().double(),
+        summed = torch.stack([sq_a.detach().double(), sq_b.detach().double(),
                               sq_a.new_tensor(codes.entries.rows.numel(), dtype=torch.float64),
-                              sq_a.new_tensor(int((~keep).sum()), dtype=torch.float64)])
+                              (~keep).sum().double()])
         if sync is not None:
-            all_sum(totals, sync)
-        total_sq_a, total_sq_b, entries, masked = (float(v) for v in totals)
+            all_sum(summed, sync)
+        var_a, var_b = _centred_sq_sum(x_nA, sync), _centred_sq_sum(x_nB, sync)
+        # One host synchronisation for every statistic of the step (each one stalls the GPU).
+        values = torch.cat([summed, torch.stack([var_a.double(), var_b.double(), local_min, aux_value])]).tolist()
+    total_sq_a, total_sq_b, entries, masked, var_a, var_b, min_kept, aux = values
+    if aux_term is not None and math.isfinite(aux):
+        loss = loss + cfg.aux_alpha * aux_term
+    else:
+        aux = 0.0  # a step whose AuxK loss is not finite keeps only the main loss
     stats = {
-        "loss": (total_sq_a + total_sq_b) / max(n, 1) + cfg.aux_alpha * aux_value,
-        "aux_loss": aux_value,
-        "fve_a": 1 - total_sq_a / max(float(var_a), 1e-12),
-        "fve_b": 1 - total_sq_b / max(float(var_b), 1e-12),
+        "loss": (total_sq_a + total_sq_b) / max(n, 1) + cfg.aux_alpha * aux,
+        "aux_loss": aux,
+        "fve_a": 1 - total_sq_a / max(var_a, 1e-12),
+        "fve_b": 1 - total_sq_b / max(var_b, 1e-12),
         "l0": entries / max(n, 1),
         "masked": int(masked),
         "dead": n_dead,
     }
     if sync is not None:
         loss = loss * sync.world_size
-    return loss, stats, fired, min_kept
+    return loss, stats, fired, min_kept if math.isfinite(min_kept) else float("nan")
 
 
-def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_D, dense: bool = False,
-              sync: DistContext | None = None) -> tuple[Tensor, float]:
-    """AuxK: reconstruct the residual from the top ``aux_k`` dead features of each pair.
+def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_ids, dense: bool = False,
+              sync: DistContext | None = None) -> tuple[Tensor, Tensor]:
+    """AuxK: reconstruct the residual from the top ``aux_k`` dead features (``dead_ids``) of each pair.
 
     Returns this rank's term of the loss (``Σ residual² / global residual variance``) and the
-    global value; every rank makes the same collective calls whatever its own selection.
+    global value (a float64 scalar tensor, left on the device); every rank makes the same
+    collective calls whatever its own selection.
     """
     cfg = model.config
     # Only dead features compete: select among their columns (a few % of D once training is
     # under way) instead of masking all D, which made AuxK cost as much as the main pass.
-    dead_ids = torch.nonzero(dead_D).squeeze(1)
     among_dead = row_topk(codes.scores_nD[:, dead_ids], min(cfg.aux_k, dead_ids.numel()))
     entries = SelectedEntries(among_dead.rows, dead_ids[among_dead.cols], among_dead.n)
     residual_var = _centred_sq_sum(err_a, sync) + _centred_sq_sum(err_b, sync)
@@ -452,7 +451,7 @@ def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_D, dense: bool = Fals
     if sync is not None:
         selected = int(all_sum(torch.tensor([selected], dtype=torch.int64, device=x_nA.device), sync))
     if selected == 0:
-        return torch.zeros((), device=x_nA.device), 0.0
+        return torch.zeros((), device=x_nA.device), x_nA.new_zeros((), dtype=torch.float64)
     if entries.rows.numel():
         values = model.values_at(codes, entries, x_nA, x_nB)
         if dense:
@@ -467,7 +466,7 @@ def _aux_loss(model, codes, x_nA, x_nB, err_a, err_b, dead_D, dense: bool = Fals
     value = term.detach().double().reshape(1)
     if sync is not None:
         all_sum(value, sync)
-    return term, float(value)
+    return term, value[0]
 
 
 def resolve_kernels(kernels: str, device: torch.device) -> bool:
@@ -659,7 +658,7 @@ def train_crosscoder(
             global_rows = x_nA.shape[0] * sync.world_size
             with torch.no_grad():
                 state.pairs_since_fired += global_rows
-                state.pairs_since_fired[fired] = 0
+                state.pairs_since_fired.masked_fill_(fired, 0)
                 if state.step >= threshold_from and math.isfinite(min_kept):
                     beta = threshold_beta
                     state.threshold_ema = beta * state.threshold_ema + (1 - beta) * min_kept

@@ -202,7 +202,8 @@ def test_nan_auxiliary_loss_is_dropped_for_the_step(monkeypatch):
     na, nb = model.normalise(x_a[:256], x_b[:256])
     dead = torch.zeros(64, dtype=torch.bool)
     dead[60:] = True
-    monkeypatch.setattr(train_module, "_aux_loss", lambda *args: (torch.tensor(float("nan")), float("nan")))
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    monkeypatch.setattr(train_module, "_aux_loss", lambda *args: (nan.float(), nan))
     loss, stats, _, _ = training_step(model, na, nb, 4, dead)
     assert math.isfinite(float(loss.detach())) and stats["aux_loss"] == 0.0
     loss.backward()
