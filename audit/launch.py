@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda, cpu … (default: the spec's compute.device)")
     args = parser.parse_args(argv)
 
-    from crosscoder.distributed import init_from_env
+    from crosscoder.distributed import init_from_env, shutdown
     from crosscoder.models import default_device
 
     from .runner import AuditRunner, StageError
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"rank {sync.rank}: {exc}", file=sys.stderr)
         return 1
+    shutdown()
     return 0
 
 

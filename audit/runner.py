@@ -122,6 +122,12 @@ class AuditRunner:
         if spec.crosscoder.train.batch_size % self.nproc:
             raise StageError("validate", f"crosscoder.train.batch_size ({spec.crosscoder.train.batch_size}) must be a "
                              f"multiple of the number of processes ({self.nproc})")
+        if self.nproc > 1 and spec.compute.device_map:
+            raise StageError("validate", "compute.device_map spreads each model over every GPU, so it needs one "
+                             f"process, not {self.nproc}")
+        if self.nproc > 1 and self.device and ":" in self.device:
+            raise StageError("validate", f"device {self.device} names one GPU, but each of the {self.nproc} processes "
+                             "needs its own: use 'cuda'")
         self.console = console or Console()
         self.hashes: dict[str, str] = {}
         self.artefacts: dict[str, Path] = {}
@@ -300,6 +306,7 @@ class AuditRunner:
         settings = harvest_settings(self.spec, self.device)
         settings.extra = {"models": [self._model_fingerprint(self.spec.model_a.id),
                                      self._model_fingerprint(self.spec.model_b.id)]}
+        settings.ranks = self.nproc
         return settings
 
     def _hash_harvest(self) -> str:

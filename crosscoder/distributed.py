@@ -74,12 +74,22 @@ def init_from_env(device: str | torch.device | None = None, timeout_minutes: flo
     return current()
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (a process that exits with gloo threads alive may abort)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_device(device: str | torch.device | None, ctx: DistContext) -> torch.device | None:
     """``cuda`` becomes this rank's own GPU; other devices are left as they are."""
     if device is None:
         return None
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None and ctx.active:
+    if device.type == "cuda" and ctx.active:
+        if device.index is not None and device.index != ctx.local_rank:
+            raise ValueError(f"device {device} names one GPU, but each of the {ctx.world_size} ranks needs its own: "
+                             "set compute.device to 'cuda'")
         return torch.device("cuda", ctx.local_rank)
     return device
 
@@ -89,26 +99,38 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def _backend_device(tensor: Tensor) -> Tensor:
+    """NCCL only moves CUDA tensors: a CPU tensor (a batch from the store) goes to this rank's GPU."""
+    if tensor.device.type != "cuda" and dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
+def _all_reduce(tensor: Tensor, op) -> Tensor:
+    moved = _backend_device(tensor)
+    dist.all_reduce(moved, op=op)
+    if moved is not tensor:
+        tensor.copy_(moved)
+    return tensor
+
+
 def all_sum(tensor: Tensor, ctx: DistContext) -> Tensor:
     """Sum across ranks, in place (and returned)."""
-    if ctx.active:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM) if ctx.active else tensor
 
 
 def all_min(tensor: Tensor, ctx: DistContext) -> Tensor:
-    if ctx.active:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.MIN) if ctx.active else tensor
 
 
 def all_gather_cat(tensor: Tensor, ctx: DistContext) -> Tensor:
-    """Concatenate along dim 0 in rank order; every rank must pass the same shape."""
+    """Concatenate along dim 0 in rank order, on ``tensor``'s device; every rank passes the same shape."""
     if not ctx.active:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    moved = _backend_device(tensor.contiguous())
+    parts = [torch.empty_like(moved) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, moved)
+    return torch.cat(parts).to(tensor.device)
 
 
 def all_gather_objects(obj, ctx: DistContext) -> list:
@@ -137,7 +159,8 @@ def global_batch_topk(scores_nD: Tensor, n_keep: int, ctx: DistContext,
         return batch_topk(scores_nD, n_keep, cost_D)
     proposals = n_keep if cost_D is None else int(math.ceil(n_keep / float(cost_D.min())))
     local = min(proposals, n * width)
-    flat = _top_flat_indices(scores_nD, local)
+    # A rank whose rows were all masked as outliers proposes nothing, but still joins the gather.
+    flat = _top_flat_indices(scores_nD, local) if local else torch.zeros(0, dtype=torch.long, device=scores_nD.device)
     values = torch.zeros(proposals, dtype=torch.float32, device=scores_nD.device)
     values[:local] = scores_nD.reshape(-1)[flat].float()
     every_value = all_gather_cat(values, ctx)

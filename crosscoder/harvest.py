@@ -26,7 +26,7 @@ from .data import SourceSettings, iter_records
 from .distributed import DistContext, all_gather_objects, barrier, rank_device
 from .distributed import current as current_context
 from .models import LoadedModel, bos_prefix, capture_block_output, load_model
-from .store import ActivationStore, StoreWriter, store_exists
+from .store import ActivationStore, StoreError, StoreWriter, store_exists
 
 HARVEST_CODE_VERSION = 2  # bump when a change alters which pairs are produced
 
@@ -54,12 +54,17 @@ class HarvestSettings:
     batch_docs: int = 16
     device: str | None = None
     extra: dict = field(default_factory=dict)  # anything else that should change the hash
+    # Processes that harvest. N ranks store exactly one process's pairs, but laid out in per-rank
+    # shards, which changes the order training reads them in: so it is part of the store's identity.
+    ranks: int = 1
 
     def input_hash(self) -> str:
         """What determines the pairs: models, layers, data, budget, context, seed, code version."""
         payload = asdict(self)
         for key in ("shard_pairs", "batch_docs", "device"):
             payload.pop(key)
+        if payload["ranks"] == 1:  # keep the hashes of one-process stores made before ranks existed
+            payload.pop("ranks")
         for side in ("model_a", "model_b"):  # keep the hashes of stores made before the override existed
             if payload[side]["chat_template"] is None:
                 payload[side].pop("chat_template")
@@ -200,6 +205,9 @@ def harvest(
         store = ActivationStore(folder)
         if store.meta.get("input_hash") == input_hash:
             return store
+    if settings.ranks != sync.world_size:
+        raise StoreError(f"these harvest settings are for {settings.ranks} process(es) (settings.ranks), but "
+                         f"{sync.world_size} are running; the number of ranks is part of a store's identity")
     if models is None:
         device = rank_device(settings.device, sync)
         models = tuple(

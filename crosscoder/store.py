@@ -24,6 +24,7 @@ copies shards into a local cache on first use and memory-maps the copies.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import json
 import math
 import os
@@ -338,8 +339,17 @@ class ActivationStore:
             return {key: handle.get_tensor(key) for key in keys}
 
     def documents(self) -> Iterator[dict]:
-        for shard in self.meta["shards"]:
-            with open(self._file(docs_name(shard["file"]))) as handle:
+        """Every document, in the order of its number (the data stream's), whatever the ranks were."""
+        by_rank: dict[str, list[str]] = {}
+        for shard in self.meta["shards"]:  # each rank's shards hold increasing numbers
+            tag = re.match(r"pairs-(r\d+-)?", shard["file"]).group(1) or ""
+            by_rank.setdefault(tag, []).append(shard["file"])
+        streams = [self._documents_of(files) for files in by_rank.values()]
+        yield from heapq.merge(*streams, key=lambda doc: doc["doc"])
+
+    def _documents_of(self, shard_files: list[str]) -> Iterator[dict]:
+        for file in shard_files:
+            with open(self._file(docs_name(file))) as handle:
                 for line in handle:
                     yield json.loads(line)
 

@@ -12,6 +12,7 @@ on the data; it is dropped for a step where it is not finite.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from . import storage
 from .config import CrosscoderConfig
-from .distributed import DistContext, all_gather_cat, all_min, all_sum, barrier
+from .distributed import DistContext, all_gather_cat, all_gather_objects, all_min, all_sum, barrier
 from .distributed import current as current_context
 from .model import Crosscoder, check_pair_batch, check_url, write_json_atomic
 from .sparse import SelectedEntries, row_topk
@@ -156,7 +157,7 @@ class _Prefetch:
     def _fill(self, batches: Iterator[PairBatch], pin: bool) -> None:
         try:
             for x_a, x_b in batches:
-                if pin:
+                if pin and x_a.device.type == "cpu":
                     x_a, x_b = x_a.pin_memory(), x_b.pin_memory()
                 if not self._put((x_a, x_b)):
                     return
@@ -547,162 +548,167 @@ def train_crosscoder(
     resume_from = states[-1] if states else None
     start_step = 0
     skipped = 0  # batches a store iterator skips by itself on resume
-    prefetch: _Prefetch | None = None
     if resume_from is not None:
         start_step = json.loads(storage.read_text(storage.child(resume_from, "trainer.json")))["step"]
+    seen = all_gather_objects(start_step, sync)
+    if len(set(seen)) > 1:  # each rank would run a different number of steps and the job would hang
+        raise ValueError(f"checkpoint_dir {root} is not the same folder on every rank (the ranks would resume "
+                         f"from steps {seen}); use a folder all nodes share, or an fsspec URL")
 
-    from .store import ActivationStore
+    with contextlib.ExitStack() as cleanup:
+        from .store import ActivationStore
 
-    if isinstance(data, ActivationStore):
-        if norm_scales is None:
-            norm_scales = data.norm_scales
-        data = data.batches(batch_size, seed=config.seed, epochs=None, template_weight=template_weight,
-                            rank=sync.rank, world_size=sync.world_size, skip_batches=start_step, dtype=dtype)
-        skipped = start_step
-    elif template_weight != 1.0:
-        raise ValueError("template_weight needs an ActivationStore (other data carry no template flags)")
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        x_a, x_b = data
-        check_pair_batch(x_a, x_b, config.d_a, config.d_b, where="train_crosscoder data")
-        source: _TensorBatches | _IteratorBatches = _TensorBatches(x_a, x_b, batch_size, config.seed, sync)
-        sample = (x_a[:100_000], x_b[:100_000])
-    else:
-        prefetch = _Prefetch(data, pin=device.type == "cuda")
-        source = _IteratorBatches(prefetch, start_step - skipped)
-        # Every rank looks at the same number of batches, and sees the whole of each.
-        peeked = source.peek(math.ceil(8192 / sync.world_size))
-        if not peeked:
-            raise ValueError("train_crosscoder: the batch iterator yielded no data")
-        sample = (torch.cat([all_gather_cat(b[0], sync) for b in peeked]),
-                  torch.cat([all_gather_cat(b[1], sync) for b in peeked]))
-        check_pair_batch(*sample, config.d_a, config.d_b, where="train_crosscoder data")
+        if isinstance(data, ActivationStore):
+            if norm_scales is None:
+                norm_scales = data.norm_scales
+            data = data.batches(batch_size, seed=config.seed, epochs=None, template_weight=template_weight,
+                                rank=sync.rank, world_size=sync.world_size, skip_batches=start_step, dtype=dtype)
+            skipped = start_step
+        elif template_weight != 1.0:
+            raise ValueError("template_weight needs an ActivationStore (other data carry no template flags)")
+        if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+            x_a, x_b = data
+            check_pair_batch(x_a, x_b, config.d_a, config.d_b, where="train_crosscoder data")
+            source: _TensorBatches | _IteratorBatches = _TensorBatches(x_a, x_b, batch_size, config.seed, sync)
+            sample = (x_a[:100_000], x_b[:100_000])
+        else:
+            prefetch = _Prefetch(data, pin=device.type == "cuda")
+            cleanup.callback(prefetch.close)  # also when this call returns early or fails
+            source = _IteratorBatches(prefetch, start_step - skipped)
+            # Every rank looks at the same number of batches, and sees the whole of each.
+            peeked = source.peek(math.ceil(8192 / sync.world_size))
+            if not peeked:
+                raise ValueError("train_crosscoder: the batch iterator yielded no data")
+            sample = (torch.cat([all_gather_cat(b[0], sync) for b in peeked]),
+                      torch.cat([all_gather_cat(b[1], sync) for b in peeked]))
+            check_pair_batch(*sample, config.d_a, config.d_b, where="train_crosscoder data")
 
-    if norm_scales is None and (config.norm_scale_a is None or config.norm_scale_b is None):
-        norm_scales = estimate_norm_scales(*sample, config)
-    if norm_scales is not None:
-        config = config.model_copy(update={"norm_scale_a": norm_scales[0], "norm_scale_b": norm_scales[1]})
-    config = config.resolved(steps, batch_size)
+        if norm_scales is None and (config.norm_scale_a is None or config.norm_scale_b is None):
+            norm_scales = estimate_norm_scales(*sample, config)
+        if norm_scales is not None:
+            config = config.model_copy(update={"norm_scale_a": norm_scales[0], "norm_scale_b": norm_scales[1]})
+        config = config.resolved(steps, batch_size)
 
-    if root is not None and storage.is_file(storage.child(root, "config.json")):
-        finished = Crosscoder.load(root, device=device)
-        if (finished.config == config and finished.training_metrics.get("steps") == steps
-                and finished.training_metrics.get("template_weight", 1.0) == template_weight):
-            return finished.eval()
+        if root is not None and storage.is_file(storage.child(root, "config.json")):
+            finished = Crosscoder.load(root, device=device)
+            if (finished.config == config and finished.training_metrics.get("steps") == steps
+                    and finished.training_metrics.get("template_weight", 1.0) == template_weight):
+                return finished.eval()
 
-    model = Crosscoder(config).to(device=device, dtype=dtype)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_value(), betas=config.adam_betas)
-    state = TrainerState(pairs_since_fired=torch.zeros(config.dict_size, dtype=torch.long, device=device))
+        model = Crosscoder(config).to(device=device, dtype=dtype)
+        # Fused Adam on CUDA: one kernel per step instead of a dozen multi-tensor passes.
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_value(), betas=config.adam_betas,
+                                     fused=device.type == "cuda")
+        state = TrainerState(pairs_since_fired=torch.zeros(config.dict_size, dtype=torch.long, device=device))
 
-    if resume_from is not None:
-        saved_config = CrosscoderConfig.model_validate(
-            json.loads(storage.read_text(storage.child(resume_from, "config.json")))["config"])
-        if saved_config != config:
-            raise ValueError(
-                f"{root} holds a run with different settings ({', '.join(_settings_that_differ(saved_config, config))}); "
-                "use another checkpoint_dir or delete it to start over"
-            )
-        state = _load_state(resume_from, model, optimizer)
-    else:
-        with torch.no_grad():
-            x0_a, x0_b = model.normalise(sample[0][:4096].to(device, dtype), sample[1][:4096].to(device, dtype))
-            model.b_dec_A.copy_(geometric_median(x0_a))
-            model.b_dec_B.copy_(geometric_median(x0_b))
-            if config.exclusive_init == "residual":
-                model.init_exclusive_from_residuals(x0_a, x0_b)
-
-    model.train()
-    use_dense = resolve_kernels(kernels, device)
-    step_fn: Callable = _Step(model)
-    if sync.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # DDP starts every rank from rank 0's weights and averages gradients in the backward pass.
-        step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
-                                          broadcast_buffers=False)
-    # θ is averaged once k has reached its target. Published runs (100k steps) start after ~1k
-    # steps with β = 0.999; a short run starts after a quarter of its steps and shortens the EMA
-    # window to a tenth of what remains, so that early, untrained batches do not dominate θ.
-    threshold_from = max(config.k_anneal_steps or 0, config.warmup_steps or 0, min(1000, steps // 4))
-    threshold_beta = min(config.threshold_beta, 1 - 10 / max(steps - threshold_from, 10))
-    bar = _progress_bar(progress and sync.is_main, steps, state.step)
-    start_time = time.perf_counter() - state.elapsed_s
-    last_stats: dict = {}
-    try:
-        while state.step < steps:
-            batch = source.batch(state.step)
-            if batch is None:  # iterator exhausted
-                break
-            raw_a, raw_b = batch
-            if isinstance(source, _IteratorBatches):
-                check_pair_batch(raw_a, raw_b, config.d_a, config.d_b, where=f"batch of step {state.step}")
-            x_nA, x_nB = model.normalise(raw_a.to(device, dtype, non_blocking=True),
-                                         raw_b.to(device, dtype, non_blocking=True))
-
-            dead = state.pairs_since_fired >= config.dead_after_pairs
-            k = k_at_step(config, state.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at_step(config, state.step, steps)
-
-            loss, stats, fired, min_kept = step_fn(x_nA, x_nB, k, dead, use_dense, sync)
-            if not math.isfinite(stats["loss"]):
-                where = f"; the last good state is in {root}" if root is not None else ""
-                raise TrainingDivergedError(
-                    f"training loss became {stats['loss']} at step {state.step}{where}. "
-                    "Lower lr, check the activations for extreme values, or keep outlier masking on."
+        if resume_from is not None:
+            saved_config = CrosscoderConfig.model_validate(
+                json.loads(storage.read_text(storage.child(resume_from, "config.json")))["config"])
+            if saved_config != config:
+                raise ValueError(
+                    f"{root} holds a run with different settings ({', '.join(_settings_that_differ(saved_config, config))}); "
+                    "use another checkpoint_dir or delete it to start over"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-
-            global_rows = x_nA.shape[0] * sync.world_size
+            state = _load_state(resume_from, model, optimizer)
+        else:
             with torch.no_grad():
-                state.pairs_since_fired += global_rows
-                state.pairs_since_fired.masked_fill_(fired, 0)
-                if state.step >= threshold_from and math.isfinite(min_kept):
-                    beta = threshold_beta
-                    state.threshold_ema = beta * state.threshold_ema + (1 - beta) * min_kept
-                    state.threshold_updates += 1
-                    # Bias-corrected EMA, so short runs get a usable θ too.
-                    model.threshold.fill_(state.threshold_ema / (1 - beta**state.threshold_updates))
-            state.step += 1
-            state.pairs_seen += global_rows
-            state.elapsed_s = time.perf_counter() - start_time
-            stats |= {"k": k, "step": state.step}
-            last_stats = stats
-            if state.step % log_every == 0 or state.step == steps:
-                state.history.append({key: round(v, 6) if isinstance(v, float) else v for key, v in stats.items()})
-            if root is not None and (state.step % checkpoint_every == 0) and state.step < steps:
-                if sync.is_main:
-                    _save_state(root, model, optimizer, state, keep_checkpoints)
-                barrier(sync)
-            if bar is not None:
-                bar.update(state.step, stats)
-            if callback is not None:
-                callback(state.step, stats)
-    finally:
-        if bar is not None:
-            bar.close()
-        if prefetch is not None:
-            prefetch.close()
+                x0_a, x0_b = model.normalise(sample[0][:4096].to(device, dtype), sample[1][:4096].to(device, dtype))
+                model.b_dec_A.copy_(geometric_median(x0_a))
+                model.b_dec_B.copy_(geometric_median(x0_b))
+                if config.exclusive_init == "residual":
+                    model.init_exclusive_from_residuals(x0_a, x0_b)
 
-    model.training_metrics = {
-        "steps": state.step,
-        "steps_requested": steps,
-        "batch_size": batch_size,
-        "template_weight": template_weight,
-        "pairs_seen": state.pairs_seen,
-        "elapsed_s": round(state.elapsed_s, 3),
-        "final": last_stats,
-        "dead_fraction": float((state.pairs_since_fired >= config.dead_after_pairs).float().mean()),
-        "history": state.history,
-    }
-    model.eval()
-    if root is not None:
-        if sync.is_main:
-            model.save(root)
-        barrier(sync)
-    return model
+        model.train()
+        use_dense = resolve_kernels(kernels, device)
+        step_fn: Callable = _Step(model)
+        if sync.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP starts every rank from rank 0's weights and averages gradients in the backward pass.
+            step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+        # θ is averaged once k has reached its target. Published runs (100k steps) start after ~1k
+        # steps with β = 0.999; a short run starts after a quarter of its steps and shortens the EMA
+        # window to a tenth of what remains, so that early, untrained batches do not dominate θ.
+        threshold_from = max(config.k_anneal_steps or 0, config.warmup_steps or 0, min(1000, steps // 4))
+        threshold_beta = min(config.threshold_beta, 1 - 10 / max(steps - threshold_from, 10))
+        bar = _progress_bar(progress and sync.is_main, steps, state.step)
+        start_time = time.perf_counter() - state.elapsed_s
+        last_stats: dict = {}
+        try:
+            while state.step < steps:
+                batch = source.batch(state.step)
+                if batch is None:  # iterator exhausted
+                    break
+                raw_a, raw_b = batch
+                if isinstance(source, _IteratorBatches):
+                    check_pair_batch(raw_a, raw_b, config.d_a, config.d_b, where=f"batch of step {state.step}")
+                x_nA, x_nB = model.normalise(raw_a.to(device, dtype, non_blocking=True),
+                                             raw_b.to(device, dtype, non_blocking=True))
+
+                dead = state.pairs_since_fired >= config.dead_after_pairs
+                k = k_at_step(config, state.step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at_step(config, state.step, steps)
+
+                loss, stats, fired, min_kept = step_fn(x_nA, x_nB, k, dead, use_dense, sync)
+                if not math.isfinite(stats["loss"]):
+                    where = f"; the last good state is in {root}" if root is not None else ""
+                    raise TrainingDivergedError(
+                        f"training loss became {stats['loss']} at step {state.step}{where}. "
+                        "Lower lr, check the activations for extreme values, or keep outlier masking on."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+
+                global_rows = x_nA.shape[0] * sync.world_size
+                with torch.no_grad():
+                    state.pairs_since_fired += global_rows
+                    state.pairs_since_fired.masked_fill_(fired, 0)
+                    if state.step >= threshold_from and math.isfinite(min_kept):
+                        beta = threshold_beta
+                        state.threshold_ema = beta * state.threshold_ema + (1 - beta) * min_kept
+                        state.threshold_updates += 1
+                        # Bias-corrected EMA, so short runs get a usable θ too.
+                        model.threshold.fill_(state.threshold_ema / (1 - beta**state.threshold_updates))
+                state.step += 1
+                state.pairs_seen += global_rows
+                state.elapsed_s = time.perf_counter() - start_time
+                stats |= {"k": k, "step": state.step}
+                last_stats = stats
+                if state.step % log_every == 0 or state.step == steps:
+                    state.history.append({key: round(v, 6) if isinstance(v, float) else v for key, v in stats.items()})
+                if root is not None and (state.step % checkpoint_every == 0) and state.step < steps:
+                    if sync.is_main:
+                        _save_state(root, model, optimizer, state, keep_checkpoints)
+                    barrier(sync)
+                if bar is not None:
+                    bar.update(state.step, stats)
+                if callback is not None:
+                    callback(state.step, stats)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        model.training_metrics = {
+            "steps": state.step,
+            "steps_requested": steps,
+            "batch_size": batch_size,
+            "template_weight": template_weight,
+            "pairs_seen": state.pairs_seen,
+            "elapsed_s": round(state.elapsed_s, 3),
+            "final": last_stats,
+            "dead_fraction": float((state.pairs_since_fired >= config.dead_after_pairs).float().mean()),
+            "history": state.history,
+        }
+        model.eval()
+        if root is not None:
+            if sync.is_main:
+                model.save(root)
+            barrier(sync)
+        return model
 
 
 class _Step(torch.nn.Module):

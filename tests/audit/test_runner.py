@@ -180,8 +180,8 @@ def test_diffing_two_runs_of_one_crosscoder_finds_nothing_new(first_run, workspa
 
 
 def test_harvest_and_train_on_two_processes(first_run, tmp_path):
-    """`--nproc 2`: both stages run under torchrun (gloo here); the run id and the cache keys are the
-    ones a one-process run uses, so a one-process rerun finds both stages done."""
+    """`--nproc 2`: both stages run under torchrun (gloo here). The run id is the one-process run's;
+    the harvest is keyed by its number of ranks (same pairs, another shard layout), training not."""
     from crosscoder.store import ActivationStore
 
     spec_path = write_spec(tmp_path)
@@ -192,9 +192,11 @@ def test_harvest_and_train_on_two_processes(first_run, tmp_path):
     runner.run(only="train")
     store = ActivationStore(runner.artefacts["harvest"] / "store")
     assert store.meta["ranks"] == 2 and store.n_pairs == ActivationStore(first_run[0].artefacts["harvest"] / "store").n_pairs
-    assert runner.artefacts["harvest"].name == first_run[0].artefacts["harvest"].name
-    single = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace, nproc=1)
-    result = single.run(only="train")
+    assert runner.artefacts["harvest"].name != first_run[0].artefacts["harvest"].name
+    again = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace, nproc=2)
+    result = again.run(only="train")
     assert [(r.stage, r.cached) for r in result.stages] == [("harvest", True), ("train", True)]
+    with pytest.raises(StageError, match="names one GPU"):
+        AuditRunner(load_spec(spec_path), spec_path, workspace=workspace, nproc=2, device="cuda:1")
     metrics = json.loads((runner.artefacts["train"] / "metrics.json").read_text())
     assert 0 < metrics["fve_a"] <= 1 and 0 < metrics["fve_b"] <= 1

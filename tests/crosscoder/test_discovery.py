@@ -233,7 +233,7 @@ def test_demo_spec_finds_planted_exclusive_concepts_in_the_zoo(tmp_path):
     store = harvest(harvest_settings(spec), tmp_path / "harvest")
     harvested = time.perf_counter()
     config = spec.crosscoder.to_config(store.d_a, store.d_b)
-    model = train_crosscoder(config, store, **spec.crosscoder.train.train_kwargs())
+    model = train_crosscoder(config, store, **spec.crosscoder.train.train_kwargs(spec.compute))
     trained = time.perf_counter()
     topics = document_topics(store)
     everything = zoo_discovery(model, store, topics=topics)

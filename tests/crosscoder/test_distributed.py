@@ -18,8 +18,6 @@ import torch
 from torch import Tensor
 
 from crosscoder import Crosscoder, CrosscoderConfig, train_crosscoder
-from crosscoder.distributed import DistContext, global_batch_topk
-from crosscoder.sparse import batch_topk
 from crosscoder.store import ActivationStore, StoreWriter
 from crosscoder.synthetic import make_world
 
@@ -84,12 +82,39 @@ def test_store_batches_split_by_rank_are_the_one_process_batches(pair_store):
         next(store.batches(63, world_size=2))
 
 
-def test_one_process_global_topk_is_batch_topk():
-    scores = torch.rand(16, 40)
-    scores[scores < 0.5] = 0
-    ours = global_batch_topk(scores, 16 * 3, DistContext())
-    reference = batch_topk(scores, 16 * 3)
-    assert torch.equal(ours.rows, reference.rows) and torch.equal(ours.cols, reference.cols)
+def test_two_rank_global_topk_selects_what_one_process_selects(tmp_path):
+    # Unequal shares (a rank may hold no rows at all), ReLU zeros, and DSF's per-feature cost.
+    torchrun("topk", {"trials": 30, "out": str(tmp_path / "topk.json")}, tmp_path)
+    assert json.loads((tmp_path / "topk.json").read_text()) == {"plain": 30, "cost": 30}
+
+
+def test_ddp_gradients_are_the_one_process_gradients(pair_store, tmp_path):
+    """The all-reduced gradients of one step equal one process's on the whole batch: this pins the
+    loss scaling under DDP's averaging, which weights after Adam steps cannot (Adam is scale-free)."""
+    from safetensors.torch import load_file
+
+    from crosscoder.train import training_step
+
+    config = config_dict()
+    out = tmp_path / "grads.safetensors"
+    torchrun("gradients", {"config": config, "store": str(pair_store), "batch_size": 128, "out": str(out)}, tmp_path)
+    store = ActivationStore(pair_store)
+    resolved = CrosscoderConfig(**config).resolved(100, 128).model_copy(
+        update={"norm_scale_a": store.norm_scales[0], "norm_scale_b": store.norm_scales[1]})
+    torch.manual_seed(0)
+    model = Crosscoder(resolved)
+    x_a, x_b = next(store.batches(128))
+    dead = torch.zeros(resolved.dict_size, dtype=torch.bool)
+    dead[::3] = True
+    loss, stats, fired, min_kept = training_step(model, *model.normalise(x_a, x_b), resolved.k, dead)
+    loss.backward()
+    distributed = load_file(str(out))
+    for name, p in model.named_parameters():
+        assert torch.allclose(distributed[name], p.grad, rtol=1e-4, atol=1e-6), name
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["stats"]["aux_loss"] == pytest.approx(stats["aux_loss"], rel=1e-6) and stats["aux_loss"] > 0
+    assert summary["stats"]["loss"] == pytest.approx(stats["loss"], rel=1e-6)
+    assert summary["fired"] == int(fired.sum()) and summary["min_kept"] == pytest.approx(min_kept, rel=1e-6)
 
 
 def test_two_rank_ddp_training_matches_one_process(pair_store, tmp_path):
