@@ -74,3 +74,26 @@ def tiny_corpus(tmp_path_factory):
         for i in range(3)
     ))
     return {"prose": prose, "chat": chats}
+
+
+@pytest.fixture
+def crash_harvest_on_batch(monkeypatch):
+    """``install(n)``: the harvest's n-th forward pass raises KeyboardInterrupt, as a kill would;
+    returns a function that restores the real forward pass."""
+    import crosscoder.harvest as harvest_module
+
+    real_run = harvest_module._run_batch
+
+    def install(n: int):
+        calls = {"n": 0}
+
+        def crash_on_the_nth(model, sequences):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real_run(model, sequences)
+
+        monkeypatch.setattr(harvest_module, "_run_batch", crash_on_the_nth)
+        return lambda: monkeypatch.setattr(harvest_module, "_run_batch", real_run)
+
+    return install

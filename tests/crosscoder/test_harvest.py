@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import crosscoder.harvest as harvest_module
 from crosscoder import CrosscoderConfig, train_crosscoder
 from crosscoder.data import DataSourceError, SourceSettings, iter_records
 from crosscoder.harvest import HarvestSettings, ModelSettings, harvest
@@ -121,23 +120,15 @@ def test_same_inputs_are_reused_and_other_inputs_refused(store, tiny_model_dirs,
         harvest(settings_for(tiny_model_dirs, tiny_corpus, context_length=32), store.folder, models=loaded)
 
 
-def test_killed_harvest_resumes_to_the_same_store(tmp_path, tiny_model_dirs, tiny_corpus, loaded, store, monkeypatch):
+def test_killed_harvest_resumes_to_the_same_store(tmp_path, tiny_model_dirs, tiny_corpus, loaded, store,
+                                                  crash_harvest_on_batch):
     settings = settings_for(tiny_model_dirs, tiny_corpus)
-    real_run = harvest_module._run_batch
-    calls = {"n": 0}
-
-    def crash_on_the_ninth(model, sequences):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_run(model, sequences)
-
-    monkeypatch.setattr(harvest_module, "_run_batch", crash_on_the_ninth)
+    undo_crash = crash_harvest_on_batch(9)
     with pytest.raises(KeyboardInterrupt):
         harvest(settings, tmp_path, models=loaded)
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert len(progress["shards"]) >= 1 and not (tmp_path / "meta.json").exists()
-    monkeypatch.setattr(harvest_module, "_run_batch", real_run)
+    undo_crash()
     resumed = harvest(settings, tmp_path, models=loaded)
     assert resumed.n_pairs == store.n_pairs
     for index in range(len(store.meta["shards"])):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import crosscoder.harvest as harvest_module
 from crosscoder import CheckpointError, Crosscoder, CrosscoderConfig, storage, train_crosscoder
 from crosscoder.data import SourceSettings
 from crosscoder.harvest import HarvestSettings, ModelSettings, harvest
@@ -130,23 +129,14 @@ def settings_for(dirs, corpus) -> HarvestSettings:
 
 
 def test_harvest_into_a_url_resumes_and_equals_a_local_harvest(tmp_path, tiny_model_dirs, tiny_corpus,
-                                                                monkeypatch):
+                                                                monkeypatch, crash_harvest_on_batch):
     models = (load_model(str(tiny_model_dirs["llama"]), 0, device="cpu", field="model_a"),
               load_model(str(tiny_model_dirs["qwen"]), 1, device="cpu", field="model_b"))
     settings = settings_for(tiny_model_dirs, tiny_corpus)
     local = harvest(settings, tmp_path / "local", models=models)
 
     url = f"file://{tmp_path}/bucket/store"
-    real_run = harvest_module._run_batch
-    calls = {"n": 0}
-
-    def crash_on_the_ninth(model, sequences):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_run(model, sequences)
-
-    monkeypatch.setattr(harvest_module, "_run_batch", crash_on_the_ninth)
+    undo_crash = crash_harvest_on_batch(9)
     with pytest.raises(KeyboardInterrupt):
         harvest(settings, url, models=models)
     remote_folder = tmp_path / "bucket" / "store"
@@ -156,7 +146,7 @@ def test_harvest_into_a_url_resumes_and_equals_a_local_harvest(tmp_path, tiny_mo
     # What a kill in the middle of an upload can leave: dropped on resume.
     (remote_folder / "pairs-00042.safetensors").write_bytes(b"cut short")
     (remote_folder / ".docs-00042.jsonl.0a1b2c3d.tmp").write_text("{")
-    monkeypatch.setattr(harvest_module, "_run_batch", real_run)
+    undo_crash()
 
     monkeypatch.setenv("CROSSCODER_CACHE", str(tmp_path / "another-node"))  # resumed elsewhere
     remote = harvest(settings, url, models=models)
