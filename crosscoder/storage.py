@@ -21,6 +21,7 @@ Backends other than memory and local files come in their own packages (``s3fs`` 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -185,25 +186,35 @@ def download(url: str) -> Path:
     except FileNotFoundError:
         raise FileNotFoundError(2, "no such file", url) from None
     local = _cached_path(url)
-    stamp = _stamp_path(local)
     version = _version(info)
-    if local.is_file() and stamp.is_file() and local.stat().st_size == info.get("size"):
-        try:
-            if json.loads(stamp.read_text()) == version:
-                return local
-        except json.JSONDecodeError:
-            pass  # a stamp cut short: download again
+    if _is_current(local, info, version):
+        return local
     local.parent.mkdir(parents=True, exist_ok=True)
-    # Download under a temporary name so that no reader (another rank on this node, say) sees a
-    # partial file; the rename is atomic.
-    tmp = local.with_name(f".{local.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fs.get_file(path, str(tmp))
-        os.replace(tmp, local)
-    finally:
-        tmp.unlink(missing_ok=True)
-    remember(local, version)
+    # The ranks of one node share the cache: the first to take the lock downloads, the others wait
+    # and then find the copy current, so a file crosses the network once per node, not once per rank.
+    with open(local.with_name(f".{local.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_current(local, info, version):
+            return local
+        # Under a temporary name, so that no reader sees a partial file; the rename is atomic.
+        tmp = local.with_name(f".{local.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fs.get_file(path, str(tmp))
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        remember(local, version)
     return local
+
+
+def _is_current(local: Path, info: dict, version: dict) -> bool:
+    stamp = _stamp_path(local)
+    if not (local.is_file() and stamp.is_file() and local.stat().st_size == info.get("size")):
+        return False
+    try:
+        return json.loads(stamp.read_text()) == version
+    except json.JSONDecodeError:
+        return False  # a stamp cut short: download again
 
 
 def download_files(url: str, names: list[str] | tuple[str, ...]) -> Path:

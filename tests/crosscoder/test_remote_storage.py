@@ -200,6 +200,7 @@ def test_training_checkpoints_at_a_url_resume_identically(memory_root):
     assert not storage.is_file(f"{url}/config.json")
     # A state whose upload was cut before trainer.json is not complete: the run resumes from 25.
     storage.remove(f"{url}/state-00000050/trainer.json")
+    storage.write_text(f"{url}/state-00000030/config.json", "{}")  # another upload cut short: cleaned up
     steps_run = []
     resumed = train_crosscoder(config, (x_a, x_b), steps=90, batch_size=128, checkpoint_dir=url,
                                checkpoint_every=25, callback=lambda s, _: steps_run.append(s))
@@ -237,3 +238,26 @@ def test_save_to_a_url_and_load_back(tmp_path, memory_root):
     storage.write_text(f"{mixed}/config.json", (tmp_path / "bucket" / "model" / "config.json").read_text())
     with pytest.raises(CheckpointError, match=f"{mixed}: model.safetensors and config.json come from different"):
         Crosscoder.load(mixed)
+
+
+def test_the_ranks_of_one_node_download_a_file_once(tmp_path, monkeypatch):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "shard.bin").write_bytes(b"pairs" * 1000)
+    real_get = LocalFileSystem.get_file
+    fetched = []
+
+    def slow_get(self, *args, **kwargs):  # slow enough for the four "ranks" to overlap
+        fetched.append(1)
+        time.sleep(0.3)
+        return real_get(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "get_file", slow_get)
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: storage.download(f"file://{remote}/shard.bin"), range(4)))
+    assert len(fetched) == 1 and len(set(paths)) == 1 and paths[0].read_bytes() == b"pairs" * 1000
