@@ -13,6 +13,7 @@ on the data; it is dropped for a step where it is not finite.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -632,8 +633,12 @@ def train_crosscoder(
             from torch.nn.parallel import DistributedDataParallel
 
             # DDP starts every rank from rank 0's weights and averages gradients in the backward pass.
+            # θ (the only buffer) is updated identically on every rank: no need to sync it per step.
+            no_buffer_sync = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                              else {"broadcast_buffers": False})  # older torch
             step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+                                              **no_buffer_sync)
         # θ is averaged once k has reached its target. Published runs (100k steps) start after ~1k
         # steps with β = 0.999; a short run starts after a quarter of its steps and shortens the EMA
         # window to a tenth of what remains, so that early, untrained batches do not dominate θ.

@@ -83,7 +83,7 @@ def gradients(args: dict) -> None:
     x_nA, x_nB = model.normalise(x_a, x_b)
     dead = torch.zeros(config.dict_size, dtype=torch.bool)
     dead[::3] = True  # AuxK on, over a third of the features
-    step = DistributedDataParallel(_Step(model), broadcast_buffers=False)
+    step = DistributedDataParallel(_Step(model))
     loss, stats, fired, min_kept = step(x_nA, x_nB, config.k, dead, False, sync)
     loss.backward()
     if sync.is_main:
