@@ -237,15 +237,14 @@ def _upload_state(root: str, model: Crosscoder, optimizer: torch.optim.Optimizer
         _write_state(Path(tmp), model, optimizer, state)
         for name in _STATE_FILES:
             storage.upload(Path(tmp) / name, storage.child(final, name))
-    for old in _state_dirs(root)[:-keep]:
+    complete = _state_dirs(root)
+    for old in complete[:-keep]:
         _remove_state(old)
     # States whose upload a kill cut short (no trainer.json) are never read; drop the older ones.
-    complete = {storage.child(root, name) for name in storage.list_names(root)
-                if _STATE_DIR.match(name) and storage.is_file(storage.child(root, name, "trainer.json"))}
+    newest = f"state-{state.step:08d}"
     for name in storage.list_names(root):
-        state = storage.child(root, name)
-        if _STATE_DIR.match(name) and state not in complete and name < final.rsplit("/", 1)[-1]:
-            _remove_state(state)
+        if _STATE_DIR.match(name) and name < newest and storage.child(root, name) not in complete:
+            _remove_state(storage.child(root, name))
     return final
 
 
