@@ -135,6 +135,9 @@ class AuditRunner:
         self._meters: dict[tuple[str, int], Any] = {}
         self._missing: list[str] = []  # earlier stages neither run nor cached in this invocation
 
+    def _stage_folder(self, stage: str, input_hash: str) -> Path:
+        return self.cache / f"{stage}-{input_hash}"
+
     @property
     def db(self) -> AuditStore:
         """The workspace's DuckDB store, opened on first use (ranks of a torchrun job never open it)."""
@@ -173,7 +176,7 @@ class AuditRunner:
         compute: Callable[[Path], dict] = getattr(self, f"_compute_{stage}")
         input_hash = getattr(self, f"_hash_{stage}")()
         self.hashes[stage] = input_hash
-        folder = self.cache / f"{stage}-{input_hash}" if stage not in ("validate", "report") else None
+        folder = self._stage_folder(stage, input_hash) if stage not in ("validate", "report") else None
         done = folder / "done.json" if folder is not None else None
         started = time.perf_counter()
         cached = done is not None and done.is_file() and not force
@@ -343,23 +346,20 @@ class AuditRunner:
                      _code_hash("train"))
 
     def _compute_train(self, folder: Path) -> dict:
-        from crosscoder import TrainingDivergedError, train_crosscoder
+        from crosscoder import TrainingDivergedError
         from crosscoder.metrics import evaluate
 
         store = self.store()
-        config = self.spec.crosscoder.to_config(store.d_a, store.d_b)
-        kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute)
-        if self.device:
-            kwargs["device"] = self.device
         try:
             if self.nproc > 1:
                 self._launch("train")  # the ranks train; the call below then loads the finished model
-            model = train_crosscoder(config, store, checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
+            model = self._train_into(folder, store, self.device)
         except TrainingDivergedError as exc:
             raise StageError("train", f"{exc}\nthe last good checkpoint in {folder} is kept; lower crosscoder.lr "
                              "or check the data, then rerun") from None
         x_a, x_b = store.sample(EVAL_PAIRS, seed=1)
         evaluation = evaluate(model.cpu() if str(model.W_enc_AD.device) != "cpu" else model, x_a, x_b)
+        config = model.config
         metrics = {**evaluation.summary(), "relative_norm": evaluation.relative_norm.tolist(),
                    "n_a_only": config.n_a_only, "n_shared": config.n_shared, "n_b_only": config.n_b_only}
         _write_json(folder / "metrics.json", metrics)
@@ -408,25 +408,27 @@ class AuditRunner:
         Every rank writes into the same cache folder that ``audit run`` uses, so that a later
         ``audit run`` finds the work done; the database is left to that single process.
         """
-        from crosscoder import train_crosscoder
         from crosscoder.distributed import current, rank_device
         from crosscoder.harvest import harvest
 
-        sync = current()
         self.hashes["harvest"] = self._hash_harvest()
-        harvest_folder = self.cache / f"harvest-{self.hashes['harvest']}"
+        harvest_folder = self._stage_folder("harvest", self.hashes["harvest"])
         if stage == "harvest":
             harvest(self._harvest_settings(), harvest_folder / "store", progress=True)
             return
         if stage != "train":
             raise StageError(stage, "only the harvest and train stages run on several processes")
         self.artefacts["harvest"] = harvest_folder
-        store = self.store()
-        kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute)
-        kwargs["device"] = rank_device(self.device or kwargs["device"] or "cpu", sync)
-        folder = self.cache / f"train-{self._hash_train()}"
-        train_crosscoder(self.spec.crosscoder.to_config(store.d_a, store.d_b), store,
-                         checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
+        self._train_into(self._stage_folder("train", self._hash_train()), self.store(),
+                         rank_device(self.device or "cpu", current()))
+
+    def _train_into(self, folder: Path, store, device):
+        """Train this spec's crosscoder in ``folder/checkpoint`` (resuming, or loading it when finished)."""
+        from crosscoder import train_crosscoder
+
+        kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute) | {"device": device}
+        return train_crosscoder(self.spec.crosscoder.to_config(store.d_a, store.d_b), store,
+                                checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
 
     # ---- analyse --------------------------------------------------------------------------------
     def _hash_analyse(self) -> str:

@@ -153,10 +153,6 @@ def global_batch_topk(scores_nD: Tensor, n_keep: int, ctx: DistContext,
     :func:`crosscoder.sparse.batch_topk` on the concatenated batch, ties aside.
     """
     n, width = scores_nD.shape
-    if not ctx.active:
-        from .sparse import batch_topk
-
-        return batch_topk(scores_nD, n_keep, cost_D)
     proposals = n_keep if cost_D is None else int(math.ceil(n_keep / float(cost_D.min())))
     local = min(proposals, n * width)
     # A rank whose rows were all masked as outliers proposes nothing, but still joins the gather.
