@@ -209,6 +209,9 @@ class TransferSpec(_Strict):
     signed: bool = Field(default=True, description="let anti-aligned features vote with a negative weight")
     grader: str | None = Field(default=None, description="default: verify.grader")
     max_questions: int | None = Field(default=None, gt=0, description="trait questions used to extract a vector")
+    max_prompts: int | None = Field(default=None, gt=0, description="evaluation prompts used (default: all)")
+    control_draws: int = Field(default=4, ge=1, le=64,
+                               description="random directions per control arm; the control's curve pools them")
     max_tokens: int = Field(default=48, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     seed: int = 0

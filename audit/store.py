@@ -22,7 +22,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -64,10 +64,16 @@ TABLES: dict[str, str] = {
     "transfers": """
         run_id VARCHAR, trait VARCHAR, direction VARCHAR, arm VARCHAR, spearman DOUBLE, effect DOUBLE,
         holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, cosines VARCHAR, max_decoder_cosine DOUBLE,
-        curve VARCHAR, generations VARCHAR, extraction VARCHAR""",
+        curve VARCHAR, generations VARCHAR, extraction VARCHAR, draws VARCHAR""",
     "diffs": """
         diff_id VARCHAR PRIMARY KEY, run_a VARCHAR, run_b VARCHAR, created_at TIMESTAMP,
         summary VARCHAR""",
+}
+
+#: Statements that bring a file of schema ``version - 1`` to ``version``.
+MIGRATIONS: dict[int, list[str]] = {
+    # 2: control arms of a transfer pool several random directions; each draw's ρ and effect.
+    2: ["ALTER TABLE transfers ADD COLUMN IF NOT EXISTS draws VARCHAR"],
 }
 
 
@@ -122,10 +128,19 @@ class AuditStore:
                     f"{self.path}: written by a newer crosscoder-audit (schema {version} > {SCHEMA_VERSION}); "
                     "upgrade the package or point --db at another file"
                 )
-            for name, columns in TABLES.items():
-                con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
             if version is None:
+                for name, columns in TABLES.items():
+                    con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
                 con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+                return
+            con.execute("BEGIN TRANSACTION")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    con.execute(statement)
+                con.execute("INSERT INTO schema_info VALUES (?)", [step])
+            for name, columns in TABLES.items():  # tables added since the file was made
+                con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+            con.execute("COMMIT")
 
     # ---- writing -----------------------------------------------------------------------------
     def replace_rows(self, table: str, run_id: str, rows: Sequence[dict[str, Any]], where: dict | None = None) -> None:

@@ -10,9 +10,14 @@ For a trait (``specs/traits/<name>.yaml``) and a direction of transfer (A→B or
   norm (does any push of that size move it?).
 
 Each arm is swept over the α grid on the trait's evaluation prompts and graded on the trait's
-rubric (and coherence). The transfer *holds* when the transferred arm's dose-response has
-Spearman ρ ≥ ``HOLD_SPEARMAN`` with the same sign as the source arm, and both controls stay
-below ``CONTROL_SPEARMAN`` in absolute value.
+rubric (and coherence). A control arm is not one random direction but several (``draws``): one
+draw decides nothing, since in a small model a random push of that size has a sizeable chance of
+lining up with the trait by luck (on the zoo, single draws in two demo runs gave ρ −0.95 and +0.02).
+The control's curve pools the draws; each draw's own ρ and effect are kept too.
+
+The transfer *holds* when the transferred arm's dose-response has Spearman ρ ≥ ``HOLD_SPEARMAN``
+with the same sign as the source arm, and both pooled controls stay below ``CONTROL_SPEARMAN`` in
+absolute value.
 """
 
 from __future__ import annotations
@@ -46,23 +51,31 @@ def vector_steered_generation(max_tokens: int = 64, temperature: float = 0.0):
     return solve
 
 
-def transfer_task(arms: list[str], vectors_file: Path, prompts: list[str], rubric: str, alphas: list[float],
-                  grader: str = "offline", coherence_meter=None, max_tokens: int = 48, temperature: float = 0.0) -> Task:
+def draw_key(arm: str, draw: int) -> str:
+    """The name of a control arm's ``draw``-th vector in the vectors file."""
+    return f"{arm}.{draw}"
+
+
+def transfer_task(arms: dict[str, list[str]], vectors_file: Path, prompts: list[str], rubric: str,
+                  alphas: list[float], grader: str = "offline", coherence_meter=None, max_tokens: int = 48,
+                  temperature: float = 0.0) -> Task:
+    """``arms``: each arm's vector names in ``vectors_file`` (one for a plain arm, several for a control)."""
     samples = [
-        Sample(id=f"{arm}-p{i}-a{alpha:+g}", input=prompt,
-               metadata={"arm": arm, "vector": arm, "vectors_file": str(vectors_file), "alpha": float(alpha),
+        Sample(id=f"{vector}-p{i}-a{alpha:+g}", input=prompt,
+               metadata={"arm": arm, "vector": vector, "vectors_file": str(vectors_file), "alpha": float(alpha),
                          "prompt": prompt, "rubric": rubric, "kind": "topic", "feature": ARMS.index(arm), "seed": 0})
-        for arm in arms for i, prompt in enumerate(prompts) for alpha in alphas
+        for arm, vectors in arms.items() for vector in vectors for i, prompt in enumerate(prompts) for alpha in alphas
     ]
     return Task(dataset=MemoryDataset(samples, name="transfer"),
                 solver=vector_steered_generation(max_tokens=max_tokens, temperature=temperature),
                 scorer=rubric_scorer(grader=grader, coherence_meter=coherence_meter), name="transfer")
 
 
-def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, arms: list[str], prompts: list[str],
-             rubric: str, transfer_spec, grader: str, loaded_model, log_dir: Path,
+def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, arms: dict[str, list[str]],
+             prompts: list[str], rubric: str, transfer_spec, grader: str, loaded_model, log_dir: Path,
              coherence_meter: CoherenceMeter | None = None) -> list[dict]:
-    """Sweep ``arms`` on one model; per-arm curves and generations."""
+    """Sweep ``arms`` (arm → its vector names) on one model; per-arm curves pooled over the arm's
+    vectors, each vector's own ρ and effect (``draws``, for arms of several vectors), and generations."""
     model = steered_model(model_entry, side, crosscoder_path, loaded_model)
     grader, meter, roles = grading(grader, coherence_meter)
     task = transfer_task(arms, vectors_path, prompts, rubric, list(transfer_spec.alphas),
@@ -71,22 +84,33 @@ def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, 
     log = inspect_eval(task, model=model, model_roles=roles or None, log_dir=str(log_dir), display="none",
                        fail_on_error=False, retry_on_error=3)[0]
     check_log(log, f"transfer sweep of {', '.join(arms)}")
-    rows, generations = [], {arm: [] for arm in arms}
+    vector_ids = {vector: i for i, vector in enumerate(v for vectors in arms.values() for v in vectors)}
+    rows, per_vector, generations = [], [], {arm: [] for arm in arms}
     for sample in log.samples or []:
         m = sample.metadata
         answer = sample.output.completion if sample.output else ""
-        generations[m["arm"]].append({"prompt": m["prompt"], "alpha": m["alpha"], "answer": answer})
+        generations[m["arm"]].append({"prompt": m["prompt"], "alpha": m["alpha"], "vector": m["vector"],
+                                      "answer": answer})
         if not sample.scores:
             continue
         value = next(iter(sample.scores.values())).value
         for dimension in ("behaviour", "coherence"):
-            rows.append({"feature": m["feature"], "rubric": rubric, "kind": "topic", "alpha": m["alpha"],
-                         "dimension": dimension, "score": value.get(dimension)})
+            row = {"feature": m["feature"], "rubric": rubric, "kind": "topic", "alpha": m["alpha"],
+                   "dimension": dimension, "score": value.get(dimension)}
+            rows.append(row)
+            per_vector.append({**row, "feature": vector_ids[m["vector"]]})
     effects = {ARMS[e["feature"]]: e for e in feature_effects(rows)}
-    return [{"arm": arm, "spearman": effects[arm]["spearman"] if arm in effects else float("nan"),
-             "effect": effects[arm]["effect"] if arm in effects else float("nan"),
-             "curve": effects[arm]["curve"] if arm in effects else [], "generations": generations[arm],
-             "eval_log": log.location} for arm in arms]
+    vector_effects = {e["feature"]: e for e in feature_effects(per_vector)}
+    out = []
+    for arm, vectors in arms.items():
+        pooled = effects.get(arm, {})
+        draws = [{"vector": v, "spearman": vector_effects.get(vector_ids[v], {}).get("spearman", float("nan")),
+                  "effect": vector_effects.get(vector_ids[v], {}).get("effect", float("nan"))} for v in vectors]
+        out.append({"arm": arm, "spearman": pooled.get("spearman", float("nan")),
+                    "effect": pooled.get("effect", float("nan")), "curve": pooled.get("curve", []),
+                    "draws": draws if len(vectors) > 1 else [], "generations": generations[arm],
+                    "eval_log": log.location})
+    return out
 
 
 def transfer_holds(arms: dict[str, dict]) -> bool:

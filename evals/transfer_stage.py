@@ -12,7 +12,7 @@ from crosscoder.persona import extract_persona_vector, load_trait
 from crosscoder.transfer import random_direction_like, transfer_vector
 from evals.prompts import load_prompt_set
 from evals.rubrics import load_rubric
-from evals.transfer import run_arms, transfer_holds
+from evals.transfer import draw_key, run_arms, transfer_holds
 
 
 def _eval_prompts(trait) -> list[str]:
@@ -49,37 +49,49 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
                                                              max_new_tokens=t.max_tokens, max_questions=t.max_questions)
         extracted = persona[(name, source)]
         moved = transfer_vector(crosscoder, extracted.vector, source, k=t.k, min_cosine=t.min_cosine, signed=t.signed)
-        random_moved = transfer_vector(crosscoder, random_direction_like(extracted.vector, t.seed + 1), source, k=t.k,
-                                       min_cosine=t.min_cosine, signed=t.signed)
-        vectors = {"source": extracted.vector.contiguous(), "transferred": moved.vector.contiguous(),
-                   "random_transferred": random_moved.vector.contiguous(),
-                   "unrelated": random_direction_like(moved.vector, t.seed + 2).contiguous()}
+        # Control draws: draw 0 keeps the seeds a single-draw control used (seed + 1, seed + 2).
+        random_moved = [transfer_vector(crosscoder, random_direction_like(extracted.vector, t.seed + 1 + 2 * i),
+                                        source, k=t.k, min_cosine=t.min_cosine, signed=t.signed)
+                        for i in range(t.control_draws)]
+        target_vectors = {"transferred": moved.vector.contiguous()}
+        for i, random_info in enumerate(random_moved):
+            target_vectors[draw_key("random_transferred", i)] = random_info.vector.contiguous()
+            target_vectors[draw_key("unrelated", i)] = random_direction_like(moved.vector, t.seed + 2 + 2 * i).contiguous()
         source_path = folder / f"{stem}-source.safetensors"
         target_path = folder / f"{stem}-target.safetensors"
-        save_file({"source": vectors["source"]}, str(source_path))
-        save_file({k: v for k, v in vectors.items() if k != "source"}, str(target_path))
-        prompts = _eval_prompts(trait)
+        save_file({"source": extracted.vector.contiguous()}, str(source_path))
+        save_file(target_vectors, str(target_path))
+        prompts = _eval_prompts(trait)[:t.max_prompts]
         entries = {"a": spec.model_a, "b": spec.model_b}
         checkpoint = runner.artefacts["train"] / "checkpoint"
-        arms = run_arms(entries[source], source, checkpoint, source_path, ["source"], prompts, trait.rubric, t, grader,
-                        runner.loaded_model(source), folder / "logs", runner.coherence_meter(source, t.max_tokens))
-        arms += run_arms(entries[target], target, checkpoint, target_path,
-                         ["transferred", "random_transferred", "unrelated"], prompts, trait.rubric, t, grader,
-                         runner.loaded_model(target), folder / "logs", runner.coherence_meter(target, t.max_tokens))
+        draws = range(t.control_draws)
+        target_arms = {"transferred": ["transferred"],
+                       "random_transferred": [draw_key("random_transferred", i) for i in draws],
+                       "unrelated": [draw_key("unrelated", i) for i in draws]}
+        arms = run_arms(entries[source], source, checkpoint, source_path, {"source": ["source"]}, prompts,
+                        trait.rubric, t, grader, runner.loaded_model(source), folder / "logs",
+                        runner.coherence_meter(source, t.max_tokens))
+        arms += run_arms(entries[target], target, checkpoint, target_path, target_arms, prompts, trait.rubric, t,
+                         grader, runner.loaded_model(target), folder / "logs",
+                         runner.coherence_meter(target, t.max_tokens))
         by_arm = {a["arm"]: a for a in arms}
         holds = transfer_holds(by_arm)
         extraction = {"n_answers": extracted.n_answers, "answer_tokens": list(extracted.answer_tokens),
                       "examples": extracted.examples}
+        norms = {"source": float(extracted.vector.norm()), "transferred": float(moved.vector.norm()),
+                 "random_transferred": sum(float(r.vector.norm()) for r in random_moved) / len(random_moved),
+                 "unrelated": float(moved.vector.norm())}
         job_rows = []
         for arm in arms:
-            info = moved if arm["arm"] == "transferred" else random_moved if arm["arm"] == "random_transferred" else None
+            info = moved if arm["arm"] == "transferred" else random_moved[0] if arm["arm"] == "random_transferred" else None
             job_rows.append({
                 "trait": trait.name, "direction": direction, "arm": arm["arm"], "spearman": arm["spearman"],
-                "effect": arm["effect"], "holds": holds, "vector_norm": float(vectors[arm["arm"]].norm()),
+                "effect": arm["effect"], "holds": holds, "vector_norm": norms[arm["arm"]],
                 "features": info.features.tolist() if info else None,
                 "cosines": [float(c) for c in info.cosines] if info else None,
                 "max_decoder_cosine": info.max_decoder_cosine if info else None,
-                "curve": arm["curve"], "generations": arm["generations"], "extraction": extraction,
+                "curve": arm["curve"], "draws": arm["draws"], "generations": arm["generations"],
+                "extraction": extraction,
             })
         out.write_text(json.dumps(job_rows, default=float))
         rows += job_rows

@@ -205,6 +205,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     for row in db.rows("transfers", run_id, order="trait, direction, arm"):
         grouped.setdefault((row["trait"], row["direction"]), []).append(row)
     for (trait, direction), arms in grouped.items():
+        arms = [{**a, "draws": _json_list(a.get("draws"))} for a in arms]
         by_arm = {a["arm"]: a for a in arms}
         moved = by_arm.get("transferred", {})
         examples = []

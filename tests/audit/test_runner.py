@@ -25,7 +25,7 @@ SMALL = {
     "verify": {"rubrics": ["zoo_state_narrative", "zoo_sentiment"], "alphas": [-1, 0, 1], "max_features": 2,
                "max_prompts": 2, "max_tokens": 12},
     "transfer": {"traits": ["zoo_sentiment"], "directions": ["a_to_b"], "alphas": [-1, 0, 1], "max_questions": 3,
-                 "max_tokens": 12},
+                 "max_tokens": 12, "max_prompts": 3, "control_draws": 2},
 }
 
 
@@ -76,6 +76,15 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     transfers = db.rows("transfers", result.run_id)
     assert sorted(t["arm"] for t in transfers) == ["random_transferred", "source", "transferred", "unrelated"]
     assert all(t["trait"] == "zoo_sentiment" and t["direction"] == "a_to_b" for t in transfers)
+    by_arm = {t["arm"]: t for t in transfers}
+    for control in ("random_transferred", "unrelated"):  # a control pools its draws and keeps each draw's ρ
+        draws = json.loads(by_arm[control]["draws"])
+        assert [d["vector"] for d in draws] == [f"{control}.0", f"{control}.1"]
+        pooled = [c for c in json.loads(by_arm[control]["curve"]) if c["dimension"] == "behaviour"]
+        assert {c["n"] for c in pooled} == {2 * 3}  # two draws × three prompts at each α
+        answers = json.loads(by_arm[control]["generations"])
+        assert len(answers) == 2 * 3 * 3 and {a["vector"] for a in answers} == {f"{control}.0", f"{control}.1"}
+    assert json.loads(by_arm["transferred"]["draws"]) == []
     html = (result.run_dir / "report.html").read_text()
     assert "Transfer of directions" in html
     assert "tiny-demo" in html or "zoo:alpha" in html

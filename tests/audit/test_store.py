@@ -46,6 +46,25 @@ def test_a_newer_schema_is_refused(tmp_path):
         AuditStore(path)
 
 
+def test_a_version_1_file_is_migrated_keeping_its_rows(tmp_path):
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:  # the transfers table as schema 1 made it
+        con.execute("CREATE TABLE schema_info (version INTEGER)")
+        con.execute("INSERT INTO schema_info VALUES (1)")
+        con.execute("CREATE TABLE transfers (run_id VARCHAR, trait VARCHAR, direction VARCHAR, arm VARCHAR, "
+                    "spearman DOUBLE, effect DOUBLE, holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, "
+                    "cosines VARCHAR, max_decoder_cosine DOUBLE, curve VARCHAR, generations VARCHAR, "
+                    "extraction VARCHAR)")
+        con.execute("INSERT INTO transfers (run_id, trait, arm, spearman) VALUES ('old', 't', 'source', 0.9)")
+    db = AuditStore(path)
+    assert db.query("SELECT max(version) AS v FROM schema_info")[0]["v"] == SCHEMA_VERSION
+    assert [(r["arm"], r["spearman"], r["draws"]) for r in db.rows("transfers", "old")] == [("source", 0.9, None)]
+    db.replace_rows("transfers", "new", [{"arm": "unrelated", "draws": [{"vector": "unrelated.0", "spearman": 0.1}]}])
+    assert db.rows("transfers", "new")[0]["draws"] == '[{"vector": "unrelated.0", "spearman": 0.1}]'
+    assert db.rows("contexts", "old") == []  # every other table exists too
+    AuditStore(path)  # opening a migrated file again changes nothing
+
+
 WRITER = """
 import sys
 from audit.store import AuditStore
