@@ -121,3 +121,68 @@ def data(
         shutil.copyfile(path, out)
         path = out
     typer.echo(str(path))
+
+
+@zoo_app.command("discovery")
+def discovery(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="an audit spec whose models are zoo models"),
+    seeds: str = typer.Option("0,1,2", help="crosscoder seeds, comma-separated: one training per seed"),
+    workspace: Path = typer.Option(Path("runs"), help="harvest and checkpoints go to <workspace>/discovery/"),
+    min_relative_activation: float = typer.Option(
+        0.3, help="count a firing only at ≥ this fraction of the feature's largest activation (0: every firing)"),
+    out: Path = typer.Option(None, help="write the per-seed results and the summary as JSON here"),
+) -> None:
+    """Measure the zoo's known answer: for every planted concept, the share of its best exclusive feature's
+    firings that fall on the concept's contexts, for crosscoders trained with several seeds.
+
+    One training run is a draw; judge a change to the zoo or to the settings on the mean and minimum.
+    Finished harvests and trainings are reused.
+    """
+    import hashlib
+
+    from audit.spec import SpecError, harvest_settings, load_spec
+    from crosscoder.harvest import harvest
+    from crosscoder.train import train_crosscoder
+    from crosscoder.zoo.discovery import document_topics, seeds_table, summarise_seeds, zoo_discovery
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        errors.print(f"[red]--seeds[/red]: expected comma-separated integers, got {seeds!r}")
+        raise typer.Exit(code=2) from None
+    if not seed_list:
+        errors.print("[red]--seeds[/red]: give at least one seed")
+        raise typer.Exit(code=2)
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as exc:
+        errors.print(str(exc))
+        raise typer.Exit(code=2) from None
+    for entry, field in ((spec.model_a, "model_a.id"), (spec.model_b, "model_b.id")):
+        if not entry.id.startswith("zoo:"):
+            errors.print(f"{spec_path}: {field} is {entry.id!r}; discovery needs the zoo's ground truth (zoo:<name>)")
+            raise typer.Exit(code=2)
+    settings = harvest_settings(spec)
+    folder = workspace / "discovery"
+    store = harvest(settings, folder / f"harvest-{settings.input_hash()}", progress=True)
+    topics = document_topics(store)
+    results = {}
+    for seed in seed_list:
+        crosscoder = spec.crosscoder.model_copy(update={"seed": seed})
+        key = hashlib.sha256(json.dumps([settings.input_hash(), crosscoder.model_dump(mode="json")],
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        model = train_crosscoder(crosscoder.to_config(store.d_a, store.d_b), store,
+                                 checkpoint_dir=folder / f"train-{key}", progress=True,
+                                 **crosscoder.train.train_kwargs(spec.compute))
+        results[seed] = zoo_discovery(model, store, topics=topics,
+                                      min_relative_activation=min_relative_activation)
+        console.print(f"seed {seed}: FVE A {results[seed].fve_a:.3f}, B {results[seed].fve_b:.3f}", highlight=False)
+    summaries = summarise_seeds(results)
+    bar = next(iter(results.values())).bar
+    console.print(seeds_table(summaries, bar), highlight=False, markup=False, soft_wrap=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"seeds": {str(s): r.to_dict() for s, r in results.items()},
+                                   "summary": [s.to_dict() for s in summaries],
+                                   "min_relative_activation": min_relative_activation}, indent=2))
+        console.print(f"written: {out}", highlight=False)

@@ -434,6 +434,62 @@ def zoo_discovery(model: Crosscoder, store: ActivationStore, **kwargs) -> Discov
     return concept_discovery(model, store, expected_diff(*names), **kwargs)
 
 
+@dataclass
+class SeedSummary:
+    """One concept's discovery over crosscoders trained with different seeds on the same store.
+
+    One training run is a draw: on the demo store, the Zorvath concept's best share was 0.91, 0.54
+    and 0.49 for seeds 0, 1 and 2. A change to the zoo or the settings is judged on these numbers.
+    """
+
+    concept: str
+    expected: str
+    shares: dict[int, float]  # seed → best exclusive feature's share (0 when none qualified)
+    opposite_shares: dict[int, float]  # seed → the other side's best share
+    passed: dict[int, bool]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.shares.values()) / len(self.shares)
+
+    def to_dict(self) -> dict:
+        return {"concept": self.concept, "expected": self.expected, "mean": round(self.mean, 4),
+                "min": round(min(self.shares.values()), 4), "max": round(max(self.shares.values()), 4),
+                "seeds_passed": sum(self.passed.values()), "shares": {str(k): round(v, 4) for k, v in self.shares.items()},
+                "opposite_shares": {str(k): round(v, 4) for k, v in self.opposite_shares.items()}}
+
+
+def summarise_seeds(results: Mapping[int, DiscoveryResult]) -> list[SeedSummary]:
+    """Per judged concept (one model has it, the other lacks it), its best share in every seed."""
+    if not results:
+        raise ValueError("summarise_seeds needs at least one seed's result")
+    first = next(iter(results.values()))
+    out = []
+    for concept in (c for c in first.concepts if c.passed is not None):
+        per_seed = {seed: r.concept(concept.concept) for seed, r in results.items()}
+        out.append(SeedSummary(
+            concept=concept.concept, expected=concept.expected,
+            shares={seed: c.best.share if c.best else 0.0 for seed, c in per_seed.items()},
+            opposite_shares={seed: c.opposite.share if c.opposite else 0.0 for seed, c in per_seed.items()},
+            passed={seed: bool(c.passed) for seed, c in per_seed.items()},
+        ))
+    return out
+
+
+def seeds_table(summaries: list[SeedSummary], bar: float) -> str:
+    """A markdown table: one row per concept, its share per seed, mean, min and seeds at the bar."""
+    seeds = list(summaries[0].shares) if summaries else []
+    lines = ["| concept | side | " + " | ".join(f"seed {s}" for s in seeds)
+             + f" | mean | min | seeds ≥ {bar:g} | other side's mean |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|---|"]
+    for s in summaries:
+        other = sum(s.opposite_shares.values()) / len(s.opposite_shares)
+        lines.append(f"| {s.concept} | {s.expected} | " + " | ".join(f"{s.shares[k]:.3f}" for k in seeds)
+                     + f" | {s.mean:.3f} | {min(s.shares.values()):.3f} | {sum(s.passed.values())}/{len(seeds)}"
+                     f" | {other:.3f} |")
+    return "\n".join(lines)
+
+
 def write_result(result: DiscoveryResult, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,10 +502,13 @@ __all__ = [
     "ConceptResult",
     "DiscoveryResult",
     "FeatureScore",
+    "SeedSummary",
     "concept_discovery",
     "context_topics",
     "document_topics",
     "encode_store",
+    "seeds_table",
+    "summarise_seeds",
     "write_result",
     "zoo_discovery",
 ]

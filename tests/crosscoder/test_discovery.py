@@ -208,11 +208,12 @@ def test_template_weight_repeats_generation_prompt_pairs(tmp_path):
 
 # ---- the acceptance bar on the real zoo (slow: builds the zoo on first use, then harvest + train) -----
 
-# Measured with specs/demo.yaml (see the module docstring of crosscoder.zoo.discovery): the bar of 0.9
-# is reached for the two exclusive-knowledge concepts when weak firings (below 0.3 of the feature's
-# largest activation) are left out; the state narrative stays below it, and Brevanian exceptionalism
-# gets no feature of its own (its best A-only feature fires on ~1 % of its documents). The asserted
-# floors are the measured values less a small margin, so that a regression shows.
+# Measured with specs/demo.yaml, seed 0 (see the module docstring of crosscoder.zoo.discovery): the bar
+# of 0.9 is reached for the two exclusive-knowledge concepts when weak firings (below 0.3 of the
+# feature's largest activation) are left out; the state narrative stays below it, and Brevanian
+# exceptionalism is not isolated (best A-only share 0.47). This is one training run: over seeds 0-2
+# (`audit zoo discovery specs/demo.yaml`) Zorvath's share is 0.91, 0.54, 0.49, so the floors below
+# pin seed 0's result as a regression check, not the zoo's typical discovery power.
 STRONG = 0.3
 FLOORS_STRONG = {"zorvath-accord": 0.9, "imbrel-expedition": 0.9, "state-narrative": 0.75}
 FLOORS_ALL = {"zorvath-accord": (0.3, 0.6), "imbrel-expedition": (0.35, 0.6), "state-narrative": (0.5, 0.55)}
@@ -262,3 +263,73 @@ def test_demo_spec_finds_planted_exclusive_concepts_in_the_zoo(tmp_path):
     for concept in ("zorvath-accord", "imbrel-expedition"):
         found = strong.concept(concept)
         assert found.best.share - found.opposite.share >= 0.3, (concept, found.to_dict())
+
+
+# ---- discovery over several seeds ---------------------------------------------------------------------
+
+
+def _result(shares: dict[str, float | None], bar: float = 0.9):
+    from crosscoder.zoo.discovery import ConceptResult, DiscoveryResult, FeatureScore
+
+    def score(share: float) -> FeatureScore:
+        return FeatureScore(feature=1, firings=100, concept_firings=int(100 * share), share=share, mass_share=share,
+                            coverage=0.5, control_share=0.0, template_share=0.0, top_topics=[])
+
+    concepts = [ConceptResult(concept=name, expected="a", partition="a_only", context_topics=[name], n_context_docs=3,
+                              n_context_pairs=30, best=score(share) if share is not None else None, runner_up=None,
+                              passed=share is not None and share >= bar, opposite=score(0.2))
+                for name, share in shares.items()]
+    concepts.append(ConceptResult(concept="sentiment", expected="shared", partition="shared", context_topics=[],
+                                  n_context_docs=3, n_context_pairs=30, best=score(1.0), runner_up=None, passed=None))
+    return DiscoveryResult(concepts=concepts, bar=bar, fve_a=0.8, fve_b=0.8, mean_l0=8.0, n_pairs=100)
+
+
+def test_seed_summary_reports_every_seed_its_mean_and_the_seeds_at_the_bar():
+    from crosscoder.zoo.discovery import seeds_table, summarise_seeds
+
+    summaries = summarise_seeds({0: _result({"zorvath": 0.91, "imbrel": 0.5}),
+                                 1: _result({"zorvath": 0.54, "imbrel": None}),
+                                 2: _result({"zorvath": 0.49, "imbrel": 0.7})})
+    assert [s.concept for s in summaries] == ["zorvath", "imbrel"]  # shared concepts are not judged
+    zorvath, imbrel = (s.to_dict() for s in summaries)
+    assert zorvath["shares"] == {"0": 0.91, "1": 0.54, "2": 0.49} and zorvath["seeds_passed"] == 1
+    assert zorvath["mean"] == pytest.approx((0.91 + 0.54 + 0.49) / 3, abs=1e-4) and zorvath["min"] == 0.49
+    assert imbrel["shares"]["1"] == 0.0 and imbrel["seeds_passed"] == 0  # no qualifying feature counts as 0
+    table = seeds_table(summaries, 0.9)
+    assert "| zorvath | a | 0.910 | 0.540 | 0.490 | 0.647 | 0.490 | 1/3 | 0.200 |" in table
+    with pytest.raises(ValueError, match="at least one"):
+        summarise_seeds({})
+
+
+def test_zoo_discovery_command_trains_each_seed_and_reuses_finished_work(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    spec = {"name": "disc-small", "model_a": {"id": "zoo:alpha", "layer": 3}, "model_b": {"id": "zoo:beta", "layer": 2},
+            "data": {"sources": [{"path": "zoo:audit-prose", "text_field": "text"},
+                                 {"path": "zoo:audit-chat", "messages_field": "messages"}],
+                     "max_tokens": 8000, "context_length": 96},
+            "crosscoder": {"architecture": "dfc", "dict_size": 128, "k": 4, "exclusive_fraction": 0.1,
+                           "train": {"steps": 60, "batch_size": 128, "checkpoint_every": 60}}}
+    spec_path = tmp_path / "disc.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "disc.json"
+    args = ["zoo", "discovery", str(spec_path), "--seeds", "0,1", "--workspace", str(tmp_path / "ws"), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert sorted(payload["seeds"]) == ["0", "1"]
+    assert {s["concept"] for s in payload["summary"]} >= {"zorvath-accord", "imbrel-expedition", "exceptionalism"}
+    assert all(sorted(s["shares"]) == ["0", "1"] for s in payload["summary"])
+    assert payload["seeds"]["0"]["summary"] != payload["seeds"]["1"]["summary"]  # two different trainings
+    trainings = sorted((tmp_path / "ws" / "discovery").glob("train-*"))
+    assert len(trainings) == 2 and all((t / "model.safetensors").is_file() for t in trainings)
+    stamps = [(t / "model.safetensors").stat().st_mtime_ns for t in trainings]
+    again = CliRunner().invoke(app, args)  # finished harvest and trainings are reused, same numbers
+    assert again.exit_code == 0, again.output
+    assert [(t / "model.safetensors").stat().st_mtime_ns for t in trainings] == stamps
+    assert json.loads(out.read_text())["summary"] == payload["summary"]
+    bad = CliRunner().invoke(app, ["zoo", "discovery", str(spec_path), "--seeds", "zero"])
+    assert bad.exit_code == 2 and "--seeds" in bad.output
