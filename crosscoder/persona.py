@@ -84,7 +84,9 @@ def extract_persona_vector(loaded: LoadedModel, trait: Trait, max_new_tokens: in
             texts = []
             for prompt, out in zip(prompts, outputs, strict=True):
                 texts.append(out.text)
-                answer_ids = loaded.tokenizer(out.text, add_special_tokens=False)["input_ids"]
+                # The tokens the model generated: decoding and re-tokenising them need not give them back
+                # (merges across the prompt boundary, stripped whitespace).
+                answer_ids = list(out.token_ids)
                 if not answer_ids:
                     continue
                 ids = torch.tensor([prompt + answer_ids])

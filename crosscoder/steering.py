@@ -23,7 +23,7 @@ import inspect
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -61,6 +61,7 @@ class Generation:
     text: str
     input_tokens: int
     output_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens (stop token excluded)
 
 
 class SteeredGenerator:
@@ -186,7 +187,7 @@ class SteeredGenerator:
                 step_ids = next_ids[:, None].to(device)
                 step_mask = torch.cat([step_mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
                 position_ids = position_ids[:, -1:] + 1
-        return [Generation(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(p), len(t))
+        return [Generation(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(p), len(t), t)
                 for p, t in zip(prompts, out_tokens, strict=True)]
 
     @torch.no_grad()

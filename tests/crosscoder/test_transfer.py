@@ -87,9 +87,48 @@ def test_persona_vector_is_the_difference_of_answer_activations(tiny_model_dirs)
     persona = extract_persona_vector(loaded, trait, max_new_tokens=6)
     assert persona.vector.shape == (loaded.d_model,) and float(persona.vector.norm()) > 0
     assert persona.n_answers == 2 and all(n > 0 for n in persona.answer_tokens)
+    # The activations are read on the tokens the model generated (not on a re-tokenised decoding).
+    from crosscoder.steering import SteeredGenerator
+
+    generator = SteeredGenerator(loaded)
+    for condition, n_tokens in zip((trait.eliciting, trait.suppressing), persona.answer_tokens, strict=True):
+        outputs = generator.generate([generator.render(trait.messages(q, condition)) for q in trait.questions],
+                                     max_new_tokens=6)
+        assert n_tokens == sum(len(o.token_ids) for o in outputs) == sum(o.output_tokens for o in outputs)
     same = Trait(name="t", rubric="zoo_sentiment", questions=["the lamp", "the fan"],
                  eliciting=Condition(template="Praise {question}."), suppressing=Condition(template="Praise {question}."))
     assert float(extract_persona_vector(loaded, same, max_new_tokens=6).vector.norm()) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_persona_vector_reads_the_generated_tokens_not_a_retokenised_decoding(tiny_model_dirs, monkeypatch):
+    """Two generated pieces that decode to one word ("hel" + "lo" → "hello", one Qwen token when
+    re-tokenised) count as two answer tokens, at the positions the model generated them."""
+    import crosscoder.persona as persona_module
+    from crosscoder.models import capture_block_output, load_model
+    from crosscoder.steering import Generation, SteeredGenerator
+
+    loaded = load_model(str(tiny_model_dirs["qwen"]), layer=1)
+    pieces = loaded.tokenizer.convert_tokens_to_ids(["hel", "lo"])
+    assert loaded.tokenizer("hello", add_special_tokens=False)["input_ids"] != pieces  # the case under test
+
+    class FixedAnswers(SteeredGenerator):
+        def generate(self, prompts, *args, **kwargs):
+            return [Generation("hello", len(p), len(pieces), list(pieces)) for p in prompts]
+
+    monkeypatch.setattr(persona_module, "SteeredGenerator", FixedAnswers)
+    trait = Trait(name="t", rubric="zoo_sentiment", questions=["the lamp", "the fan"],
+                  eliciting=Condition(template="Praise {question}."), suppressing=Condition(template="Mock {question}."))
+    persona = extract_persona_vector(loaded, trait, max_new_tokens=2)
+    assert persona.answer_tokens == (4, 4)  # two answers of two generated tokens under each condition
+    generator = SteeredGenerator(loaded)
+    means = []
+    for condition in (trait.eliciting, trait.suppressing):
+        rows = []
+        for q in trait.questions:
+            prompt = generator.render(trait.messages(q, condition))
+            rows.append(capture_block_output(loaded, torch.tensor([prompt + pieces]))[0, len(prompt):].double())
+        means.append(torch.cat(rows).mean(0))
+    assert torch.allclose(persona.vector.double(), means[0] - means[1], atol=1e-5)
 
 
 def test_shipped_traits_load_and_name_existing_rubrics():
