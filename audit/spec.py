@@ -173,8 +173,9 @@ class ScreenSpec(_Strict):
     relative_norm_cut: float = Field(default=0.9, gt=0.5, lt=1.0)
     contexts_per_feature: int = Field(default=20, gt=0)
     max_features: int = Field(default=40, gt=0, description="explain at most this many flagged features (triage order)")
-    detection_contexts: int = Field(default=5, ge=0, description="activating and non-activating contexts per feature "
-                                    "for the detection score (0: skip it)")
+    detection_contexts: int = Field(default=5, ge=0, description="activating contexts held out from the explainer "
+                                    "(at most half of them), and as many non-activating ones, per feature for the "
+                                    "detection score (0: skip it)")
 
 
 class VerifySpec(_Strict):

@@ -27,13 +27,25 @@ def detector_model(name: str | None, explainer: str) -> tuple[Model, str]:
     return get_model(chosen), f"llm: {chosen}"
 
 
-def detection_items(feature: dict, explanation: str, n: int) -> list[dict]:
-    """``n`` activating contexts spread over the top list, and up to ``n`` non-activating ones."""
-    positives = feature.get("contexts", [])
-    step = max(1, len(positives) // max(n, 1))
-    chosen = positives[::step][:n]
+def split_contexts(contexts: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """(the contexts the explainer sees, the held-out ones the detection score uses as positives).
+
+    Up to ``n`` contexts, at most half of them, are held out, spread evenly over the ranking and never
+    the top one: scoring an explanation on the very examples it was written from would measure
+    recall of those examples, not whether the explanation describes the feature.
+    """
+    n = min(n, len(contexts) // 2)
+    if n <= 0:
+        return list(contexts), []
+    step = len(contexts) // n
+    held = set(range(step - 1, step * n, step))
+    return ([c for i, c in enumerate(contexts) if i not in held], [c for i, c in enumerate(contexts) if i in held])
+
+
+def detection_items(feature: dict, explanation: str, positives: list[dict], n: int) -> list[dict]:
+    """The held-out activating contexts, and up to ``n`` non-activating ones."""
     items = [{"feature": feature["feature"], "explanation": explanation, "passage": unmark(c["text"]),
-              "activating": True} for c in chosen]
+              "activating": True} for c in positives]
     items += [{"feature": feature["feature"], "explanation": explanation, "passage": c["text"], "activating": False}
               for c in feature.get("negative_contexts", [])[:n]]
     return items
@@ -43,8 +55,11 @@ def run_screen(features: list[dict], screen_spec, rubrics: list[str], log_dir: P
     """Rows for the ``explanations`` table, one per feature (parsed or not)."""
     if not features:
         return []
+    n = screen_spec.detection_contexts
+    splits = {f["feature"]: split_contexts(f.get("contexts", []), n) for f in features}
+    shown = [{**f, "contexts": splits[f["feature"]][0]} for f in features]
     model, label = explainer_model(screen_spec.explainer, rubrics)
-    log = inspect_eval(screen_task(features), model=model, log_dir=str(log_dir), display="none",
+    log = inspect_eval(screen_task(shown), model=model, log_dir=str(log_dir), display="none",
                        fail_on_error=False, retry_on_error=3)[0]
     rows = []
     by_feature = {}
@@ -59,10 +74,10 @@ def run_screen(features: list[dict], screen_spec, rubrics: list[str], log_dir: P
                      "explanation": meta["explanation"], "safety_critical": meta["safety_critical"],
                      "reason": meta["reason"], "raw": meta["raw"], "detection_score": None, "detector": None,
                      "eval_log": log.location})
-    n = screen_spec.detection_contexts
     parsed = [f for f in features if by_feature.get(f["feature"], {}).get("parsed")]
     if n > 0 and parsed:
-        items = [it for f in parsed for it in detection_items(f, by_feature[f["feature"]]["explanation"], n)]
+        items = [it for f in parsed
+                 for it in detection_items(f, by_feature[f["feature"]]["explanation"], splits[f["feature"]][1], n)]
         det_model, det_label = detector_model(screen_spec.detector, screen_spec.explainer)
         det_log = inspect_eval(detection_task(items), model=det_model, log_dir=str(log_dir), display="none",
                                fail_on_error=False, retry_on_error=3)[0]

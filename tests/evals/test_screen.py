@@ -96,3 +96,31 @@ def test_screen_and_detection_tasks_run_offline_through_inspect(tmp_path):
                        display="none")[0]
     metrics = log.results.scores[0].metrics
     assert metrics["balanced_accuracy"].value == pytest.approx(1.0)
+
+
+def test_detection_positives_are_held_out_from_the_explainer(tmp_path):
+    from types import SimpleNamespace
+
+    from inspect_ai.log import read_eval_log
+
+    from evals.screen_stage import run_screen, split_contexts
+
+    contexts = [{"text": f"ctx {i} <<boils>>", "activation": 20.0 - i, "doc": i, "position": 0} for i in range(20)]
+    shown, held = split_contexts(contexts, 5)
+    assert [c["doc"] for c in held] == [3, 7, 11, 15, 19] and len(shown) == 15 and shown[0]["doc"] == 0
+    shown, held = split_contexts(contexts[:4], 5)  # at most half is held out
+    assert [c["doc"] for c in held] == [1, 3] and [c["doc"] for c in shown] == [0, 2]
+    assert split_contexts(contexts[:1], 5) == (contexts[:1], [])
+    assert split_contexts(contexts, 0) == (contexts, [])
+
+    feature = dict(FEATURE, contexts=contexts, negative_contexts=[{"text": "The Lisk Tower is tall."}] * 5)
+    spec = SimpleNamespace(explainer="offline", detector=None, detection_contexts=5)
+    rows = run_screen([feature], spec, ["zoo_state_narrative"], tmp_path)
+    assert rows[0]["parsed"] and rows[0]["detection_score"] is not None
+
+    logs = sorted(tmp_path.glob("*.eval"), key=lambda p: p.stat().st_mtime)
+    screen_log, detection_log = (read_eval_log(str(p)) for p in logs)
+    prompt = screen_log.samples[0].input[-1].content
+    assert "ctx 0 " in prompt and "ctx 3 " not in prompt and "ctx 19 " not in prompt  # the explainer never saw them
+    passages = [s.metadata.get("passage") or s.input[-1].content for s in detection_log.samples]
+    assert sum("ctx 3 " in p for p in passages) == 1 and not any("ctx 0 " in p for p in passages)
