@@ -18,7 +18,7 @@ much of their own model's variance they explain.
 
 from __future__ import annotations
 
-import heapq
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -117,13 +117,90 @@ def _token_text(tokenizer, token_id: int) -> str:
     return text if text.strip() else repr(text)
 
 
-def _top_k_rows(top: list[list], feature_slot: int, items: list[tuple[float, int, int, int]], k: int) -> None:
-    heap = top[feature_slot]
-    for item in items:
-        if len(heap) < k:
-            heapq.heappush(heap, item)
-        elif item[0] > heap[0][0]:
-            heapq.heapreplace(heap, item)
+class _TopContexts:
+    """The ``k`` largest activations of each feature and where they were, kept as tensors: one
+    ``topk`` per batch instead of a Python step per firing (100 M pairs × k firings at paper scale)."""
+
+    def __init__(self, k: int, n_features: int):
+        self.k = k
+        self.values = torch.full((0, n_features), -math.inf)
+        self.where = torch.zeros((0, n_features, 3), dtype=torch.long)  # doc, own position, position in A
+
+    def add(self, f: Tensor, doc: Tensor, own_pos: Tensor, pos_a: Tensor) -> None:
+        # Stable sorts: among equal activations (the same question in several documents) the earliest
+        # rows win, as they were seen first.
+        values, rows = torch.sort(f, dim=0, descending=True, stable=True)
+        values, rows = values[: self.k], rows[: self.k]  # [take, n_f]
+        values = values.masked_fill(values <= 0, -math.inf)  # only firings count
+        where = torch.stack([doc[rows], own_pos.gather(0, rows), pos_a[rows]], dim=-1)
+        values = torch.cat([self.values, values])
+        where = torch.cat([self.where, where])
+        values, order = torch.sort(values, dim=0, descending=True, stable=True)
+        self.values, order = values[: self.k], order[: self.k]
+        self.where = where.gather(0, order[..., None].expand(-1, -1, 3))
+
+    def per_feature(self) -> list[list[tuple[float, int, int, int]]]:
+        """Per feature slot: ``(activation, doc, own position, position in A)``, largest first (ties:
+        larger document and position first)."""
+        out = []
+        for slot in range(self.values.shape[1]):
+            fired = torch.isfinite(self.values[:, slot])
+            items = [(float(v), *map(int, w)) for v, w in zip(self.values[fired, slot], self.where[fired, slot],
+                                                                 strict=True)]
+            out.append(sorted(items, reverse=True))
+        return out
+
+
+class _TokenCounts:
+    """Firings per (feature slot, token id), accumulated with ``torch.unique`` per batch."""
+
+    def __init__(self, n_features: int):
+        self.n_features = n_features
+        self.keys = torch.zeros(0, dtype=torch.long)
+        self.counts = torch.zeros(0, dtype=torch.long)
+
+    def add(self, slots: Tensor, token_ids: Tensor) -> None:
+        known = token_ids >= 0
+        keys = token_ids[known].long() * self.n_features + slots[known].long()
+        if keys.numel() == 0:
+            return
+        new_keys, new_counts = torch.unique(keys, return_counts=True)
+        keys, counts = torch.cat([self.keys, new_keys]), torch.cat([self.counts, new_counts])
+        self.keys, inverse = torch.unique(keys, return_inverse=True)
+        self.counts = torch.zeros_like(self.keys).scatter_add_(0, inverse, counts)
+
+    def per_feature(self) -> list[dict[int, int]]:
+        out: list[dict[int, int]] = [{} for _ in range(self.n_features)]
+        for key, count in zip(self.keys.tolist(), self.counts.tolist(), strict=True):
+            out[key % self.n_features][key // self.n_features] = count
+        return out
+
+
+def _row_tokens(store: ActivationStore, shard_index: int, doc: Tensor, pos_a: Tensor,
+                pos_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Each pair's token id in model A and in model B (−1 where the document has no such position)."""
+    numbers, starts_a, starts_b, flat_a, flat_b = [], [0], [0], [], []
+    for record in store.shard_documents(shard_index):
+        numbers.append(record["doc"])
+        flat_a += record["ids_a"]
+        flat_b += record["ids_b"]
+        starts_a.append(len(flat_a))
+        starts_b.append(len(flat_b))
+    numbers_t = torch.tensor(numbers, dtype=torch.long)
+    order = torch.argsort(numbers_t)
+    local = order[torch.searchsorted(numbers_t[order], doc.long()).clamp_max(max(len(numbers) - 1, 0))]
+
+    def lookup(flat: list[int], starts: list[int], pos: Tensor) -> Tensor:
+        flat_t = torch.tensor(flat + [-1], dtype=torch.long)
+        starts_t = torch.tensor(starts, dtype=torch.long)
+        begin, end = starts_t[local], starts_t[local + 1]
+        at = begin + pos.long()
+        inside = (pos >= 0) & (at < end) & (numbers_t[local] == doc.long())
+        return torch.where(inside, flat_t[at.clamp(0, len(flat))], torch.full_like(at, -1))
+
+    if not numbers:
+        return torch.full_like(doc, -1, dtype=torch.long), torch.full_like(doc, -1, dtype=torch.long)
+    return lookup(flat_a, starts_a, pos_a), lookup(flat_b, starts_b, pos_b)
 
 
 @torch.no_grad()
@@ -170,14 +247,16 @@ def analyse_features(
     n_template = 0
     n_pairs = 0
     sums = _MomentSums(n_f, model.config.d_a, model.config.d_b)  # flagged features only
-    top: list[list] = [[] for _ in ids]
-    token_counts: list[dict[tuple[int, int], int]] = [{} for _ in ids]  # (doc, pos) firings, for token stats
+    own_is_a = torch.tensor([own_of[fid] == "a" for fid in ids])
+    top = _TopContexts(n_contexts, n_f)
+    token_counts = _TokenCounts(n_f)  # firings per (feature slot, own-model token id)
     generator = torch.Generator().manual_seed(0)
     negatives: list[tuple[int, int, int, Tensor]] = []  # (doc, pos_a, pos_b, active [n_f]) of random pairs
     keys = ("a", "b", "doc", "pos_a", "pos_b", "merged", "in_chat", "template")
     shard_count = store.n_shards
     for shard_index in range(shard_count):
         shard = store.load_shard(shard_index, keys)
+        token_a, token_b = _row_tokens(store, shard_index, shard["doc"], shard["pos_a"], shard["pos_b"])
         for start in range(0, shard["a"].shape[0], batch_size):
             rows = slice(start, start + batch_size)
             xa = shard["a"][rows].to(device, torch.float32)
@@ -206,13 +285,11 @@ def analyse_features(
             n_pairs += f.shape[0]
             for r in torch.randperm(f.shape[0], generator=generator)[: max(4 * n_negative, 8)].tolist():
                 negatives.append((int(doc[r]), int(pos_a[r]), int(pos_b[r]), active[r].clone()))
+            own_pos = torch.where(own_is_a[None, :], pos_a[:, None], pos_b[:, None])  # [n, n_f]
+            top.add(f, doc, own_pos, pos_a)
             rows_nz, cols_nz = torch.nonzero(active, as_tuple=True)
-            values = f[rows_nz, cols_nz].tolist()
-            for r, c, v in zip(rows_nz.tolist(), cols_nz.tolist(), values, strict=True):
-                pos = int(pos_a[r] if own_of[ids[c]] == "a" else pos_b[r])
-                d = int(doc[r])
-                _top_k_rows(top, c, [(v, d, pos, int(pos_a[r]))], n_contexts)
-                token_counts[c][(d, pos)] = token_counts[c].get((d, pos), 0) + 1
+            own_token = torch.where(own_is_a[cols_nz], token_a[rows][rows_nz], token_b[rows][rows_nz])
+            token_counts.add(cols_nz, own_token)
         if progress is not None:
             progress(shard_index + 1, shard_count)
     r2_a, r2_b = sums.r2()
@@ -226,9 +303,10 @@ def analyse_features(
         for slot, fid in enumerate(ids):
             if len(negative_rows[slot]) < n_negative and not bool(act[slot]):
                 negative_rows[slot].append((d, pa if own_of[fid] == "a" else pb))
-    wanted_docs = {d for heap in top for (_, d, _, _) in heap} | {d for rows in negative_rows for d, _ in rows}
-    firing_docs = {d for counts in token_counts for (d, _) in counts}
-    docs = {rec["doc"]: rec for rec in store.documents() if rec["doc"] in wanted_docs | firing_docs}
+    top_lists = top.per_feature()
+    wanted_docs = {d for items in top_lists for (_, d, _, _) in items} | {d for rows in negative_rows for d, _ in rows}
+    docs = {rec["doc"]: rec for rec in store.documents() if rec["doc"] in wanted_docs}
+    counts_per_slot = token_counts.per_feature()
     active_positions = _active_positions(model, store, index, own_of, ids, wanted_docs, batch_size)
 
     analyses = []
@@ -238,16 +316,14 @@ def analyse_features(
         ids_key = f"ids_{own}"
         counts: dict[str, int] = {}
         raw_of: dict[str, str] = {}
-        for (d, pos), c in token_counts[slot].items():
-            token_ids = docs.get(d, {}).get(ids_key, [])
-            if 0 <= pos < len(token_ids):
-                text = _token_text(tokenizer, token_ids[pos])
-                counts[text] = counts.get(text, 0) + c
-                raw_of[text] = tokenizer.decode([token_ids[pos]])
+        for token_id, c in counts_per_slot[slot].items():
+            text = _token_text(tokenizer, token_id)
+            counts[text] = counts.get(text, 0) + c
+            raw_of[text] = tokenizer.decode([token_id])
         ranked_tokens = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         total_fired = max(float(fired[slot]), 1.0)
         contexts = []
-        for value, d, pos, _ in sorted(top[slot], reverse=True):
+        for value, d, pos, _ in top_lists[slot]:
             token_ids = docs.get(d, {}).get(ids_key, [])
             marked = active_positions.get((slot, d), {pos})
             contexts.append(Context(doc=d, position=pos, activation=round(value, 4),

@@ -347,6 +347,10 @@ class ActivationStore:
         streams = [self._documents_of(files) for files in by_rank.values()]
         yield from heapq.merge(*streams, key=lambda doc: doc["doc"])
 
+    def shard_documents(self, index: int) -> Iterator[dict]:
+        """The documents whose pairs are in shard ``index`` (a document never spans two shards)."""
+        return self._documents_of([self.meta["shards"][index]["file"]])
+
     def _documents_of(self, shard_files: list[str]) -> Iterator[dict]:
         for file in shard_files:
             with open(self._file(docs_name(file))) as handle:

@@ -166,3 +166,26 @@ def test_a_merged_window_feature_on_one_word_is_content_not_an_artefact():
     assert artefact_reasons(a) == []  # one tokenizer splits a name its model never saw: that is the finding
     a.top_token_share = 0.1
     assert any("merged" in r for r in artefact_reasons(a))
+
+
+def test_top_contexts_keep_the_largest_firings_across_batches_earliest_first_on_ties():
+    from crosscoder.analysis import _TokenCounts, _TopContexts
+
+    top = _TopContexts(k=2, n_features=2)
+    doc = torch.tensor([10, 11, 12])
+    pos = torch.tensor([[1, 5], [2, 6], [3, 7]])  # own positions per (row, feature)
+    pos_a = torch.tensor([1, 2, 3])
+    top.add(torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 0.5]]), doc, pos, pos_a)
+    top.add(torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0]]), doc + 10, pos, pos_a)  # a later batch
+    first, second = top.per_feature()
+    assert first == [(3.0, 11, 2, 2), (2.0, 20, 1, 1)]
+    assert second == [(0.5, 12, 7, 3)]  # zeros are not firings
+    tie = _TopContexts(k=1, n_features=1)
+    tie.add(torch.tensor([[2.0]]), torch.tensor([1]), torch.tensor([[0]]), torch.tensor([0]))
+    tie.add(torch.tensor([[2.0]]), torch.tensor([2]), torch.tensor([[0]]), torch.tensor([0]))
+    assert tie.per_feature() == [[(2.0, 1, 0, 0)]]  # the document seen first stays
+
+    counts = _TokenCounts(n_features=2)
+    counts.add(torch.tensor([0, 0, 1]), torch.tensor([7, 7, 9]))
+    counts.add(torch.tensor([0, 1, 1]), torch.tensor([8, 9, -1]))  # -1: no token there, not counted
+    assert counts.per_feature() == [{7: 2, 8: 1}, {9: 2}]
