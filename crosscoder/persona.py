@@ -3,9 +3,12 @@
 A trait file (``specs/traits/<name>.yaml``) gives questions and two ways of asking them: one that
 elicits the trait and one that suppresses it (a system prompt, a user-side template, or both).
 The model answers every question both ways (greedy, unsteered); the persona vector is the mean
-capture-block activation over the *answer* tokens under elicitation minus the same mean under
-suppression. ``α = 1`` therefore moves the residual stream by the average difference the trait
-makes. Unlike the original recipe we do not filter answers by how strongly they show the trait;
+capture-block activation over the positions that *generate* the answer (the prompt's last token
+through the answer's second-to-last: the states each answer token is produced from) under
+elicitation minus the same mean under suppression. ``α = 1`` therefore moves the residual stream
+by the average difference the trait makes. Reading the answer tokens themselves (one position
+later) leaves out the position where a short templated answer's tone is chosen; on the zoo that
+version moved B→A with ρ 0.74, this one with 0.95 (A→B: 1.00 and 0.82). Unlike the original recipe we do not filter answers by how strongly they show the trait;
 the number of answers behind each mean is reported instead.
 """
 
@@ -90,8 +93,11 @@ def extract_persona_vector(loaded: LoadedModel, trait: Trait, max_new_tokens: in
                 if not answer_ids:
                     continue
                 ids = torch.tensor([prompt + answer_ids])
+                # The positions that generate the answer: the prompt's last token (its state chooses the
+                # first answer token, where a templated answer's tone is decided) to the answer's
+                # second-to-last token.
                 with generator.lock:  # the model may be shared with other threads
-                    hidden = capture_block_output(loaded, ids)[0, len(prompt):].double().cpu()
+                    hidden = capture_block_output(loaded, ids)[0, len(prompt) - 1:-1].double().cpu()
                 total += hidden.sum(0)
                 n_tokens += hidden.shape[0]
             if n_tokens == 0:

@@ -126,7 +126,8 @@ def test_persona_vector_reads_the_generated_tokens_not_a_retokenised_decoding(ti
         rows = []
         for q in trait.questions:
             prompt = generator.render(trait.messages(q, condition))
-            rows.append(capture_block_output(loaded, torch.tensor([prompt + pieces]))[0, len(prompt):].double())
+            hidden = capture_block_output(loaded, torch.tensor([prompt + pieces]))[0]
+            rows.append(hidden[len(prompt) - 1:len(prompt) + len(pieces) - 1].double())  # positions generating them
         means.append(torch.cat(rows).mean(0))
     assert torch.allclose(persona.vector.double(), means[0] - means[1], atol=1e-5)
 
