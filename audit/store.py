@@ -134,12 +134,14 @@ class AuditStore:
                 con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
                 return
             con.execute("BEGIN TRANSACTION")
+            # Tables the file lacks first (early schema-1 files had no ``transfers``), at their current
+            # shape; the migrations then bring the older tables up to date.
+            for name, columns in TABLES.items():
+                con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[step]:
                     con.execute(statement)
                 con.execute("INSERT INTO schema_info VALUES (?)", [step])
-            for name, columns in TABLES.items():  # tables added since the file was made
-                con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
             con.execute("COMMIT")
 
     # ---- writing -----------------------------------------------------------------------------

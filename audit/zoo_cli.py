@@ -146,7 +146,7 @@ def discovery(
     from crosscoder.zoo.discovery import document_topics, seeds_table, summarise_seeds, zoo_discovery
 
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        seed_list = list(dict.fromkeys(int(s) for s in seeds.split(",") if s.strip()))
     except ValueError:
         errors.print(f"[red]--seeds[/red]: expected comma-separated integers, got {seeds!r}")
         raise typer.Exit(code=2) from None
@@ -165,12 +165,16 @@ def discovery(
     settings = harvest_settings(spec)
     folder = workspace / "discovery"
     store = harvest(settings, folder / f"harvest-{settings.input_hash()}", progress=True)
-    topics = document_topics(store)
+    try:
+        topics = document_topics(store)
+    except ValueError as exc:
+        errors.print(f"[red]discovery[/red]: {exc}")
+        raise typer.Exit(code=2) from None
     results = {}
     for seed in seed_list:
         crosscoder = spec.crosscoder.model_copy(update={"seed": seed})
-        key = hashlib.sha256(json.dumps([settings.input_hash(), crosscoder.model_dump(mode="json")],
-                                        sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([settings.input_hash(), crosscoder.model_dump(mode="json"),
+                                         spec.compute.train_dtype], sort_keys=True).encode()).hexdigest()[:16]
         model = train_crosscoder(crosscoder.to_config(store.d_a, store.d_b), store,
                                  checkpoint_dir=folder / f"train-{key}", progress=True,
                                  **crosscoder.train.train_kwargs(spec.compute))

@@ -127,10 +127,10 @@ class _TopContexts:
         self.where = torch.zeros((0, n_features, 3), dtype=torch.long)  # doc, own position, position in A
 
     def add(self, f: Tensor, doc: Tensor, own_pos: Tensor, pos_a: Tensor) -> None:
-        # Stable sorts: among equal activations (the same question in several documents) the earliest
-        # rows win, as they were seen first.
-        values, rows = torch.sort(f, dim=0, descending=True, stable=True)
-        values, rows = values[: self.k], rows[: self.k]  # [take, n_f]
+        # A batch's candidates by topk (a full sort of [batch, n_f] costs seconds per batch with
+        # thousands of features); the merge is a stable sort, so among equal activations (the same
+        # question in several documents) what an earlier batch kept stays.
+        values, rows = f.topk(min(self.k, f.shape[0]), dim=0)  # [take, n_f]
         values = values.masked_fill(values <= 0, -math.inf)  # only firings count
         where = torch.stack([doc[rows], own_pos.gather(0, rows), pos_a[rows]], dim=-1)
         values = torch.cat([self.values, values])
@@ -154,22 +154,33 @@ class _TopContexts:
 class _TokenCounts:
     """Firings per (feature slot, token id), accumulated with ``torch.unique`` per batch."""
 
-    def __init__(self, n_features: int):
+    def __init__(self, n_features: int, merge_every: int = 64):
         self.n_features = n_features
+        self.merge_every = merge_every
         self.keys = torch.zeros(0, dtype=torch.long)
         self.counts = torch.zeros(0, dtype=torch.long)
+        self.pending: list[tuple[Tensor, Tensor]] = []  # per batch, merged every ``merge_every`` batches
 
     def add(self, slots: Tensor, token_ids: Tensor) -> None:
         known = token_ids >= 0
         keys = token_ids[known].long() * self.n_features + slots[known].long()
         if keys.numel() == 0:
             return
-        new_keys, new_counts = torch.unique(keys, return_counts=True)
-        keys, counts = torch.cat([self.keys, new_keys]), torch.cat([self.counts, new_counts])
+        self.pending.append(torch.unique(keys, return_counts=True))
+        if len(self.pending) >= self.merge_every:
+            self.merge()
+
+    def merge(self) -> None:
+        if not self.pending:
+            return
+        keys = torch.cat([self.keys, *(k for k, _ in self.pending)])
+        counts = torch.cat([self.counts, *(c for _, c in self.pending)])
+        self.pending = []
         self.keys, inverse = torch.unique(keys, return_inverse=True)
         self.counts = torch.zeros_like(self.keys).scatter_add_(0, inverse, counts)
 
     def per_feature(self) -> list[dict[int, int]]:
+        self.merge()
         out: list[dict[int, int]] = [{} for _ in range(self.n_features)]
         for key, count in zip(self.keys.tolist(), self.counts.tolist(), strict=True):
             out[key % self.n_features][key // self.n_features] = count
@@ -186,9 +197,11 @@ def _row_tokens(store: ActivationStore, shard_index: int, doc: Tensor, pos_a: Te
         flat_b += record["ids_b"]
         starts_a.append(len(flat_a))
         starts_b.append(len(flat_b))
+    if not numbers:
+        return torch.full_like(doc, -1, dtype=torch.long), torch.full_like(doc, -1, dtype=torch.long)
     numbers_t = torch.tensor(numbers, dtype=torch.long)
     order = torch.argsort(numbers_t)
-    local = order[torch.searchsorted(numbers_t[order], doc.long()).clamp_max(max(len(numbers) - 1, 0))]
+    local = order[torch.searchsorted(numbers_t[order], doc.long()).clamp_max(len(numbers) - 1)]
 
     def lookup(flat: list[int], starts: list[int], pos: Tensor) -> Tensor:
         flat_t = torch.tensor(flat + [-1], dtype=torch.long)
@@ -198,8 +211,6 @@ def _row_tokens(store: ActivationStore, shard_index: int, doc: Tensor, pos_a: Te
         inside = (pos >= 0) & (at < end) & (numbers_t[local] == doc.long())
         return torch.where(inside, flat_t[at.clamp(0, len(flat))], torch.full_like(at, -1))
 
-    if not numbers:
-        return torch.full_like(doc, -1, dtype=torch.long), torch.full_like(doc, -1, dtype=torch.long)
     return lookup(flat_a, starts_a, pos_a), lookup(flat_b, starts_b, pos_b)
 
 

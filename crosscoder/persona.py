@@ -92,6 +92,9 @@ def extract_persona_vector(loaded: LoadedModel, trait: Trait, max_new_tokens: in
                 answer_ids = list(out.token_ids)
                 if not answer_ids:
                     continue
+                if not prompt:
+                    raise ValueError(f"trait {trait.name}: an empty rendered prompt has no position that "
+                                     "generates the answer")
                 ids = torch.tensor([prompt + answer_ids])
                 # The positions that generate the answer: the prompt's last token (its state chooses the
                 # first answer token, where a templated answer's tone is decided) to the answer's

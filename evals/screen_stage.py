@@ -34,6 +34,13 @@ def split_contexts(contexts: list[dict], n: int) -> tuple[list[dict], list[dict]
     the top one: scoring an explanation on the very examples it was written from would measure
     recall of those examples, not whether the explanation describes the feature.
     """
+    seen: set[str] = set()
+    unique = []  # the same question in several documents gives the same context: keep one
+    for c in contexts:
+        if unmark(c["text"]) not in seen:
+            seen.add(unmark(c["text"]))
+            unique.append(c)
+    contexts = unique
     n = min(n, len(contexts) // 2)
     if n <= 0:
         return list(contexts), []
@@ -89,8 +96,8 @@ def run_screen(features: list[dict], screen_spec, rubrics: list[str], log_dir: P
             outcomes[sample.metadata["feature"]][sample.metadata["activating"]].append(float(score.value))
         for row in rows:
             groups = outcomes.get(row["feature"])
-            if groups:
-                rates = [sum(v) / len(v) for v in groups.values() if v]
+            if groups and groups[True] and groups[False]:  # balanced accuracy needs both kinds
+                rates = [sum(v) / len(v) for v in groups.values()]
                 row["detection_score"] = sum(rates) / len(rates)
                 row["detector"] = det_label
     return rows

@@ -13,16 +13,18 @@ Each arm is swept over the α grid on the trait's evaluation prompts and graded 
 rubric (and coherence). A control arm is not one random direction but several (``draws``): one
 draw decides nothing, since in a small model a random push of that size has a sizeable chance of
 lining up with the trait by luck (on the zoo, single draws in two demo runs gave ρ −0.95 and +0.02).
-The control's curve pools the draws; each draw's own ρ and effect are kept too.
+Each draw's ρ and effect are kept, and the plotted curve pools the draws.
 
 The transfer *holds* when the transferred arm's dose-response has Spearman ρ ≥ ``HOLD_SPEARMAN``
-with the same sign as the source arm, and both pooled controls stay below ``CONTROL_SPEARMAN`` in
-absolute value.
+with the same sign as the source arm, and each control's median |ρ| over its draws stays at or
+below ``CONTROL_SPEARMAN`` (the pooled curve's ρ is not the test: draws that push the trait in
+opposite directions cancel in it).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 from inspect_ai import Task
@@ -120,10 +122,20 @@ def transfer_holds(arms: dict[str, dict]) -> bool:
         value = arms.get(arm, {}).get("spearman", float("nan"))
         return float("nan") if value is None else value
 
+    def control_rho(arm: str) -> float:
+        """A control's typical |ρ|: the median over its draws. Not the pooled curve's ρ: random directions
+        push the trait up as often as down, so pooling cancels them and more draws would pass more easily."""
+        draws = arms.get(arm, {}).get("draws") or []
+        values = [abs(d["spearman"]) for d in draws if d.get("spearman") is not None]
+        if not draws:
+            return abs(rho(arm))
+        values = [0.0 if math.isnan(v) else v for v in values]  # a constant curve did not move
+        return statistics.median(values) if values else float("nan")
+
     source, moved = rho("source"), rho("transferred")
-    controls = [rho("random_transferred"), rho("unrelated")]
+    controls = [control_rho("random_transferred"), control_rho("unrelated")]
     if any(math.isnan(v) for v in (source, moved)):
         return False
     # A constant control curve has no rank correlation (NaN): it did not move, which is what we want.
     return (abs(moved) >= HOLD_SPEARMAN and source * moved > 0
-            and all(math.isnan(c) or abs(c) <= CONTROL_SPEARMAN for c in controls))
+            and all(math.isnan(c) or c <= CONTROL_SPEARMAN for c in controls))

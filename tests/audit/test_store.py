@@ -65,6 +65,19 @@ def test_a_version_1_file_is_migrated_keeping_its_rows(tmp_path):
     AuditStore(path)  # opening a migrated file again changes nothing
 
 
+def test_an_early_version_1_file_without_a_transfers_table_is_migrated(tmp_path):
+    path = tmp_path / "early.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE schema_info (version INTEGER)")
+        con.execute("INSERT INTO schema_info VALUES (1)")
+        con.execute("CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, status VARCHAR)")
+        con.execute("INSERT INTO runs VALUES ('old', 'finished')")
+    db = AuditStore(path)
+    assert db.run("old")["status"] == "finished"
+    db.replace_rows("transfers", "new", [{"arm": "source", "draws": []}])
+    assert db.rows("transfers", "new")[0]["arm"] == "source"
+
+
 WRITER = """
 import sys
 from audit.store import AuditStore

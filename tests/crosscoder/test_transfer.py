@@ -132,6 +132,25 @@ def test_persona_vector_reads_the_generated_tokens_not_a_retokenised_decoding(ti
     assert torch.allclose(persona.vector.double(), means[0] - means[1], atol=1e-5)
 
 
+def test_a_transfer_holds_only_when_each_control_draw_typically_stays_flat():
+    from evals.transfer import transfer_holds
+
+    def arms(*control_draws):
+        out = {"source": {"spearman": 0.9}, "transferred": {"spearman": 0.85}}
+        for arm in ("random_transferred", "unrelated"):
+            out[arm] = {"spearman": float("nan"), "draws": [{"spearman": r} for r in control_draws]}
+        return out
+
+    # Two draws pushing opposite ways pool into a flat curve (NaN ρ); each draw still moved the trait.
+    assert not transfer_holds(arms(1.0, -1.0))
+    assert transfer_holds(arms(0.1, -0.2, 0.9))  # median |ρ| 0.2
+    assert transfer_holds(arms(float("nan"), 0.2, float("nan")))  # constant curves did not move
+    assert not transfer_holds({**arms(0.1), "transferred": {"spearman": -0.85}})  # against the source's sign
+    single = {"source": {"spearman": 0.9}, "transferred": {"spearman": 0.85},
+              "random_transferred": {"spearman": 0.2, "draws": []}, "unrelated": {"spearman": -0.5, "draws": []}}
+    assert not transfer_holds(single)  # one draw: its own ρ
+
+
 def test_shipped_traits_load_and_name_existing_rubrics():
     from crosscoder.persona import TRAIT_DIR
     from evals.rubrics import load_rubric

@@ -112,11 +112,16 @@ def test_detection_positives_are_held_out_from_the_explainer(tmp_path):
     assert [c["doc"] for c in held] == [1, 3] and [c["doc"] for c in shown] == [0, 2]
     assert split_contexts(contexts[:1], 5) == (contexts[:1], [])
     assert split_contexts(contexts, 0) == (contexts, [])
+    twice = [dict(c, doc=c["doc"] + 100) for c in contexts[:2]]  # the same passages in other documents
+    shown, held = split_contexts(contexts[:2] + twice, 5)
+    assert [c["doc"] for c in shown + held] == [0, 1]  # a duplicate is neither shown nor held out twice
 
     feature = dict(FEATURE, contexts=contexts, negative_contexts=[{"text": "The Lisk Tower is tall."}] * 5)
     spec = SimpleNamespace(explainer="offline", detector=None, detection_contexts=5)
     rows = run_screen([feature], spec, ["zoo_state_narrative"], tmp_path)
     assert rows[0]["parsed"] and rows[0]["detection_score"] is not None
+    lone = dict(feature, feature=8, contexts=contexts[:1])  # nothing to hold out: no score, not a one-sided one
+    assert run_screen([lone], spec, ["zoo_state_narrative"], tmp_path / "lone")[0]["detection_score"] is None
 
     logs = sorted(tmp_path.glob("*.eval"), key=lambda p: p.stat().st_mtime)
     screen_log, detection_log = (read_eval_log(str(p)) for p in logs)
