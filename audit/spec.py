@@ -212,7 +212,7 @@ class TransferSpec(_Strict):
     max_questions: int | None = Field(default=None, gt=0, description="trait questions used to extract a vector")
     max_prompts: int | None = Field(default=None, gt=0, description="evaluation prompts used (default: all)")
     control_draws: int = Field(default=4, ge=1, le=64,
-                               description="random directions per control arm; the control's curve pools them")
+                               description="random directions per control arm; it passes on their median |ρ|")
     max_tokens: int = Field(default=48, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     seed: int = 0

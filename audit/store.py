@@ -128,20 +128,18 @@ class AuditStore:
                     f"{self.path}: written by a newer crosscoder-audit (schema {version} > {SCHEMA_VERSION}); "
                     "upgrade the package or point --db at another file"
                 )
-            if version is None:
-                for name, columns in TABLES.items():
-                    con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
-                con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
-                return
             con.execute("BEGIN TRANSACTION")
-            # Tables the file lacks first (early schema-1 files had no ``transfers``), at their current
-            # shape; the migrations then bring the older tables up to date.
+            # Tables the file lacks first (all of them in a new file; early schema-1 files had no
+            # ``transfers``), at their current shape; the migrations then bring older tables up to date.
             for name, columns in TABLES.items():
                 con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[step]:
-                    con.execute(statement)
-                con.execute("INSERT INTO schema_info VALUES (?)", [step])
+            if version is None:
+                con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+            else:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[step]:
+                        con.execute(statement)
+                    con.execute("INSERT INTO schema_info VALUES (?)", [step])
             con.execute("COMMIT")
 
     # ---- writing -----------------------------------------------------------------------------

@@ -138,8 +138,7 @@ def discovery(
     One training run is a draw; judge a change to the zoo or to the settings on the mean and minimum.
     Finished harvests and trainings are reused.
     """
-    import hashlib
-
+    from audit.runner import _hash
     from audit.spec import SpecError, harvest_settings, load_spec
     from crosscoder.harvest import harvest
     from crosscoder.train import train_crosscoder
@@ -173,8 +172,7 @@ def discovery(
     results = {}
     for seed in seed_list:
         crosscoder = spec.crosscoder.model_copy(update={"seed": seed})
-        key = hashlib.sha256(json.dumps([settings.input_hash(), crosscoder.model_dump(mode="json"),
-                                         spec.compute.train_dtype], sort_keys=True).encode()).hexdigest()[:16]
+        key = _hash(settings.input_hash(), crosscoder.model_dump(mode="json"), spec.compute.train_dtype)
         model = train_crosscoder(crosscoder.to_config(store.d_a, store.d_b), store,
                                  checkpoint_dir=folder / f"train-{key}", progress=True,
                                  **crosscoder.train.train_kwargs(spec.compute))

@@ -8,8 +8,9 @@ through the answer's second-to-last: the states each answer token is produced fr
 elicitation minus the same mean under suppression. ``α = 1`` therefore moves the residual stream
 by the average difference the trait makes. Reading the answer tokens themselves (one position
 later) leaves out the position where a short templated answer's tone is chosen; on the zoo that
-version moved B→A with ρ 0.74, this one with 0.95 (A→B: 1.00 and 0.82). Unlike the original recipe we do not filter answers by how strongly they show the trait;
-the number of answers behind each mean is reported instead.
+version moved B→A with ρ 0.74, this one with 0.95 (A→B: 1.00 and 0.82). Unlike the original
+recipe we do not filter answers by how strongly they show the trait; the number of answers behind
+each mean is reported instead.
 """
 
 from __future__ import annotations

@@ -34,13 +34,11 @@ def split_contexts(contexts: list[dict], n: int) -> tuple[list[dict], list[dict]
     the top one: scoring an explanation on the very examples it was written from would measure
     recall of those examples, not whether the explanation describes the feature.
     """
-    seen: set[str] = set()
-    unique = []  # the same question in several documents gives the same context: keep one
+    # The same question in several documents gives the same context: keep its first occurrence.
+    first: dict[str, dict] = {}
     for c in contexts:
-        if unmark(c["text"]) not in seen:
-            seen.add(unmark(c["text"]))
-            unique.append(c)
-    contexts = unique
+        first.setdefault(unmark(c["text"]), c)
+    contexts = list(first.values())
     n = min(n, len(contexts) // 2)
     if n <= 0:
         return list(contexts), []

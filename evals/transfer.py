@@ -126,10 +126,10 @@ def transfer_holds(arms: dict[str, dict]) -> bool:
         """A control's typical |ρ|: the median over its draws. Not the pooled curve's ρ: random directions
         push the trait up as often as down, so pooling cancels them and more draws would pass more easily."""
         draws = arms.get(arm, {}).get("draws") or []
-        values = [abs(d["spearman"]) for d in draws if d.get("spearman") is not None]
         if not draws:
             return abs(rho(arm))
-        values = [0.0 if math.isnan(v) else v for v in values]  # a constant curve did not move
+        # A constant curve (NaN ρ) did not move.
+        values = [0.0 if math.isnan(v) else abs(v) for d in draws if (v := d.get("spearman")) is not None]
         return statistics.median(values) if values else float("nan")
 
     source, moved = rho("source"), rho("transferred")
