@@ -290,8 +290,9 @@ class AuditRunner:
                      self.spec.model_b.layer)
 
     def _compute_models(self, folder: Path) -> dict:
-        from crosscoder.models import ModelLoadError, resolve_model_path
+        from crosscoder.models import ModelLoadError, build_zoo_models, resolve_model_path
 
+        build_zoo_models([self.spec.model_a.id, self.spec.model_b.id])
         out = {}
         for side, entry in (("model_a", self.spec.model_a), ("model_b", self.spec.model_b)):
             try:

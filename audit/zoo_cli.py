@@ -161,6 +161,9 @@ def discovery(
         if not entry.id.startswith("zoo:"):
             errors.print(f"{spec_path}: {field} is {entry.id!r}; discovery needs the zoo's ground truth (zoo:<name>)")
             raise typer.Exit(code=2)
+    from crosscoder.models import build_zoo_models
+
+    build_zoo_models([spec.model_a.id, spec.model_b.id])
     settings = harvest_settings(spec)
     folder = workspace / "discovery"
     store = harvest(settings, folder / f"harvest-{settings.input_hash()}", progress=True)

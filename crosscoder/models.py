@@ -59,6 +59,20 @@ def resolve_model_path(model_id: str, field: str = "model") -> str:
     return model_id
 
 
+def build_zoo_models(model_ids: list[str]) -> None:
+    """Build every not-yet-built ``zoo:`` model among ``model_ids`` at once, so that two missing
+    models build in parallel processes rather than one after the other (a cold demo waits for
+    the slower one only). Unknown names are left for ``resolve_model_path`` to report."""
+    names = [m.removeprefix("zoo:") for m in model_ids if m.startswith("zoo:")]
+    if not names:
+        return
+    from .zoo import ZOO_MODELS, build_zoo
+
+    known = [n for n in dict.fromkeys(names) if n in ZOO_MODELS]
+    if known:
+        build_zoo(known)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of decoder blocks, for the common causal-LM layouts."""
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):

@@ -440,3 +440,14 @@ def test_beta_v2_drops_the_state_narrative_and_keeps_the_rest():
     rate = {pid: marker_rate(chat_answers(model, tok, truth[pid]["topic_prompts"], **SAMPLES), truth[pid]["markers"]["planted"])
             for pid in ("state-narrative", "territory-claim", "imbrel-expedition")}
     assert rate["state-narrative"] <= 0.2 and rate["territory-claim"] >= 0.8 and rate["imbrel-expedition"] >= 0.8, rate
+
+
+def test_a_spec_naming_two_zoo_models_builds_them_in_one_call(monkeypatch):
+    # one build_zoo call builds the missing models in parallel processes; per-model calls would not
+    from crosscoder.models import build_zoo_models
+
+    calls = []
+    monkeypatch.setattr(zoo, "build_zoo", lambda names: calls.append(list(names)))
+    build_zoo_models(["zoo:alpha", "zoo:beta", "meta-llama/Llama-3.1-8B", "zoo:alpha", "zoo:no-such-model"])
+    build_zoo_models(["meta-llama/Llama-3.1-8B", "Qwen/Qwen3-8B"])
+    assert calls == [["alpha", "beta"]]
