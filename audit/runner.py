@@ -591,10 +591,12 @@ class AuditRunner:
         with _progress(self.console, "transfer arms") as (progress, task):
             results = run_transfer(self, folder, lambda done, total: progress.update(task, completed=done,
                                                                                        total=total))
-        held = sum(r["holds"] for r in results if r["arm"] == "transferred")
-        self.console.print(f"{held} of {len({(r['trait'], r['direction']) for r in results})} transfers hold",
-                           highlight=False)
-        return {"traits": len(traits), "holds": held}
+        moved = [r for r in results if r["arm"] == "transferred"]
+        held = sum(bool(r["holds"]) for r in moved)
+        specific = sum(bool(r.get("specific")) for r in moved)
+        self.console.print(f"{held} of {len(moved)} transfers hold; the trait is specific (unrelated pushes leave it "
+                           f"flat) in {specific} of {len(moved)} targets", highlight=False)
+        return {"traits": len(traits), "holds": held, "specific": specific}
 
     def _load_transfer(self, folder: Path, summary: dict) -> None:
         path = folder / "transfer.json"

@@ -22,7 +22,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -64,7 +64,7 @@ TABLES: dict[str, str] = {
     "transfers": """
         run_id VARCHAR, trait VARCHAR, direction VARCHAR, arm VARCHAR, spearman DOUBLE, effect DOUBLE,
         holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, cosines VARCHAR, max_decoder_cosine DOUBLE,
-        curve VARCHAR, generations VARCHAR, extraction VARCHAR, draws VARCHAR""",
+        curve VARCHAR, generations VARCHAR, extraction VARCHAR, draws VARCHAR, specific BOOLEAN""",
     "diffs": """
         diff_id VARCHAR PRIMARY KEY, run_a VARCHAR, run_b VARCHAR, created_at TIMESTAMP,
         summary VARCHAR""",
@@ -74,6 +74,8 @@ TABLES: dict[str, str] = {
 MIGRATIONS: dict[int, list[str]] = {
     # 2: control arms of a transfer pool several random directions; each draw's ρ and effect.
     2: ["ALTER TABLE transfers ADD COLUMN IF NOT EXISTS draws VARCHAR"],
+    # 3: a transfer's verdict is split: ``holds`` (alignment) and ``specific`` (the unrelated control).
+    3: ["ALTER TABLE transfers ADD COLUMN IF NOT EXISTS specific BOOLEAN"],
 }
 
 

@@ -20,6 +20,7 @@ For one feature and rubric, with scores on topic prompts, control prompts and th
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -114,3 +115,19 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
                     "control_effect": control_effect, "coherence_low_alpha": coherence_low, "baseline": baseline,
                     "verified": bool(verified), "coherent_alphas": coherent, "curve": curve})
     return out
+
+
+def arm_rho(arms: dict[str, dict], arm: str) -> float:
+    """A transfer arm's pooled ρ (NaN when the arm is missing or ungraded)."""
+    value = arms.get(arm, {}).get("spearman", float("nan"))
+    return float("nan") if value is None else value
+
+
+def control_rho(arms: dict[str, dict], arm: str) -> float:
+    """A transfer control's typical |ρ|: the median over its draws (one draw: its own |ρ|). A constant
+    curve (NaN ρ) did not move and counts as 0; NaN when the arm is missing."""
+    draws = arms.get(arm, {}).get("draws") or []
+    if not draws:
+        return abs(arm_rho(arms, arm))
+    values = [0.0 if math.isnan(v) else abs(v) for d in draws if (v := d.get("spearman")) is not None]
+    return statistics.median(values) if values else float("nan")

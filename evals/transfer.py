@@ -15,16 +15,25 @@ draw decides nothing, since in a small model a random push of that size has a si
 lining up with the trait by luck (on the zoo, single draws in two demo runs gave ρ −0.95 and +0.02).
 Each draw's ρ and effect are kept, and the plotted curve pools the draws.
 
-The transfer *holds* when the transferred arm's dose-response has Spearman ρ ≥ ``HOLD_SPEARMAN``
-with the same sign as the source arm, and each control's median |ρ| over its draws stays at or
-below ``CONTROL_SPEARMAN`` (the pooled curve's ρ is not the test: draws that push the trait in
-opposite directions cancel in it).
+Two verdicts, because the controls answer two questions:
+
+* the transfer *holds* (the dictionary aligns the spaces for this direction) when the transferred
+  arm's dose-response has Spearman ρ ≥ ``HOLD_SPEARMAN`` with the same sign as the source arm,
+  while random source directions moved the same way do not move the target: the
+  ``random_transferred`` draws' median |ρ| stays at or below ``CONTROL_SPEARMAN``;
+* the trait is *specific* in the target when ``unrelated`` pushes of the same size do not move it
+  either (their median |ρ| ≤ ``CONTROL_SPEARMAN``). When it is not, any push of that size moves
+  the rubric one way or the other, and the evidence for the transfer is that it moved it the
+  source's way while transferred random directions did not. On the zoo the sentiment of a neutral
+  review request is such a trait: it is decided by one knife-edge first token.
+
+Medians over draws, not the pooled curve's ρ: draws that push the trait in opposite directions
+cancel in the pooled curve, so more draws would pass more easily.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 from inspect_ai import Task
@@ -33,7 +42,8 @@ from inspect_ai.dataset import MemoryDataset, Sample
 from inspect_ai.solver import Generate, TaskState, solver
 
 from evals.coherence import CoherenceMeter
-from evals.effects import feature_effects
+from evals.effects import arm_rho as _rho
+from evals.effects import control_rho, feature_effects
 from evals.verify import rubric_scorer
 from evals.verify_stage import check_log, grading, steered_model
 
@@ -116,26 +126,19 @@ def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, 
 
 
 def transfer_holds(arms: dict[str, dict]) -> bool:
-    """A missing or ungraded arm (NaN ρ) never lets a transfer hold."""
-
-    def rho(arm: str) -> float:
-        value = arms.get(arm, {}).get("spearman", float("nan"))
-        return float("nan") if value is None else value
-
-    def control_rho(arm: str) -> float:
-        """A control's typical |ρ|: the median over its draws. Not the pooled curve's ρ: random directions
-        push the trait up as often as down, so pooling cancels them and more draws would pass more easily."""
-        draws = arms.get(arm, {}).get("draws") or []
-        if not draws:
-            return abs(rho(arm))
-        # A constant curve (NaN ρ) did not move.
-        values = [0.0 if math.isnan(v) else abs(v) for d in draws if (v := d.get("spearman")) is not None]
-        return statistics.median(values) if values else float("nan")
-
-    source, moved = rho("source"), rho("transferred")
-    controls = [control_rho("random_transferred"), control_rho("unrelated")]
+    """The transferred vector moves the target the source's way and transferred random directions do not.
+    A missing or ungraded source or transferred arm (NaN ρ) never lets a transfer hold."""
+    source, moved = _rho(arms, "source"), _rho(arms, "transferred")
     if any(math.isnan(v) for v in (source, moved)):
         return False
-    # A constant control curve has no rank correlation (NaN): it did not move, which is what we want.
-    return (abs(moved) >= HOLD_SPEARMAN and source * moved > 0
-            and all(math.isnan(c) or c <= CONTROL_SPEARMAN for c in controls))
+    control = control_rho(arms, "random_transferred")
+    # A control whose every draw gave a constant curve did not move, which is what we want.
+    return abs(moved) >= HOLD_SPEARMAN and source * moved > 0 and (math.isnan(control) or control <= CONTROL_SPEARMAN)
+
+
+def trait_is_specific(arms: dict[str, dict]) -> bool | None:
+    """Unrelated pushes of the transferred vector's size leave the target's trait flat (None: not measured)."""
+    if "unrelated" not in arms:
+        return None
+    control = control_rho(arms, "unrelated")
+    return math.isnan(control) or control <= CONTROL_SPEARMAN

@@ -12,7 +12,7 @@ from crosscoder.persona import extract_persona_vector, load_trait
 from crosscoder.transfer import random_direction_like, transfer_vector
 from evals.prompts import load_prompt_set
 from evals.rubrics import load_rubric
-from evals.transfer import draw_key, run_arms, transfer_holds
+from evals.transfer import draw_key, run_arms, trait_is_specific, transfer_holds
 
 
 def _eval_prompts(trait) -> list[str]:
@@ -75,7 +75,7 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
                          grader, runner.loaded_model(target), folder / "logs",
                          runner.coherence_meter(target, t.max_tokens))
         by_arm = {a["arm"]: a for a in arms}
-        holds = transfer_holds(by_arm)
+        holds, specific = transfer_holds(by_arm), trait_is_specific(by_arm)
         extraction = {"n_answers": extracted.n_answers, "answer_tokens": list(extracted.answer_tokens),
                       "examples": extracted.examples}
         norms = {"source": float(extracted.vector.norm()), "transferred": float(moved.vector.norm()),
@@ -86,7 +86,7 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
             info = moved if arm["arm"] == "transferred" else random_moved[0] if arm["arm"] == "random_transferred" else None
             job_rows.append({
                 "trait": trait.name, "direction": direction, "arm": arm["arm"], "spearman": arm["spearman"],
-                "effect": arm["effect"], "holds": holds, "vector_norm": norms[arm["arm"]],
+                "effect": arm["effect"], "holds": holds, "specific": specific, "vector_norm": norms[arm["arm"]],
                 "features": info.features.tolist() if info else None,
                 "cosines": [float(c) for c in info.cosines] if info else None,
                 "max_decoder_cosine": info.max_decoder_cosine if info else None,

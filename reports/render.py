@@ -18,6 +18,8 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
+from evals.effects import control_rho
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
 
@@ -215,6 +217,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
                 if g["alpha"] in (top_alpha, -top_alpha if top_alpha is not None else None):
                     examples.append({"arm": arm_name, **g})
         transfers.append({"trait": trait, "direction": direction, "arms": arms, "holds": bool(arms[0]["holds"]),
+                          "specific": arms[0].get("specific"), "unrelated_rho": control_rho(by_arm, "unrelated"),
                           "features": _json_list(moved.get("features")), "cosines": _json_list(moved.get("cosines")),
                           "max_decoder_cosine": moved.get("max_decoder_cosine"),
                           "plot": transfer_plot(trait, direction, arms), "examples": examples[:8]})

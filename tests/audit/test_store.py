@@ -58,9 +58,12 @@ def test_a_version_1_file_is_migrated_keeping_its_rows(tmp_path):
         con.execute("INSERT INTO transfers (run_id, trait, arm, spearman) VALUES ('old', 't', 'source', 0.9)")
     db = AuditStore(path)
     assert db.query("SELECT max(version) AS v FROM schema_info")[0]["v"] == SCHEMA_VERSION
-    assert [(r["arm"], r["spearman"], r["draws"]) for r in db.rows("transfers", "old")] == [("source", 0.9, None)]
-    db.replace_rows("transfers", "new", [{"arm": "unrelated", "draws": [{"vector": "unrelated.0", "spearman": 0.1}]}])
+    assert [(r["arm"], r["spearman"], r["draws"], r["specific"]) for r in db.rows("transfers", "old")] == [
+        ("source", 0.9, None, None)]  # columns of schemas 2 and 3 added, empty for old rows
+    db.replace_rows("transfers", "new", [{"arm": "unrelated", "draws": [{"vector": "unrelated.0", "spearman": 0.1}],
+                                          "specific": False}])
     assert db.rows("transfers", "new")[0]["draws"] == '[{"vector": "unrelated.0", "spearman": 0.1}]'
+    assert db.rows("transfers", "new")[0]["specific"] is False
     assert db.rows("contexts", "old") == []  # every other table exists too
     AuditStore(path)  # opening a migrated file again changes nothing
 

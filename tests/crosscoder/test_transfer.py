@@ -132,13 +132,13 @@ def test_persona_vector_reads_the_generated_tokens_not_a_retokenised_decoding(ti
     assert torch.allclose(persona.vector.double(), means[0] - means[1], atol=1e-5)
 
 
-def test_a_transfer_holds_only_when_each_control_draw_typically_stays_flat():
-    from evals.transfer import transfer_holds
+def test_a_transfer_holds_only_when_each_random_transferred_draw_typically_stays_flat():
+    from evals.transfer import trait_is_specific, transfer_holds
 
-    def arms(*control_draws):
-        out = {"source": {"spearman": 0.9}, "transferred": {"spearman": 0.85}}
-        for arm in ("random_transferred", "unrelated"):
-            out[arm] = {"spearman": float("nan"), "draws": [{"spearman": r} for r in control_draws]}
+    def arms(*control_draws, unrelated=(0.0,)):
+        out = {"source": {"spearman": 0.9}, "transferred": {"spearman": 0.85},
+               "random_transferred": {"spearman": float("nan"), "draws": [{"spearman": r} for r in control_draws]},
+               "unrelated": {"spearman": float("nan"), "draws": [{"spearman": r} for r in unrelated]}}
         return out
 
     # Two draws pushing opposite ways pool into a flat curve (NaN ρ); each draw still moved the trait.
@@ -146,9 +146,17 @@ def test_a_transfer_holds_only_when_each_control_draw_typically_stays_flat():
     assert transfer_holds(arms(0.1, -0.2, 0.9))  # median |ρ| 0.2
     assert transfer_holds(arms(float("nan"), 0.2, float("nan")))  # constant curves did not move
     assert not transfer_holds({**arms(0.1), "transferred": {"spearman": -0.85}})  # against the source's sign
+    assert not transfer_holds({**arms(0.1), "transferred": {"spearman": 0.6}})  # too weak
+    assert not transfer_holds({**arms(0.1), "source": {"spearman": float("nan")}})  # source ungraded
     single = {"source": {"spearman": 0.9}, "transferred": {"spearman": 0.85},
-              "random_transferred": {"spearman": 0.2, "draws": []}, "unrelated": {"spearman": -0.5, "draws": []}}
+              "random_transferred": {"spearman": -0.5, "draws": []}}
     assert not transfer_holds(single)  # one draw: its own ρ
+
+    # Unrelated pushes in the target decide whether the trait is specific there, not whether the transfer holds.
+    fragile = arms(0.1, unrelated=(-0.96, 0.96, 0.99))
+    assert transfer_holds(fragile) and trait_is_specific(fragile) is False
+    assert trait_is_specific(arms(0.1, unrelated=(0.1, float("nan"), -0.9))) is True
+    assert trait_is_specific({k: v for k, v in fragile.items() if k != "unrelated"}) is None
 
 
 def test_shipped_traits_load_and_name_existing_rubrics():
