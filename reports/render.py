@@ -207,7 +207,9 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     for row in db.rows("transfers", run_id, order="trait, direction, arm"):
         grouped.setdefault((row["trait"], row["direction"]), []).append(row)
     for (trait, direction), arms in grouped.items():
-        arms = [{**a, "draws": _json_list(a.get("draws"))} for a in arms]
+        # the two steered arms first, then their controls (the store returns arms alphabetically)
+        order = {"source": 0, "transferred": 1, "random_transferred": 2, "unrelated": 3}
+        arms = sorted(({**a, "draws": _json_list(a.get("draws"))} for a in arms), key=lambda a: order.get(a["arm"], 9))
         by_arm = {a["arm"]: a for a in arms}
         moved = by_arm.get("transferred", {})
         examples = []

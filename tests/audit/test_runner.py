@@ -93,6 +93,8 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     assert "Transfer of directions" in html
     assert ("trait specific" in html) == by_arm["transferred"]["specific"]
     assert ("trait not specific" in html) == (not by_arm["transferred"]["specific"])
+    rows = [html.index(f"<td>{arm}</td>") for arm in ("source", "transferred", "random transferred", "unrelated")]
+    assert rows == sorted(rows)  # steered arms first, then their controls
     assert "tiny-demo" in html or "zoo:alpha" in html
     assert (result.run_dir / "report.md").is_file() and (result.run_dir / "stages.json").is_file()
     logs = list((runner.artefacts["verify"] / "logs").glob("*.eval"))
