@@ -59,8 +59,8 @@ STAGE_CODE = {  # the source files whose change should rerun a stage (its own lo
     "verify": ("evals/verify.py", "evals/verify_stage.py", "evals/effects.py", "evals/coherence.py",
                "evals/offline_grader.py", "evals/provider.py", "crosscoder/steering.py"),
     "transfer": ("evals/transfer.py", "evals/transfer_stage.py", "crosscoder/transfer.py", "crosscoder/persona.py",
-                 "evals/verify.py", "evals/coherence.py", "evals/offline_grader.py", "evals/provider.py",
-                 "crosscoder/steering.py"),
+                 "evals/verify.py", "evals/verify_stage.py", "evals/effects.py", "evals/coherence.py",
+                 "evals/offline_grader.py", "evals/provider.py", "crosscoder/steering.py"),
 }
 
 

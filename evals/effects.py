@@ -117,6 +117,12 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
     return out
 
 
+# ---- transfer verdicts (evals/transfer.py runs the arms; the report recomputes these from stored rows)
+
+HOLD_SPEARMAN = 0.8
+CONTROL_SPEARMAN = 0.3
+
+
 def arm_rho(arms: dict[str, dict], arm: str) -> float:
     """A transfer arm's pooled ρ (NaN when the arm is missing or ungraded)."""
     value = arms.get(arm, {}).get("spearman", float("nan"))
@@ -124,10 +130,37 @@ def arm_rho(arms: dict[str, dict], arm: str) -> float:
 
 
 def control_rho(arms: dict[str, dict], arm: str) -> float:
-    """A transfer control's typical |ρ|: the median over its draws (one draw: its own |ρ|). A constant
-    curve (NaN ρ) did not move and counts as 0; NaN when the arm is missing."""
+    """A transfer control's typical |ρ|: the median over its measured draws (one draw: its own |ρ|).
+
+    A draw whose curve stayed constant over at least ``MIN_COHERENT_POINTS`` coherent α values did
+    not move (|ρ| = 0); a draw with fewer coherent points measured nothing and is left out (draws
+    stored before the count was kept are taken as measured). NaN when nothing was measured.
+    """
     draws = arms.get(arm, {}).get("draws") or []
     if not draws:
         return abs(arm_rho(arms, arm))
-    values = [0.0 if math.isnan(v) else abs(v) for d in draws if (v := d.get("spearman")) is not None]
+    values = []
+    for d in draws:
+        rho = d.get("spearman")
+        if rho is None or d.get("coherent", MIN_COHERENT_POINTS) < MIN_COHERENT_POINTS:
+            continue
+        values.append(0.0 if math.isnan(rho) else abs(rho))
     return statistics.median(values) if values else float("nan")
+
+
+def transfer_holds(arms: dict[str, dict]) -> bool:
+    """The transferred vector moves the target the source's way (|ρ| ≥ ``HOLD_SPEARMAN``, same sign)
+    and random source directions transferred the same way do not (median |ρ| ≤ ``CONTROL_SPEARMAN``).
+    A missing or unmeasured arm (NaN) never lets a transfer hold."""
+    source, moved = arm_rho(arms, "source"), arm_rho(arms, "transferred")
+    control = control_rho(arms, "random_transferred")
+    if any(math.isnan(v) for v in (source, moved, control)):
+        return False
+    return abs(moved) >= HOLD_SPEARMAN and source * moved > 0 and control <= CONTROL_SPEARMAN
+
+
+def trait_is_specific(arms: dict[str, dict]) -> bool | None:
+    """Unrelated pushes of the transferred vector's size leave the target's trait flat (median |ρ| ≤
+    ``CONTROL_SPEARMAN``); None when the arm is missing or none of its draws was measured."""
+    control = control_rho(arms, "unrelated")
+    return None if math.isnan(control) else control <= CONTROL_SPEARMAN

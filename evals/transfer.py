@@ -18,7 +18,7 @@ Each draw's ρ and effect are kept, and the plotted curve pools the draws.
 Two verdicts, because the controls answer two questions:
 
 * the transfer *holds* (the dictionary aligns the spaces for this direction) when the transferred
-  arm's dose-response has Spearman ρ ≥ ``HOLD_SPEARMAN`` with the same sign as the source arm,
+  arm's dose-response has Spearman |ρ| ≥ ``HOLD_SPEARMAN`` with the same sign as the source arm,
   while random source directions moved the same way do not move the target: the
   ``random_transferred`` draws' median |ρ| stays at or below ``CONTROL_SPEARMAN``;
 * the trait is *specific* in the target when ``unrelated`` pushes of the same size do not move it
@@ -33,7 +33,6 @@ cancel in the pooled curve, so more draws would pass more easily.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from inspect_ai import Task
@@ -42,13 +41,16 @@ from inspect_ai.dataset import MemoryDataset, Sample
 from inspect_ai.solver import Generate, TaskState, solver
 
 from evals.coherence import CoherenceMeter
-from evals.effects import arm_rho as _rho
-from evals.effects import control_rho, feature_effects
+from evals.effects import (  # noqa: F401  (the verdicts are part of this module's interface)
+    CONTROL_SPEARMAN,
+    HOLD_SPEARMAN,
+    feature_effects,
+    trait_is_specific,
+    transfer_holds,
+)
 from evals.verify import rubric_scorer
 from evals.verify_stage import check_log, grading, steered_model
 
-HOLD_SPEARMAN = 0.8
-CONTROL_SPEARMAN = 0.3
 ARMS = ("source", "transferred", "random_transferred", "unrelated")
 
 
@@ -117,28 +119,10 @@ def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, 
     for arm, vectors in arms.items():
         pooled = effects.get(arm, {})
         draws = [{"vector": v, "spearman": vector_effects.get(vector_ids[v], {}).get("spearman", float("nan")),
-                  "effect": vector_effects.get(vector_ids[v], {}).get("effect", float("nan"))} for v in vectors]
+                  "effect": vector_effects.get(vector_ids[v], {}).get("effect", float("nan")),
+                  "coherent": len(vector_effects.get(vector_ids[v], {}).get("coherent_alphas", []))} for v in vectors]
         out.append({"arm": arm, "spearman": pooled.get("spearman", float("nan")),
                     "effect": pooled.get("effect", float("nan")), "curve": pooled.get("curve", []),
                     "draws": draws if len(vectors) > 1 else [], "generations": generations[arm],
                     "eval_log": log.location})
     return out
-
-
-def transfer_holds(arms: dict[str, dict]) -> bool:
-    """The transferred vector moves the target the source's way and transferred random directions do not.
-    A missing or ungraded source or transferred arm (NaN ρ) never lets a transfer hold."""
-    source, moved = _rho(arms, "source"), _rho(arms, "transferred")
-    if any(math.isnan(v) for v in (source, moved)):
-        return False
-    control = control_rho(arms, "random_transferred")
-    # A control whose every draw gave a constant curve did not move, which is what we want.
-    return abs(moved) >= HOLD_SPEARMAN and source * moved > 0 and (math.isnan(control) or control <= CONTROL_SPEARMAN)
-
-
-def trait_is_specific(arms: dict[str, dict]) -> bool | None:
-    """Unrelated pushes of the transferred vector's size leave the target's trait flat (None: not measured)."""
-    if "unrelated" not in arms:
-        return None
-    control = control_rho(arms, "unrelated")
-    return math.isnan(control) or control <= CONTROL_SPEARMAN

@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
-from evals.effects import control_rho
+from evals.effects import control_rho, trait_is_specific, transfer_holds
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
@@ -218,8 +218,10 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
             for g in _json_list(by_arm.get(arm_name, {}).get("generations"))[:200]:
                 if g["alpha"] in (top_alpha, -top_alpha if top_alpha is not None else None):
                     examples.append({"arm": arm_name, **g})
-        transfers.append({"trait": trait, "direction": direction, "arms": arms, "holds": bool(arms[0]["holds"]),
-                          "specific": arms[0].get("specific"), "unrelated_rho": control_rho(by_arm, "unrelated"),
+        # Verdicts from the stored ρ values with today's rules: rows of an older version may have stored
+        # ``holds`` under another rule (before schema 3 it also required the unrelated control).
+        transfers.append({"trait": trait, "direction": direction, "arms": arms, "holds": transfer_holds(by_arm),
+                          "specific": trait_is_specific(by_arm), "unrelated_rho": control_rho(by_arm, "unrelated"),
                           "features": _json_list(moved.get("features")), "cosines": _json_list(moved.get("cosines")),
                           "max_decoder_cosine": moved.get("max_decoder_cosine"),
                           "plot": transfer_plot(trait, direction, arms), "examples": examples[:8]})

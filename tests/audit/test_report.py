@@ -68,3 +68,26 @@ def test_highlight_marks_only_after_escaping():
 def test_whitespace_tokens_are_marked_visibly():
     assert str(highlight("assistant<<\n>>")) == "assistant<mark>⏎</mark>\n"
     assert str(highlight("a<< >>b")) == "a<mark>␣</mark>b"
+
+
+def test_transfer_verdicts_are_recomputed_from_the_stored_arms(tmp_path):
+    # Rows of an older version stored ``holds`` under the old rule and no ``specific``: the report
+    # applies today's rules to the stored ρ values, whatever the rows say.
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+
+    def arm(name, rho, draws=(), coherent=5):
+        return {"trait": "zoo_sentiment", "direction": "a_to_b", "arm": name, "spearman": rho, "effect": 1.0,
+                "holds": False, "specific": None, "vector_norm": 1.0, "curve": [], "generations": [],
+                "draws": [{"vector": f"{name}.{i}", "spearman": r, "coherent": coherent} for i, r in enumerate(draws)]}
+
+    def badges(unrelated_draws, coherent=5):
+        db.replace_rows("transfers", "r1", [arm("source", 0.9), arm("transferred", 0.85),
+                                            arm("random_transferred", 0.0, (0.1, -0.2, 0.9)),
+                                            arm("unrelated", 0.0, unrelated_draws, coherent)])
+        html = render_run(db, "r1", tmp_path / "out")[0].read_text()
+        return ("transfer holds" in html, "trait specific" in html, "trait not specific" in html)
+
+    assert badges((-0.96, 0.96, 0.99)) == (True, False, True)  # holds, but any push moves the trait
+    assert badges((0.1, float("nan"), 0.2)) == (True, True, False)
+    assert badges((0.9, 0.9, 0.9), coherent=2) == (True, False, False)  # nothing measured: no badge

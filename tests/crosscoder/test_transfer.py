@@ -157,6 +157,12 @@ def test_a_transfer_holds_only_when_each_random_transferred_draw_typically_stays
     assert transfer_holds(fragile) and trait_is_specific(fragile) is False
     assert trait_is_specific(arms(0.1, unrelated=(0.1, float("nan"), -0.9))) is True
     assert trait_is_specific({k: v for k, v in fragile.items() if k != "unrelated"}) is None
+    # A draw with fewer than three coherent α values measured nothing: it is left out, not taken as flat.
+    broken = [{"spearman": float("nan"), "coherent": 2}] * 3
+    assert not transfer_holds({**arms(0.1), "random_transferred": {"spearman": float("nan"), "draws": broken}})
+    assert trait_is_specific({**arms(0.1), "unrelated": {"spearman": float("nan"), "draws": broken}}) is None
+    flat = [{"spearman": float("nan"), "coherent": 5}] * 3
+    assert trait_is_specific({**arms(0.1), "unrelated": {"spearman": float("nan"), "draws": flat}}) is True
 
 
 def test_shipped_traits_load_and_name_existing_rubrics():
