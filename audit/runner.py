@@ -290,9 +290,9 @@ class AuditRunner:
                      self.spec.model_b.layer)
 
     def _compute_models(self, folder: Path) -> dict:
-        from crosscoder.models import ModelLoadError, build_zoo_models, resolve_model_path
+        from crosscoder.models import ModelLoadError, resolve_model_path
 
-        build_zoo_models([self.spec.model_a.id, self.spec.model_b.id])
+        self._build_zoo_models()
         out = {}
         for side, entry in (("model_a", self.spec.model_a), ("model_b", self.spec.model_b)):
             try:
@@ -316,12 +316,21 @@ class AuditRunner:
     def _hash_harvest(self) -> str:
         return self._harvest_settings().input_hash()
 
+    def _build_zoo_models(self) -> None:
+        """Build the spec's missing zoo models together (in parallel) before anything loads one of them.
+        The models stage does it, and so do the stages that load models, since a run with --only or
+        --from skips the models stage and the zoo cache may have been cleared since it ran."""
+        from crosscoder.models import build_zoo_models
+
+        build_zoo_models([self.spec.model_a.id, self.spec.model_b.id])
+
     def _compute_harvest(self, folder: Path) -> dict:
         from crosscoder.data import DataSourceError
         from crosscoder.harvest import harvest
         from crosscoder.models import ModelLoadError
         from crosscoder.store import StoreError
 
+        self._build_zoo_models()
         try:
             if self.nproc > 1:
                 self._launch("harvest")  # the ranks write the store; the call below then just opens it
@@ -442,6 +451,7 @@ class AuditRunner:
             from crosscoder.models import load_model
 
             entry = self.spec.model_a if side == "a" else self.spec.model_b
+            self._build_zoo_models()
             self._loaded_models[side] = load_model(entry.id, entry.layer, entry.revision, self.spec.compute.model_dtype,
                                                    self.device, entry.trust_remote_code, field=f"model_{side}",
                                                    chat_template=entry.chat_template,

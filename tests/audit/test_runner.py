@@ -217,3 +217,16 @@ def test_harvest_and_train_on_two_processes(first_run, tmp_path):
         AuditRunner(load_spec(spec_path), spec_path, workspace=workspace, nproc=2, device="cuda:1")
     metrics = json.loads((runner.artefacts["train"] / "metrics.json").read_text())
     assert 0 < metrics["fve_a"] <= 1 and 0 < metrics["fve_b"] <= 1
+
+
+def test_loading_a_model_builds_the_specs_missing_zoo_models_together_first(tmp_path, monkeypatch):
+    # a run with --only/--from skips the models stage: the stages that load a model build the zoo first
+    import crosscoder.models as models
+
+    calls = []
+    monkeypatch.setattr(models, "build_zoo_models", lambda ids: calls.append(list(ids)))
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: ("loaded", args[0]))
+    spec_path = write_spec(tmp_path)
+    runner = AuditRunner(load_spec(spec_path), spec_path, workspace=tmp_path / "ws")
+    assert runner.loaded_model("b") == ("loaded", "zoo:beta")
+    assert calls == [["zoo:alpha", "zoo:beta"]]
