@@ -141,6 +141,7 @@ def discovery(
     from audit.runner import _hash
     from audit.spec import SpecError, harvest_settings, load_spec
     from crosscoder.harvest import harvest
+    from crosscoder.models import build_zoo_models
     from crosscoder.train import train_crosscoder
     from crosscoder.zoo.discovery import document_topics, seeds_table, summarise_seeds, zoo_discovery
 
@@ -161,8 +162,6 @@ def discovery(
         if not entry.id.startswith("zoo:"):
             errors.print(f"{spec_path}: {field} is {entry.id!r}; discovery needs the zoo's ground truth (zoo:<name>)")
             raise typer.Exit(code=2)
-    from crosscoder.models import build_zoo_models
-
     build_zoo_models([spec.model_a.id, spec.model_b.id])
     settings = harvest_settings(spec)
     folder = workspace / "discovery"

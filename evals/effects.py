@@ -121,6 +121,8 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
 
 HOLD_SPEARMAN = 0.8
 CONTROL_SPEARMAN = 0.3
+#: A transfer's arms: the two steered ones, then their controls (the order the report lists them in).
+ARMS = ("source", "transferred", "random_transferred", "unrelated")
 
 
 def arm_rho(arms: dict[str, dict], arm: str) -> float:

@@ -27,7 +27,8 @@ Two verdicts, because the controls answer two questions:
   source's way while transferred random directions did not. On the zoo the sentiment of a neutral
   review request is such a trait: it is decided by one knife-edge first token.
 
-Medians over draws, not the pooled curve's ρ: draws that push the trait in opposite directions
+The verdicts and their thresholds live in ``evals.effects`` (the report recomputes them from stored
+rows without importing Inspect). Medians over draws, not the pooled curve's ρ: draws that push the trait in opposite directions
 cancel in the pooled curve, so more draws would pass more easily.
 """
 
@@ -41,17 +42,9 @@ from inspect_ai.dataset import MemoryDataset, Sample
 from inspect_ai.solver import Generate, TaskState, solver
 
 from evals.coherence import CoherenceMeter
-from evals.effects import (  # noqa: F401  (the verdicts are part of this module's interface)
-    CONTROL_SPEARMAN,
-    HOLD_SPEARMAN,
-    feature_effects,
-    trait_is_specific,
-    transfer_holds,
-)
+from evals.effects import ARMS, feature_effects
 from evals.verify import rubric_scorer
 from evals.verify_stage import check_log, grading, steered_model
-
-ARMS = ("source", "transferred", "random_transferred", "unrelated")
 
 
 @solver

@@ -10,9 +10,10 @@ from safetensors.torch import save_file
 
 from crosscoder.persona import extract_persona_vector, load_trait
 from crosscoder.transfer import random_direction_like, transfer_vector
+from evals.effects import trait_is_specific, transfer_holds
 from evals.prompts import load_prompt_set
 from evals.rubrics import load_rubric
-from evals.transfer import draw_key, run_arms, trait_is_specific, transfer_holds
+from evals.transfer import draw_key, run_arms
 
 
 def _eval_prompts(trait) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
-from evals.effects import control_rho, trait_is_specific, transfer_holds
+from evals.effects import ARMS, control_rho, trait_is_specific, transfer_holds
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
@@ -207,9 +207,9 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     for row in db.rows("transfers", run_id, order="trait, direction, arm"):
         grouped.setdefault((row["trait"], row["direction"]), []).append(row)
     for (trait, direction), arms in grouped.items():
-        # the two steered arms first, then their controls (the store returns arms alphabetically)
-        order = {"source": 0, "transferred": 1, "random_transferred": 2, "unrelated": 3}
-        arms = sorted(({**a, "draws": _json_list(a.get("draws"))} for a in arms), key=lambda a: order.get(a["arm"], 9))
+        # in ARMS order (the store returns arms alphabetically); an unknown arm last
+        arms = sorted(({**a, "draws": _json_list(a.get("draws"))} for a in arms),
+                      key=lambda a: ARMS.index(a["arm"]) if a["arm"] in ARMS else len(ARMS))
         by_arm = {a["arm"]: a for a in arms}
         moved = by_arm.get("transferred", {})
         examples = []

@@ -85,7 +85,7 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
         answers = json.loads(by_arm[control]["generations"])
         assert len(answers) == 2 * 3 * 3 and {a["vector"] for a in answers} == {f"{control}.0", f"{control}.1"}
     assert json.loads(by_arm["transferred"]["draws"]) == []
-    from evals.transfer import trait_is_specific, transfer_holds
+    from evals.effects import trait_is_specific, transfer_holds
 
     stored = {arm: {"spearman": t["spearman"], "draws": json.loads(t["draws"] or "[]")} for arm, t in by_arm.items()}
     assert {(t["holds"], t["specific"]) for t in transfers} == {(transfer_holds(stored), trait_is_specific(stored))}

@@ -133,7 +133,7 @@ def test_persona_vector_reads_the_generated_tokens_not_a_retokenised_decoding(ti
 
 
 def test_a_transfer_holds_only_when_each_random_transferred_draw_typically_stays_flat():
-    from evals.transfer import trait_is_specific, transfer_holds
+    from evals.effects import trait_is_specific, transfer_holds
 
     def arms(*control_draws, unrelated=(0.0,)):
         out = {"source": {"spearman": 0.9}, "transferred": {"spearman": 0.85},
