@@ -54,7 +54,7 @@ class StageError(RuntimeError):
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE_CODE = {  # the source files whose change should rerun a stage (its own logic, not the libraries')
     "train": ("crosscoder/train.py", "crosscoder/model.py", "crosscoder/sparse.py", "crosscoder/config.py"),
-    "analyse": ("crosscoder/analysis.py", "crosscoder/metrics.py"),
+    "analyse": ("crosscoder/analysis.py", "crosscoder/metrics.py", "evals/onsets.py"),
     "screen": ("evals/screen.py", "evals/screen_stage.py", "evals/offline.py", "evals/verify_stage.py"),
     "verify": ("evals/verify.py", "evals/verify_stage.py", "evals/effects.py", "evals/coherence.py",
                "evals/offline_grader.py", "evals/provider.py", "crosscoder/steering.py"),
@@ -443,8 +443,10 @@ class AuditRunner:
     # ---- analyse --------------------------------------------------------------------------------
     def _hash_analyse(self) -> str:
         s = self.spec.screen
+        rubrics = self.spec.verify.rubrics  # each feature's onset activation on their prompts
         return _hash(self.hashes["train"], s.top_n_standard, s.relative_norm_cut, s.contexts_per_feature,
-                     s.detection_contexts, RUNNER_VERSION, _code_hash("analyse"))
+                     s.detection_contexts, rubrics, _rubric_files_hash(rubrics), RUNNER_VERSION,
+                     _code_hash("analyse"))
 
     def loaded_model(self, side: str):
         if side not in self._loaded_models:
@@ -470,6 +472,7 @@ class AuditRunner:
 
     def _compute_analyse(self, folder: Path) -> dict:
         from crosscoder.analysis import analyse_features, flagged_features, unembedding
+        from evals.onsets import add_rubric_onsets
 
         model = self.crosscoder()
         store = self.store()
@@ -486,6 +489,8 @@ class AuditRunner:
                 n_negative=self.spec.screen.detection_contexts, progress=advance,
             )
         rows = [a.to_dict() for a in analyses]
+        with self.console.status("analyse: feature activations where each model is about to answer the rubrics' prompts"):
+            add_rubric_onsets(rows, model, loaded, self.spec.verify.rubrics)
         _write_json(folder / "features.json", rows)
         n_artefacts = sum(r["is_artefact"] for r in rows)
         self.console.print(f"{len(rows)} flagged features: {len(rows) - n_artefacts} content, "

@@ -186,8 +186,9 @@ class VerifySpec(_Strict):
     rubrics: list[str] = Field(default_factory=list, description="rubric names (specs/rubrics/<name>.yaml) or paths")
     max_features: int = Field(default=8, ge=0, description="sweep at most this many features: best matches of "
                               "each rubric first, then safety-critical, then content features in triage order")
-    features_per_rubric: int = Field(default=2, gt=0, description="per rubric, sweep the flagged features whose "
-                                     "contexts match its topic prompts best")
+    features_per_rubric: int = Field(default=2, gt=0, description="per rubric, sweep the flagged features that "
+                                     "fire most where the model is about to answer its topic prompts rather "
+                                     "than its control prompts")
     rubrics_per_feature: int = Field(default=1, gt=0, description="a feature chosen otherwise (safety-critical, "
                                      "triage order) is swept on this many best-matching rubrics")
     features: dict[int, list[str]] = Field(default_factory=dict, description="extra sweeps: feature id → rubrics")

@@ -22,7 +22,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -60,7 +60,7 @@ TABLES: dict[str, str] = {
     "effects": """
         run_id VARCHAR, feature INTEGER, rubric VARCHAR, effect DOUBLE, spearman DOUBLE,
         control_effect DOUBLE, coherence_low_alpha DOUBLE, baseline DOUBLE, verified BOOLEAN,
-        curve VARCHAR""",
+        curve VARCHAR, onset_margin DOUBLE""",
     "transfers": """
         run_id VARCHAR, trait VARCHAR, direction VARCHAR, arm VARCHAR, spearman DOUBLE, effect DOUBLE,
         holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, cosines VARCHAR, max_decoder_cosine DOUBLE,
@@ -76,6 +76,8 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE transfers ADD COLUMN IF NOT EXISTS draws VARCHAR"],
     # 3: a transfer's verdict is split: ``holds`` (alignment) and ``specific`` (the unrelated control).
     3: ["ALTER TABLE transfers ADD COLUMN IF NOT EXISTS specific BOOLEAN"],
+    # 4: why a feature was swept on a rubric: its onset margin there (``evals.onsets``).
+    4: ["ALTER TABLE effects ADD COLUMN IF NOT EXISTS onset_margin DOUBLE"],
 }
 
 

@@ -107,6 +107,33 @@ def promoted_tokens(direction: Tensor, unembed_vd: Tensor, tokenizer, n: int = 1
     return [_token_text(tokenizer, int(i)) for i in torch.topk(logits, n).indices]
 
 
+@torch.no_grad()
+def onset_activations(model: Crosscoder, loaded: dict, prompts: list[str]) -> Tensor:
+    """``[len(prompts), D]``: each feature's activation where both models are about to answer.
+
+    Each prompt is asked as a one-turn chat in each model's own template with the assistant turn
+    opened (``loaded`` maps "a"/"b" to ``LoadedModel``s at the crosscoder's layers); the two last
+    positions, the generation-prompt pair the harvest also aligns, are encoded together. A planted
+    behaviour is what a model is about to say, so this is where its feature should fire on the
+    behaviour's trigger questions and stay quiet on look-alike questions.
+    """
+    from .models import capture_block_output, render_prompt
+
+    if not prompts:
+        return torch.zeros(0, model.config.dict_size)
+    device = model.W_enc_AD.device
+    last = {}
+    for side in ("a", "b"):
+        lm = loaded[side]
+        rows = []
+        for prompt in prompts:  # one at a time: no padding to get wrong, and prompt sets are small
+            ids = render_prompt(lm.tokenizer, [{"role": "user", "content": prompt}])
+            rows.append(capture_block_output(lm, torch.tensor([ids]))[0, -1].float())
+        last[side] = torch.stack(rows).to(device)
+    x_a, x_b = model.normalise(last["a"], last["b"])
+    return torch.relu(model.pre_activations(x_a, x_b)).cpu()
+
+
 def is_format_token(raw: str) -> bool:
     """Whitespace, punctuation or a special token such as ``<|im_start|>`` (from its decoded text)."""
     return bool(_FORMAT_TOKEN.match(raw)) or bool(re.fullmatch(r"<\|?[^<>\s]*\|?>", raw.strip()))

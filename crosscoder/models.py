@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,33 @@ def capture_block_output(loaded: LoadedModel, input_ids: Tensor, attention_mask:
     if not captured:
         raise RuntimeError("the capture hook did not run: the model skipped its decoder blocks")
     return captured[0]
+
+
+def render_prompt(tokenizer, messages: Sequence[dict] | str) -> list[int]:
+    """Token ids of a chat rendered with the tokenizer's chat template and the assistant turn opened
+    (the point where the model is about to answer), or of a plain text prompt."""
+    if isinstance(messages, str):
+        return tokenizer(messages, add_special_tokens=True)["input_ids"]
+    if getattr(tokenizer, "chat_template", None):
+        return _apply_chat_template(tokenizer, list(messages))
+    # No chat template (a base model): a plain transcript.
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+    # enable_thinking=False: reasoning models (Qwen3) would otherwise spend the token budget in a
+    # <think> block; templates that do not know the variable ignore it.
+    try:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                            enable_thinking=False)
+    except Exception as exc:  # jinja2 TemplateError: e.g. a template that rejects the system role
+        if not messages or messages[0]["role"] != "system" or "system" not in str(exc).lower():
+            raise
+        system, rest = messages[0]["content"], list(messages[1:])
+        rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
+        return _apply_chat_template(tokenizer, rest)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def bos_prefix(tokenizer) -> list[int]:

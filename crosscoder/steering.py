@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .model import Crosscoder
-from .models import LoadedModel, decoder_layers
+from .models import LoadedModel, decoder_layers, render_prompt
 
 
 def model_lock(model: torch.nn.Module) -> threading.RLock:
@@ -100,27 +100,7 @@ class SteeredGenerator:
     def render(self, messages: Sequence[dict] | str) -> list[int]:
         """Token ids of a chat (rendered with the model's chat template, assistant turn opened),
         or of a plain text prompt."""
-        if isinstance(messages, str):
-            return self.tokenizer(messages, add_special_tokens=True)["input_ids"]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self._apply_template(list(messages))
-        # No chat template (a base model): a plain transcript.
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
-    def _apply_template(self, messages: list[dict]) -> list[int]:
-        # enable_thinking=False: reasoning models (Qwen3) would otherwise spend the token budget in a
-        # <think> block; templates that do not know the variable ignore it.
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                     enable_thinking=False)
-        except Exception as exc:  # jinja2 TemplateError: e.g. a template that rejects the system role
-            if not messages or messages[0]["role"] != "system" or "system" not in str(exc).lower():
-                raise
-            system, rest = messages[0]["content"], list(messages[1:])
-            rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
-            return self._apply_template(rest)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return render_prompt(self.tokenizer, messages)
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,7 +20,6 @@ import re
 from collections import Counter
 from typing import Any
 
-import torch
 from inspect_ai.model import ChatMessage, GenerateConfig, ModelAPI, ModelOutput, ModelUsage, modelapi
 from inspect_ai.tool import ToolChoice, ToolInfo
 
@@ -100,28 +99,6 @@ class TopicFlagger:
             sim_control = float((vectors @ control.T).max(1).values.mean())
             scored.append((name, sim_topic, sim_control))
         return sorted(scored, key=lambda t: (-(t[1] - t[2]), t[0]))
-
-    def margins(self, example_lists: list[list[str]]) -> list[dict[str, float]]:
-        """For many features at once: ``{rubric: topic similarity − control similarity}`` each."""
-        texts, owner = [], []
-        for i, examples in enumerate(example_lists):
-            for t in examples:
-                if _clean(t):
-                    texts.append(_clean(t))
-                    owner.append(i)
-        out: list[dict[str, float]] = [{} for _ in example_lists]
-        if not texts or not self.topics:
-            return out
-        vectors = embed(texts)
-        owner_t = torch.tensor(owner)
-        counts = torch.bincount(owner_t, minlength=len(example_lists)).clamp_min(1).float()
-        for name, topic, control in self.topics:
-            per_text = (vectors @ topic.T).max(1).values - (vectors @ control.T).max(1).values
-            sums = torch.zeros(len(example_lists)).index_add_(0, owner_t, per_text)
-            for i, value in enumerate((sums / counts).tolist()):
-                if example_lists[i]:
-                    out[i][name] = value
-        return out
 
     def flag(self, examples: list[str]) -> tuple[bool, str]:
         ranked = self.rank(examples)

@@ -10,7 +10,7 @@ from inspect_ai.model import get_model
 from evals import offline  # noqa: F401 - registers the offline provider
 from evals.coherence import CoherenceMeter
 from evals.effects import feature_effects
-from evals.offline import TopicFlagger
+from evals.onsets import onset_margin
 from evals.provider import share_loaded_model
 from evals.verify import verify_task
 
@@ -28,22 +28,28 @@ def check_log(log, what: str) -> None:
                          f"samples ({str(first).splitlines()[0][:300]}); log: {log.location}")
 
 
-MIN_TOPIC_MARGIN = 0.05
+# A feature is matched to a rubric when, where the model is about to answer, it fires on the
+# rubric's topic prompts by at least this fraction of its s_max more than on the control prompts.
+MIN_ONSET_MARGIN = 0.1
 
 
 def topic_margins(features: list[dict], rubrics: list[str]) -> dict[int, dict[str, float]]:
-    """``{feature: {rubric: topic − control similarity of its top contexts}}`` (MiniLM)."""
-    margins = TopicFlagger(list(rubrics)).margins([[c["text"] for c in f["contexts"][:8]] for f in features])
-    return {f["feature"]: m for f, m in zip(features, margins, strict=True)}
+    """``{feature: {rubric: onset margin}}``: mean onset activation on the rubric's topic prompts
+    minus on its control prompts, in units of ``s_max`` (measured by the analyse stage)."""
+    out = {}
+    for f in features:
+        margins = {name: onset_margin(f, name) for name in rubrics}
+        out[f["feature"]] = {name: m for name, m in margins.items() if m is not None}
+    return out
 
 
 def best_matches(features: list[dict], match: dict[int, dict[str, float]], rubrics: list[str],
                  per_rubric: int) -> dict[str, list[tuple[float, dict]]]:
-    """Per rubric, its ``per_rubric`` best-matching features with margin ≥ ``MIN_TOPIC_MARGIN``."""
+    """Per rubric, its ``per_rubric`` best-matching features with margin ≥ ``MIN_ONSET_MARGIN``."""
     out = {}
     for name in rubrics:
         scored = sorted(((match[f["feature"]].get(name, -1.0), f) for f in features), key=lambda t: -t[0])
-        out[name] = [(m, f) for m, f in scored[:per_rubric] if m >= MIN_TOPIC_MARGIN]
+        out[name] = [(m, f) for m, f in scored[:per_rubric] if m >= MIN_ONSET_MARGIN]
     return out
 
 
@@ -63,9 +69,9 @@ def plan_sweeps(features: list[dict], screen_rows: list[dict], verify_spec) -> l
     """Which features to sweep on which rubrics, at most ``verify.max_features`` features.
 
     The rubrics in the spec are the auditor's hypotheses, so selection starts from them: for each
-    rubric, the ``features_per_rubric`` flagged features whose top contexts match its topic prompts
-    best (MiniLM similarity to topic prompts minus similarity to its control prompts, at least
-    ``MIN_TOPIC_MARGIN``), best matches first across rubrics. Then features the screen flagged
+    rubric, the ``features_per_rubric`` flagged features that fire most where the model is about to
+    answer its topic prompts rather than its control prompts (onset margin, ``evals.onsets``, at
+    least ``MIN_ONSET_MARGIN``), best matches first across rubrics. Then features the screen flagged
     safety-critical, on their best-matching rubric, and then content features in triage order fill
     the remaining slots. Dead features are never swept. ``verify.features`` adds explicit sweeps.
     """
@@ -161,5 +167,8 @@ def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Pa
             grader = score.metadata.get("grader" if dimension == "behaviour" else "coherence_grader")
             scores.append({**key, "dimension": dimension, "score": score.value.get(dimension), "grader": grader})
     effects = feature_effects(scores)
+    margins = {m["rubric"]: m["margin"] for m in item.get("rubric_match", [])}
+    for effect in effects:  # why this feature was swept on this rubric (None: an explicit verify.features sweep)
+        effect["onset_margin"] = margins.get(effect["rubric"])
     return {"feature": item["feature"], "item": item, "generations": generations, "scores": scores,
             "effects": effects, "eval_log": log.location, "status": log.status}

@@ -56,6 +56,10 @@ def test_a_version_1_file_is_migrated_keeping_its_rows(tmp_path):
                     "cosines VARCHAR, max_decoder_cosine DOUBLE, curve VARCHAR, generations VARCHAR, "
                     "extraction VARCHAR)")
         con.execute("INSERT INTO transfers (run_id, trait, arm, spearman) VALUES ('old', 't', 'source', 0.9)")
+        con.execute("CREATE TABLE effects (run_id VARCHAR, feature INTEGER, rubric VARCHAR, effect DOUBLE, "
+                    "spearman DOUBLE, control_effect DOUBLE, coherence_low_alpha DOUBLE, baseline DOUBLE, "
+                    "verified BOOLEAN, curve VARCHAR)")
+        con.execute("INSERT INTO effects (run_id, feature, rubric, effect) VALUES ('old', 7, 'r', 1.5)")
     db = AuditStore(path)
     assert db.query("SELECT max(version) AS v FROM schema_info")[0]["v"] == SCHEMA_VERSION
     assert [(r["arm"], r["spearman"], r["draws"], r["specific"]) for r in db.rows("transfers", "old")] == [
@@ -64,6 +68,9 @@ def test_a_version_1_file_is_migrated_keeping_its_rows(tmp_path):
                                           "specific": False}])
     assert db.rows("transfers", "new")[0]["draws"] == '[{"vector": "unrelated.0", "spearman": 0.1}]'
     assert db.rows("transfers", "new")[0]["specific"] is False
+    assert [(r["feature"], r["effect"], r["onset_margin"]) for r in db.rows("effects", "old")] == [(7, 1.5, None)]
+    db.replace_rows("effects", "new", [{"feature": 8, "rubric": "r", "onset_margin": 0.4}])
+    assert db.rows("effects", "new")[0]["onset_margin"] == 0.4  # schema 4's column
     assert db.rows("contexts", "old") == []  # every other table exists too
     AuditStore(path)  # opening a migrated file again changes nothing
 
