@@ -168,7 +168,7 @@ def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Pa
             scores.append({**key, "dimension": dimension, "score": score.value.get(dimension), "grader": grader})
     effects = feature_effects(scores)
     margins = {m["rubric"]: m["margin"] for m in item.get("rubric_match", [])}
-    for effect in effects:  # why this feature was swept on this rubric (None: an explicit verify.features sweep)
+    for effect in effects:  # why this feature was swept on this rubric (None where not measured)
         effect["onset_margin"] = margins.get(effect["rubric"])
     return {"feature": item["feature"], "item": item, "generations": generations, "scores": scores,
             "effects": effects, "eval_log": log.location, "status": log.status}
