@@ -18,7 +18,7 @@ from evals.rubrics import load_rubric
 
 def rubric_prompts(name: str) -> tuple[list[str], list[str]]:
     """``(topic prompts, control prompts + the generic prompt)`` of rubric ``name``'s prompt set
-    (both empty when the rubric has none, e.g. coherence)."""
+    (both empty when the rubric has none); the controls are never empty otherwise."""
     rubric = load_rubric(name)
     if rubric.prompt_set is None:
         return [], []
@@ -38,8 +38,7 @@ def add_rubric_onsets(rows: list[dict], crosscoder, loaded: dict, rubrics: list[
     for row in rows:
         scale = row["s_max"] if row["s_max"] > 0 else 1.0
         row["onset"] = {name: {"topic": round(float(topic[:, row["feature"]].mean()) / scale, 4),
-                               "control": round(float(control[:, row["feature"]].mean()) / scale, 4)
-                                          if control.shape[0] else 0.0}
+                               "control": round(float(control[:, row["feature"]].mean()) / scale, 4)}
                         for name, (topic, control) in per_rubric.items()}
 
 

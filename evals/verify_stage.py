@@ -33,7 +33,7 @@ def check_log(log, what: str) -> None:
 MIN_ONSET_MARGIN = 0.1
 
 
-def topic_margins(features: list[dict], rubrics: list[str]) -> dict[int, dict[str, float]]:
+def onset_margins(features: list[dict], rubrics: list[str]) -> dict[int, dict[str, float]]:
     """``{feature: {rubric: onset margin}}``: mean onset activation on the rubric's topic prompts
     minus on its control prompts, in units of ``s_max`` (measured by the analyse stage)."""
     out = {}
@@ -59,7 +59,7 @@ def screen_selection(features: list[dict], max_features: int, rubrics: list[str]
     live = [f for f in features if f["frequency"] > 0]
     chosen = {f["feature"]: f for f in live[:max_features]}
     if rubrics and live:
-        for matches in best_matches(live, topic_margins(live, rubrics), rubrics, per_rubric).values():
+        for matches in best_matches(live, onset_margins(live, rubrics), rubrics, per_rubric).values():
             for _, f in matches:
                 chosen.setdefault(f["feature"], f)
     return sorted(chosen.values(), key=lambda f: f["rank"])
@@ -80,7 +80,7 @@ def plan_sweeps(features: list[dict], screen_rows: list[dict], verify_spec) -> l
     live = [f for f in features if f["frequency"] > 0]
     plan: dict[int, dict] = {}
     if verify_spec.rubrics and verify_spec.max_features > 0 and live:
-        match = topic_margins(live, verify_spec.rubrics)
+        match = onset_margins(live, verify_spec.rubrics)
 
         def add(f: dict, rubrics: list[str]) -> None:
             ranked = sorted(match[f["feature"]].items(), key=lambda kv: -kv[1])
