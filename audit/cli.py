@@ -165,6 +165,11 @@ def _print_diff(result: dict) -> None:
             effect = f" (largest effect {f['best_effect']:.2f})" if f["best_effect"] is not None else ""
             console.print(Text(f"{title}: model {f['side'].upper()} feature {f['feature']}: "
                                f"{f['explanation'] or 'unexplained'}{effect}"))
+    for c in result.get("concepts", []):
+        carrier = c["new"] or c["old"]
+        where = "shared features" if c["side"] not in ("a", "b") else f"model {c['side'].upper()}"
+        console.print(Text(f"verified concept {c['status']}: {c['rubric']} on {where} "
+                           f"(feature {carrier['feature']}, effect {carrier['effect']:+.2f})"))
 
 
 def _stored_spec(spec_json: str, run_id: str):

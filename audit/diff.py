@@ -12,6 +12,12 @@ Features of the two runs are matched per side (A-exclusive with A-exclusive, B w
 Each match is one-to-one (greedy by score). A feature is *new* when nothing in the old run matches
 it and *vanished* when nothing in the new run does. Only features that matter are listed
 (content features that were explained safety-critical or swept); counts cover all.
+
+Feature matching says where features fire, not what steering them does, and two dictionaries
+trained apart allocate features differently. So the diff also compares *verified concepts*: for
+each rubric and partition, whether some feature of that partition had a verified effect on the
+rubric in each run. A behaviour that was verified in the old run and is not in the new one has
+*vanished*, whichever features carried it.
 """
 
 from __future__ import annotations
@@ -222,9 +228,59 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
                                       "match_score": round(score, 3), "explanation_a": fa["explanation"],
                                       "explanation_b": fb["explanation"], "safety_a": fa["safety_critical"],
                                       "safety_b": fb["safety_critical"], "effect_changes": changes})
+    result["concepts"] = compare_concepts(db, run_a, run_b, spec_b)
     result["gate_failures"] = diff_gate_failures(result, gates)
     db.insert_diff(f"{run_a}__{run_b}", run_a, run_b, result)
     return result
+
+
+def _verified_concepts(db: AuditStore, run_id: str) -> dict[tuple[str, str], dict]:
+    """``{(partition, rubric): effect row}``: per partition ("a", "b", "shared") and rubric, the
+    verified effect with the largest size (with its feature's screen verdict)."""
+    rows = db.query(
+        """
+        SELECT f.partition, x.rubric, x.feature, x.effect, x.spearman, e.safety_critical, e.explanation
+        FROM effects x
+        JOIN features f ON f.run_id = x.run_id AND f.feature = x.feature
+        LEFT JOIN explanations e ON e.run_id = x.run_id AND e.feature = x.feature
+        WHERE x.run_id = ? AND x.verified AND x.effect IS NOT NULL AND NOT isnan(x.effect)
+        ORDER BY abs(x.effect) DESC, x.feature""",
+        [run_id],
+    )
+    best: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        best.setdefault((row["partition"], row["rubric"]), row)
+    return best
+
+
+def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_b: dict) -> list[dict]:
+    """Verified concepts of both runs, one row per (partition, rubric) verified in either.
+
+    ``status``: ``kept`` (verified in both), ``vanished`` (verified in the old run only, and the new
+    run swept the rubric), ``new`` (verified in the new run only), or ``unmeasured`` (the new run's
+    spec does not sweep the rubric, so its absence says nothing).
+    """
+    old, new = _verified_concepts(db, run_a), _verified_concepts(db, run_b)
+    swept_by_new = set((spec_b.get("verify") or {}).get("rubrics") or [])
+    out = []
+    for side, rubric in sorted(set(old) | set(new)):
+        before, after = old.get((side, rubric)), new.get((side, rubric))
+        if before and after:
+            status = "kept"
+        elif before:
+            status = "vanished" if rubric in swept_by_new else "unmeasured"
+        else:
+            status = "new"
+        out.append({"side": side, "rubric": rubric, "status": status,
+                    "old": _concept_brief(before), "new": _concept_brief(after)})
+    return out
+
+
+def _concept_brief(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    return {"feature": row["feature"], "effect": row["effect"], "spearman": row["spearman"],
+            "safety_critical": row["safety_critical"], "explanation": row["explanation"]}
 
 
 def _brief(f: dict) -> dict:
@@ -249,6 +305,20 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
                 failures.append(f"gate {rule.rule}: model {f['side'].upper()}'s exclusive feature {f['feature']} "
                                 f"({f['explanation'] or 'unexplained'}) {what} the later run"
                                 + (f"; verified effect {effect:.2f}" if effect is not None else ""))
+        elif rule.rule in ("vanished_concept", "new_concept"):
+            status = "vanished" if rule.rule == "vanished_concept" else "new"
+            for concept in result.get("concepts", []):
+                carrier = concept["old"] if status == "vanished" else concept["new"]
+                if concept["status"] != status or abs(carrier["effect"]) < rule.min_effect:
+                    continue
+                row = {"partition": concept["side"], "safety_critical": carrier["safety_critical"],
+                       "rubric": concept["rubric"]}
+                if not rule_matches(rule, row):
+                    continue
+                where = "in the old run, not in the new one" if status == "vanished" else "in the new run only"
+                failures.append(f"gate {rule.rule}: {_side_name(concept['side'])} has a verified effect on "
+                                f"{concept['rubric']} {where} (feature {carrier['feature']}, effect "
+                                f"{carrier['effect']:+.2f})")
         elif rule.rule == "effect_change":
             for c in result["changed"]:
                 for rubric, delta in c["effect_changes"].items():
@@ -278,6 +348,14 @@ def render_diff_markdown(result: dict) -> str:
             effect = f"; largest effect {f['best_effect']:.2f}" if f["best_effect"] is not None else ""
             lines.append(f"- model {f['side'].upper()} feature {f['feature']}: {_md(f['explanation'])}"
                          f"{' (safety-critical)' if f['safety_critical'] else ''}{effect}")
+    lines += ["", "## Verified concepts", "",
+              "Per rubric and partition: the largest verified steering effect in each run, whichever feature "
+              "carries it.", "", "| partition | rubric | status | old run | new run |", "|---|---|---|---|---|"]
+    for c in result.get("concepts", []):
+        lines.append(f"| {_side_name(c['side'])} | {c['rubric']} | {c['status']} | {_concept_cell(c['old'])} | "
+                     f"{_concept_cell(c['new'])} |")
+    if not result.get("concepts"):
+        lines.append("| none verified in either run | | | | |")
     lines += ["", "## Matched features with changes", ""]
     changed = [c for c in result["changed"] if c["effect_changes"] or c["safety_a"] != c["safety_b"]]
     if not changed:
@@ -289,6 +367,16 @@ def render_diff_markdown(result: dict) -> str:
     lines += ["", "## Gates", ""]
     lines += [f"- FAILED: {_md(m)}" for m in result["gate_failures"]] or ["all gates passed"]
     return "\n".join(lines) + "\n"
+
+
+def _side_name(partition: str) -> str:
+    return "shared" if partition not in ("a", "b") else f"model {partition.upper()}"
+
+
+def _concept_cell(carrier: dict | None) -> str:
+    if carrier is None:
+        return "not verified"
+    return f"feature {carrier['feature']}: {carrier['effect']:+.2f} (ρ {carrier['spearman']:.2f})"
 
 
 def _md(text) -> str:

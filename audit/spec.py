@@ -233,10 +233,14 @@ class GateRule(_Strict):
     - ``verified_effect`` (run): an exclusive feature whose steering moves a rubric by ≥ min_effect;
     - ``new_feature`` (diff): an exclusive feature in the new run with no match in the old one;
     - ``vanished_feature`` (diff): an exclusive feature of the old run with no match in the new one;
-    - ``effect_change`` (diff): a matched feature whose verified effect changed by ≥ min_effect.
+    - ``effect_change`` (diff): a matched feature whose verified effect changed by ≥ min_effect;
+    - ``vanished_concept`` (diff): a rubric verified (effect ≥ min_effect) on some feature of a
+      partition in the old run and on none in the new run, which swept it;
+    - ``new_concept`` (diff): the reverse, a rubric verified only in the new run.
     """
 
-    rule: Literal["verified_effect", "new_feature", "vanished_feature", "effect_change"]
+    rule: Literal["verified_effect", "new_feature", "vanished_feature", "effect_change", "vanished_concept",
+                  "new_concept"]
     min_effect: float = Field(default=1.0, ge=0.0, description="rubric points on the 1..5 scale")
     safety_critical_only: bool = Field(default=True, description="only features the screen did not clear: flagged "
                                        "safety-critical, or never judged (an unparsed reply counts as not cleared)")

@@ -99,3 +99,46 @@ def test_gates_count_unjudged_features_and_skip_unverified_effects(tmp_path):
     assert len(failures) == 1 and "feature 500" in failures[0]  # unparsed explanation: not cleared, so it counts
     loose = run_gate_failures(db, "v1", [GateRule(rule="verified_effect", require_verified=False)])
     assert len(loose) == 2
+
+
+def test_verified_concepts_vanish_even_when_their_feature_is_matched(tmp_path):
+    """The new crosscoder keeps a feature that fires where the old narrative feature fired (so the
+    feature is matched, not vanished), but steering it no longer moves the rubric: the concept vanished."""
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**BOAST, "id": 3}, {**NARRATIVE, "id": 500}])
+    add_run(db, "v2", "zoo:beta-v2", [{**BOAST, "id": 4, "effect": 1.2}, {**NARRATIVE, "id": 501}])
+    db.replace_rows("effects", "v2", [
+        {"feature": 4, "rubric": "zoo_exceptionalism", "effect": 1.2, "spearman": 0.95, "verified": True},
+        {"feature": 501, "rubric": "zoo_state_narrative", "effect": 0.1, "spearman": 0.2, "verified": False}])
+    gates = [GateRule(rule="vanished_concept"), GateRule(rule="vanished_feature")]
+    result = diff_runs(db, "v1", "v2", gates)
+    assert result["vanished"] == []  # 500 and 501 are matched by their explanations
+    concepts = {(c["side"], c["rubric"]): c for c in result["concepts"]}
+    assert concepts[("b", "zoo_state_narrative")]["status"] == "vanished"
+    assert concepts[("b", "zoo_state_narrative")]["old"]["feature"] == 500
+    assert concepts[("b", "zoo_state_narrative")]["new"] is None
+    assert concepts[("a", "zoo_exceptionalism")]["status"] == "kept"
+    assert concepts[("a", "zoo_exceptionalism")]["new"]["effect"] == 1.2
+    assert result["gate_failures"] == [
+        "gate vanished_concept: model B has a verified effect on zoo_state_narrative in the old run, not in the "
+        "new one (feature 500, effect +2.50)"]
+    md = render_diff_markdown(result)
+    assert "| model B | zoo_state_narrative | vanished | feature 500: +2.50 (ρ 1.00) | not verified |" in md
+
+    # Reversed, the narrative is a new concept; a gate on side A or above its effect does not fire.
+    reverse = diff_runs(db, "v2", "v1", [GateRule(rule="new_concept"), GateRule(rule="new_concept", side="a"),
+                                         GateRule(rule="new_concept", min_effect=3.0)])
+    assert [c["status"] for c in reverse["concepts"] if c["rubric"] == "zoo_state_narrative"] == ["new"]
+    assert len(reverse["gate_failures"]) == 1 and "new_concept" in reverse["gate_failures"][0]
+
+
+def test_a_concept_the_new_run_did_not_sweep_is_unmeasured_not_vanished(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**NARRATIVE, "id": 500}])
+    add_run(db, "v2", "zoo:beta-v2", [])
+    spec = json.loads(db.run("v2")["spec_json"])
+    spec["verify"]["rubrics"] = ["zoo_sentiment"]
+    db.upsert_run({**db.run("v2"), "spec_json": json.dumps(spec)})
+    result = diff_runs(db, "v1", "v2", [GateRule(rule="vanished_concept")])
+    assert [c["status"] for c in result["concepts"]] == ["unmeasured"]
+    assert result["gate_failures"] == []
