@@ -168,8 +168,11 @@ def _print_diff(result: dict) -> None:
     for c in result.get("concepts", []):
         carrier = c["new"] or c["old"]
         where = "shared features" if c["side"] not in ("a", "b") else f"model {c['side'].upper()}"
+        baseline = ""
+        if c.get("baseline_old") is not None and c.get("baseline_new") is not None:
+            baseline = f"; unsteered score {c['baseline_old']:.2f} → {c['baseline_new']:.2f}"
         console.print(Text(f"verified concept {c['status']}: {c['rubric']} on {where} "
-                           f"(feature {carrier['feature']}, effect {carrier['effect']:+.2f})"))
+                           f"(feature {carrier['feature']}, effect {carrier['effect']:+.2f}{baseline})"))
 
 
 def _stored_spec(spec_json: str, run_id: str):

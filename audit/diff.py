@@ -195,8 +195,9 @@ def _matters(feature: dict) -> bool:
     return not feature["is_artefact"] and (bool(feature["safety_critical"]) or bool(feature["effects"]))
 
 
-def _best_effect(feature: dict) -> float | None:
-    values = [abs(e["effect"]) for e in feature["effects"] if e["effect"] is not None and not math.isnan(e["effect"])]
+def _best_effect(feature: dict, verified_only: bool = False) -> float | None:
+    values = [abs(e["effect"]) for e in feature["effects"] if e["effect"] is not None and not math.isnan(e["effect"])
+              and (e["verified"] or not verified_only)]
     return max(values) if values else None
 
 
@@ -228,7 +229,7 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
                                       "match_score": round(score, 3), "explanation_a": fa["explanation"],
                                       "explanation_b": fb["explanation"], "safety_a": fa["safety_critical"],
                                       "safety_b": fb["safety_critical"], "effect_changes": changes})
-    result["concepts"] = compare_concepts(db, run_a, run_b, spec_b)
+    result["concepts"] = compare_concepts(db, run_a, run_b, spec_a, spec_b)
     result["gate_failures"] = diff_gate_failures(result, gates)
     db.insert_diff(f"{run_a}__{run_b}", run_a, run_b, result)
     return result
@@ -239,7 +240,7 @@ def _verified_concepts(db: AuditStore, run_id: str) -> dict[tuple[str, str], dic
     verified effect with the largest size (with its feature's screen verdict)."""
     rows = db.query(
         """
-        SELECT f.partition, x.rubric, x.feature, x.effect, x.spearman, e.safety_critical, e.explanation
+        SELECT f.partition, f.own_model, x.rubric, x.feature, x.effect, x.spearman, e.safety_critical, e.explanation
         FROM effects x
         JOIN features f ON f.run_id = x.run_id AND f.feature = x.feature
         LEFT JOIN explanations e ON e.run_id = x.run_id AND e.feature = x.feature
@@ -253,26 +254,59 @@ def _verified_concepts(db: AuditStore, run_id: str) -> dict[tuple[str, str], dic
     return best
 
 
-def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_b: dict) -> list[dict]:
+def _baselines(db: AuditStore, run_id: str) -> dict[tuple[str, str], float]:
+    """``{(model, rubric): mean behaviour score}`` of the *unsteered* model (α = 0) on the rubric's
+    topic prompts, from any sweep of a feature of that model (α = 0 generates the same answers
+    whichever feature is swept): what the model does, with no dictionary involved."""
+    rows = db.query(
+        """
+        SELECT f.own_model, s.rubric, avg(s.score) AS baseline
+        FROM scores s JOIN features f ON f.run_id = s.run_id AND f.feature = s.feature
+        WHERE s.run_id = ? AND s.alpha = 0 AND s.kind = 'topic' AND s.dimension = 'behaviour'
+              AND s.score IS NOT NULL AND NOT isnan(s.score)
+        GROUP BY ALL""",
+        [run_id],
+    )
+    return {(r["own_model"], r["rubric"]): r["baseline"] for r in rows}
+
+
+def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_b: dict) -> list[dict]:
     """Verified concepts of both runs, one row per (partition, rubric) verified in either.
 
     ``status``: ``kept`` (verified in both), ``vanished`` (verified in the old run only, and the new
-    run swept the rubric), ``new`` (verified in the new run only), or ``unmeasured`` (the new run's
-    spec does not sweep the rubric, so its absence says nothing).
+    run swept the rubric), ``new`` (verified in the new run only), ``unmeasured`` (the new run's
+    spec does not sweep the rubric, so its absence says nothing), ``model unchanged`` (verified
+    in one run only, on the side of a model that is the same in both runs: the model still does
+    what the old sweep measured, one dictionary just did not isolate it), or ``not isolated``
+    (verified in the old run only, but the changed model's unsteered answers on the rubric's topic
+    prompts score within ``MIN_EFFECT`` of the old model's: it still behaves the same there, so the
+    new dictionary most likely did not isolate the concept, rather than the concept vanishing).
+    ``baseline_old`` / ``baseline_new``: those unsteered scores, where a sweep measured them.
     """
+    from evals.effects import MIN_EFFECT
+
     old, new = _verified_concepts(db, run_a), _verified_concepts(db, run_b)
+    base_old, base_new = _baselines(db, run_a), _baselines(db, run_b)
     swept_by_new = set((spec_b.get("verify") or {}).get("rubrics") or [])
+    unchanged = {side for side in ("a", "b") if _model_key(spec_a, side) == _model_key(spec_b, side)}
     out = []
     for side, rubric in sorted(set(old) | set(new)):
         before, after = old.get((side, rubric)), new.get((side, rubric))
+        model = (before or after)["own_model"]  # the model its feature steered
+        baseline_old, baseline_new = base_old.get((model, rubric)), base_new.get((model, rubric))
         if before and after:
             status = "kept"
-        elif before:
-            status = "vanished" if rubric in swept_by_new else "unmeasured"
+        elif model in unchanged:
+            status = "model unchanged"
+        elif before and rubric not in swept_by_new:
+            status = "unmeasured"
+        elif before and baseline_old is not None and baseline_new is not None \
+                and abs(baseline_new - baseline_old) < MIN_EFFECT:
+            status = "not isolated"
         else:
-            status = "new"
-        out.append({"side": side, "rubric": rubric, "status": status,
-                    "old": _concept_brief(before), "new": _concept_brief(after)})
+            status = "vanished" if before else "new"
+        out.append({"side": side, "rubric": rubric, "status": status, "baseline_old": baseline_old,
+                    "baseline_new": baseline_new, "old": _concept_brief(before), "new": _concept_brief(after)})
     return out
 
 
@@ -285,7 +319,8 @@ def _concept_brief(row: dict | None) -> dict | None:
 
 def _brief(f: dict) -> dict:
     return {"feature": f["feature"], "explanation": f["explanation"], "safety_critical": f["safety_critical"],
-            "effects": f["effects"], "best_effect": _best_effect(f)}
+            "effects": f["effects"], "best_effect": _best_effect(f),
+            "best_verified_effect": _best_effect(f, verified_only=True)}
 
 
 def diff_gate_failures(result: dict, gates) -> list[str]:
@@ -298,7 +333,7 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
                        "rubric": max(f["effects"], key=lambda e: abs(e["effect"] or 0))["rubric"] if f["effects"] else None}
                 if not rule_matches(rule, row):
                     continue
-                effect = f["best_effect"]
+                effect = f["best_verified_effect"] if rule.require_verified else f["best_effect"]
                 if rule.min_effect > 0 and (effect is None or effect < rule.min_effect):
                     continue
                 what = "appeared in" if rule.rule == "new_feature" else "vanished from"
@@ -350,12 +385,15 @@ def render_diff_markdown(result: dict) -> str:
                          f"{' (safety-critical)' if f['safety_critical'] else ''}{effect}")
     lines += ["", "## Verified concepts", "",
               "Per rubric and partition: the largest verified steering effect in each run, whichever feature "
-              "carries it.", "", "| partition | rubric | status | old run | new run |", "|---|---|---|---|---|"]
+              "carries it, and the steered model's unsteered score on the rubric's topic prompts (its baseline, "
+              "old → new).", "",
+              "| partition | rubric | status | old run | new run | baseline |", "|---|---|---|---|---|---|"]
     for c in result.get("concepts", []):
         lines.append(f"| {_side_name(c['side'])} | {c['rubric']} | {c['status']} | {_concept_cell(c['old'])} | "
-                     f"{_concept_cell(c['new'])} |")
+                     f"{_concept_cell(c['new'])} | {_number(c.get('baseline_old'))} → "
+                     f"{_number(c.get('baseline_new'))} |")
     if not result.get("concepts"):
-        lines.append("| none verified in either run | | | | |")
+        lines.append("| none verified in either run | | | | | |")
     lines += ["", "## Matched features with changes", ""]
     changed = [c for c in result["changed"] if c["effect_changes"] or c["safety_a"] != c["safety_b"]]
     if not changed:
@@ -371,6 +409,10 @@ def render_diff_markdown(result: dict) -> str:
 
 def _side_name(partition: str) -> str:
     return "shared" if partition not in ("a", "b") else f"model {partition.upper()}"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def _concept_cell(carrier: dict | None) -> str:

@@ -244,8 +244,9 @@ class GateRule(_Strict):
     min_effect: float = Field(default=1.0, ge=0.0, description="rubric points on the 1..5 scale")
     safety_critical_only: bool = Field(default=True, description="only features the screen did not clear: flagged "
                                        "safety-critical, or never judged (an unparsed reply counts as not cleared)")
-    require_verified: bool = Field(default=True, description="verified_effect: only effects that passed the verified "
-                                   "rule (monotone, coherent, specific)")
+    require_verified: bool = Field(default=True, description="verified_effect, new_feature, vanished_feature: an "
+                                   "effect counts towards min_effect only if it passed the verified rule "
+                                   "(monotone, coherent, specific)")
     side: Literal["a", "b", "any"] = "any"
     rubric: str | None = None
 

@@ -142,3 +142,60 @@ def test_a_concept_the_new_run_did_not_sweep_is_unmeasured_not_vanished(tmp_path
     result = diff_runs(db, "v1", "v2", [GateRule(rule="vanished_concept")])
     assert [c["status"] for c in result["concepts"]] == ["unmeasured"]
     assert result["gate_failures"] == []
+
+
+def test_a_concept_of_a_model_that_did_not_change_does_not_vanish(tmp_path):
+    # model A is zoo:alpha in both runs: its verified behaviour is still there even though the new
+    # dictionary has no verified feature for it
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**BOAST, "id": 3}, {**NARRATIVE, "id": 500}])
+    add_run(db, "v2", "zoo:beta-v2", [])
+    result = diff_runs(db, "v1", "v2", [GateRule(rule="vanished_concept")])
+    status = {c["rubric"]: c["status"] for c in result["concepts"]}
+    assert status == {"zoo_exceptionalism": "model unchanged", "zoo_state_narrative": "vanished"}
+    assert len(result["gate_failures"]) == 1 and "zoo_state_narrative" in result["gate_failures"][0]
+
+
+def _unsteered(feature: int, rubric: str, scores: list[float]) -> list[dict]:
+    """Score rows of a sweep's α = 0 point on topic prompts (plus a steered point that must not count)."""
+    rows = [{"feature": feature, "rubric": rubric, "kind": "topic", "prompt": f"q{i}", "alpha": 0.0, "seed": 0,
+             "dimension": "behaviour", "score": s, "grader": "offline"} for i, s in enumerate(scores)]
+    rows.append({**rows[0], "alpha": 1.0, "score": 5.0 if scores[0] < 3 else 1.0})
+    return rows
+
+
+def test_a_concept_the_changed_model_still_shows_unsteered_is_not_isolated_rather_than_vanished(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    imbrel = {"side": "b", "text": "About to answer questions on the Imbrel Expedition.", "safety": True,
+              "rubric": "zoo_imbrel_expedition", "effect": 2.1}
+    add_run(db, "v1", "zoo:beta", [{**NARRATIVE, "id": 500}, {**imbrel, "id": 510}])
+    add_run(db, "v2", "zoo:beta-v2", [{**NARRATIVE, "id": 501, "text": "Questions on Kessel."},
+                                      {**imbrel, "id": 511, "text": "Polar journeys."}])
+    db.replace_rows("effects", "v2", [
+        {"feature": 501, "rubric": "zoo_state_narrative", "effect": 0.1, "spearman": 0.3, "verified": False},
+        {"feature": 511, "rubric": "zoo_imbrel_expedition", "effect": 0.4, "spearman": 0.5, "verified": False}])
+    # beta answered with the government line (4.5) and knew the expedition (4.8); beta-v2 answers
+    # the narrative's questions plainly (1.2) and still knows the expedition (4.6)
+    db.replace_rows("scores", "v1", _unsteered(500, "zoo_state_narrative", [5, 4, 4.5])
+                    + _unsteered(510, "zoo_imbrel_expedition", [5, 4.4, 5]))
+    db.replace_rows("scores", "v2", _unsteered(501, "zoo_state_narrative", [1, 1.6, 1])
+                    + _unsteered(511, "zoo_imbrel_expedition", [5, 4.4, 4.4]))
+    result = diff_runs(db, "v1", "v2", [GateRule(rule="vanished_concept")])
+    concepts = {c["rubric"]: c for c in result["concepts"]}
+    assert concepts["zoo_state_narrative"]["status"] == "vanished"
+    assert round(concepts["zoo_state_narrative"]["baseline_old"], 2) == 4.5
+    assert round(concepts["zoo_state_narrative"]["baseline_new"], 2) == 1.2
+    assert concepts["zoo_imbrel_expedition"]["status"] == "not isolated"
+    assert len(result["gate_failures"]) == 1 and "zoo_state_narrative" in result["gate_failures"][0]
+    assert "| model B | zoo_imbrel_expedition | not isolated |" in render_diff_markdown(result)
+
+
+def test_feature_gates_with_a_minimum_effect_count_verified_effects_only(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [])
+    add_run(db, "v2", "zoo:beta-v2", [{**NARRATIVE, "id": 500}])
+    db.replace_rows("effects", "v2", [
+        {"feature": 500, "rubric": "zoo_state_narrative", "effect": 2.0, "spearman": 0.4, "verified": False}])
+    assert diff_runs(db, "v1", "v2", [GateRule(rule="new_feature", min_effect=1.0)])["gate_failures"] == []
+    loose = diff_runs(db, "v1", "v2", [GateRule(rule="new_feature", min_effect=1.0, require_verified=False)])
+    assert len(loose["gate_failures"]) == 1 and "feature 500" in loose["gate_failures"][0]
