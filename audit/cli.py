@@ -150,10 +150,11 @@ def _resolve_run(store, ref: str) -> str:
 
 
 def _print_diff(result: dict) -> None:
-    """The diff in the terminal: a table per side, then what matters (plain text, never markup)."""
+    """The diff in the terminal: exclusive features per side (candidates), then the verified
+    concepts, which the gates mostly rest on, last so they stay on screen (plain text, never markup)."""
     from rich.text import Text
 
-    view = Table(title=f"{result['run_a']} → {result['run_b']}")
+    view = Table(title=f"exclusive features: {result['run_a']} → {result['run_b']}")
     for column in ("side", "matched by", "old → new", "matched", "new", "vanished"):
         view.add_column(column)
     for side, s in result["sides"].items():
@@ -165,14 +166,15 @@ def _print_diff(result: dict) -> None:
             effect = f" (largest effect {f['best_effect']:.2f})" if f["best_effect"] is not None else ""
             console.print(Text(f"{title}: model {f['side'].upper()} feature {f['feature']}: "
                                f"{f['explanation'] or 'unexplained'}{effect}"))
+    concepts = Table(title="verified concepts")
+    for column in ("side", "rubric", "status", "old run", "new run", "unsteered"):
+        concepts.add_column(column, overflow="fold")  # rubric names are what users grep for: never cut
     for c in result.get("concepts", []):
-        carrier = c["new"] or c["old"]
-        where = "shared features" if c["side"] not in ("a", "b") else f"model {c['side'].upper()}"
-        baseline = ""
-        if c.get("baseline_old") is not None and c.get("baseline_new") is not None:
-            baseline = f"; unsteered score {c['baseline_old']:.2f} → {c['baseline_new']:.2f}"
-        console.print(Text(f"verified concept {c['status']}: {c['rubric']} on {where} "
-                           f"(feature {carrier['feature']}, effect {carrier['effect']:+.2f}{baseline})"))
+        where = "shared" if c["side"] not in ("a", "b") else c["side"].upper()
+        cells = [f"feature {x['feature']}: {x['effect']:+.2f}" if x else "not verified" for x in (c["old"], c["new"])]
+        baseline = " → ".join("–" if v is None else f"{v:.2f}" for v in (c.get("baseline_old"), c.get("baseline_new")))
+        concepts.add_row(where, c["rubric"], c["status"], *cells, baseline)
+    console.print(concepts)
 
 
 def _stored_spec(spec_json: str, run_id: str):

@@ -370,20 +370,9 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
 
 
 def render_diff_markdown(result: dict) -> str:
+    """What changed, most robust first: verified concepts, the gates, then the feature lists."""
     lines = [f"# Audit diff: {result['run_a']} → {result['run_b']}", ""]
-    lines += ["| side | matched by | exclusive features (old → new) | matched | new | vanished |", "|---|---|---|---|---|---|"]
-    for side, s in result["sides"].items():
-        lines.append(f"| {side.upper()} | {s['method']} | {s['features_a']} → {s['features_b']} | {s['matched']} | "
-                     f"{s['new']} | {s['vanished']} |")
-    for title, key in (("New exclusive features that matter", "new"), ("Vanished exclusive features that matter", "vanished")):
-        lines += ["", f"## {title}", ""]
-        if not result[key]:
-            lines.append("none")
-        for f in result[key]:
-            effect = f"; largest effect {f['best_effect']:.2f}" if f["best_effect"] is not None else ""
-            lines.append(f"- model {f['side'].upper()} feature {f['feature']}: {_md(f['explanation'])}"
-                         f"{' (safety-critical)' if f['safety_critical'] else ''}{effect}")
-    lines += ["", "## Verified concepts", "",
+    lines += ["## Verified concepts", "",
               "Per rubric and partition: the largest verified steering effect in each run, whichever feature "
               "carries it, and the steered model's unsteered score on the rubric's topic prompts (its baseline, "
               "old → new).", "",
@@ -394,7 +383,23 @@ def render_diff_markdown(result: dict) -> str:
                      f"{_number(c.get('baseline_new'))} |")
     if not result.get("concepts"):
         lines.append("| none verified in either run | | | | | |")
-    lines += ["", "## Matched features with changes", ""]
+    lines += ["", "## Gates", ""]
+    lines += [f"- FAILED: {_md(m)}" for m in result["gate_failures"]] or ["all gates passed"]
+    lines += ["", "## Exclusive features", "",
+              "Two crosscoders trained apart allocate features differently: these lists are candidates to look at.", "",
+              "| side | matched by | exclusive features (old → new) | matched | new | vanished |", "|---|---|---|---|---|---|"]
+    for side, s in result["sides"].items():
+        lines.append(f"| {side.upper()} | {s['method']} | {s['features_a']} → {s['features_b']} | {s['matched']} | "
+                     f"{s['new']} | {s['vanished']} |")
+    for title, key in (("New exclusive features that matter", "new"), ("Vanished exclusive features that matter", "vanished")):
+        lines += ["", f"### {title}", ""]
+        if not result[key]:
+            lines.append("none")
+        for f in result[key]:
+            effect = f"; largest effect {f['best_effect']:.2f}" if f["best_effect"] is not None else ""
+            lines.append(f"- model {f['side'].upper()} feature {f['feature']}: {_md(f['explanation'])}"
+                         f"{' (safety-critical)' if f['safety_critical'] else ''}{effect}")
+    lines += ["", "### Matched features with changes", ""]
     changed = [c for c in result["changed"] if c["effect_changes"] or c["safety_a"] != c["safety_b"]]
     if not changed:
         lines.append("none")
@@ -402,8 +407,6 @@ def render_diff_markdown(result: dict) -> str:
         deltas = ", ".join(f"{r} {d:+.2f}" for r, d in c["effect_changes"].items())
         lines.append(f"- model {c['side'].upper()} feature {c['feature_a']} → {c['feature_b']} (match {c['match_score']}): "
                      f"{_md(c['explanation_b'])}; effect changes: {deltas or 'none'}; safety {c['safety_a']} → {c['safety_b']}")
-    lines += ["", "## Gates", ""]
-    lines += [f"- FAILED: {_md(m)}" for m in result["gate_failures"]] or ["all gates passed"]
     return "\n".join(lines) + "\n"
 
 
