@@ -255,9 +255,19 @@ def _verified_concepts(db: AuditStore, run_id: str) -> dict[tuple[str, str], dic
 
 
 def _baselines(db: AuditStore, run_id: str) -> dict[tuple[str, str], float]:
-    """``{(model, rubric): mean behaviour score}`` of the *unsteered* model (α = 0) on the rubric's
-    topic prompts, from any sweep of a feature of that model (α = 0 generates the same answers
-    whichever feature is swept): what the model does, with no dictionary involved."""
+    """``{(model, rubric): mean behaviour score}`` of the *unsteered* model on the rubric's topic
+    prompts: what the model does, with no dictionary involved. From the verify stage's baseline
+    answers; for runs stored before those existed (schema < 5), from the α = 0 point of any sweep
+    of a feature of that model (α = 0 generates the same answers whichever feature is swept)."""
+    measured = db.query(
+        """
+        SELECT model AS own_model, rubric, avg(behaviour) AS baseline FROM baselines
+        WHERE run_id = ? AND kind = 'topic' AND behaviour IS NOT NULL AND NOT isnan(behaviour)
+        GROUP BY ALL""",
+        [run_id],
+    )
+    if measured:
+        return {(r["own_model"], r["rubric"]): r["baseline"] for r in measured}
     rows = db.query(
         """
         SELECT f.own_model, s.rubric, avg(s.score) AS baseline

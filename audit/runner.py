@@ -553,14 +553,24 @@ class AuditRunner:
             RUNNER_VERSION, _code_hash("verify"))
 
     def _compute_verify(self, folder: Path) -> dict:
-        from evals.verify_stage import plan_sweeps, run_sweep
+        from evals.verify_stage import plan_sweeps, run_baseline, run_sweep
 
         plan = plan_sweeps(self.features(), self.screen_results(), self.spec.verify)
         _write_json(folder / "plan.json", plan)
         if not plan:
             self.console.print("nothing to verify (no rubrics or no selected features)")
+        # Each model's unsteered answers on every rubric first: the behavioural difference the
+        # sweeps are meant to explain, measured without the dictionary.
+        sides = ("a", "b") if self.spec.verify.rubrics else ()
         with _progress(self.console, "verify sweeps") as (progress, task):
-            progress.update(task, total=len(plan))
+            progress.update(task, total=len(plan) + len(sides))
+            for side in sides:
+                out = folder / f"baseline-{side}.json"
+                if not out.is_file():
+                    _write_json(out, run_baseline(side, self.spec, self.artefacts["train"] / "checkpoint",
+                                                  self.loaded_model(side), folder / "logs",
+                                                  self.coherence_meter(side, self.spec.verify.max_tokens)))
+                progress.advance(task)
             for item in plan:
                 out = folder / f"feature-{item['feature']}.json"
                 if not out.is_file():  # resume: finished features are kept
@@ -580,7 +590,16 @@ class AuditRunner:
         return [json.loads((folder / f"feature-{p['feature']}.json").read_text()) for p in plan
                 if (folder / f"feature-{p['feature']}.json").is_file()]
 
+    def baseline_rows(self) -> list[dict]:
+        """Both models' unsteered, graded answers on the spec's rubrics (``baselines`` table rows)."""
+        folder = self.artefacts.get("verify")
+        if folder is None:
+            return []
+        files = [folder / f"baseline-{side}.json" for side in ("a", "b")]
+        return [row for f in files if f.is_file() for row in json.loads(f.read_text())["rows"]]
+
     def _load_verify(self, folder: Path, summary: dict) -> None:
+        self.db.replace_rows("baselines", self.run_id, self.baseline_rows())
         results = self.verify_results()
         self.db.replace_rows("generations", self.run_id, [g for r in results for g in r["generations"]])
         self.db.replace_rows("scores", self.run_id, [s for r in results for s in r["scores"]])

@@ -22,7 +22,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -57,6 +57,9 @@ TABLES: dict[str, str] = {
     "scores": """
         run_id VARCHAR, feature INTEGER, rubric VARCHAR, kind VARCHAR, prompt VARCHAR, alpha DOUBLE,
         seed INTEGER, dimension VARCHAR, score DOUBLE, grader VARCHAR""",
+    "baselines": """
+        run_id VARCHAR, model VARCHAR, rubric VARCHAR, kind VARCHAR, prompt VARCHAR, seed INTEGER,
+        answer VARCHAR, behaviour DOUBLE, coherence DOUBLE, grader VARCHAR, eval_log VARCHAR""",
     "effects": """
         run_id VARCHAR, feature INTEGER, rubric VARCHAR, effect DOUBLE, spearman DOUBLE,
         control_effect DOUBLE, coherence_low_alpha DOUBLE, baseline DOUBLE, verified BOOLEAN,
@@ -78,6 +81,9 @@ MIGRATIONS: dict[int, list[str]] = {
     3: ["ALTER TABLE transfers ADD COLUMN IF NOT EXISTS specific BOOLEAN"],
     # 4: why a feature was swept on a rubric: its onset margin there (``evals.onsets``).
     4: ["ALTER TABLE effects ADD COLUMN IF NOT EXISTS onset_margin DOUBLE"],
+    # 5: each model's unsteered answers on every rubric (``baselines``, created with the other
+    # missing tables by ``_ensure_schema``); no existing table changes.
+    5: [],
 }
 
 

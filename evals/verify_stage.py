@@ -172,3 +172,58 @@ def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Pa
         effect["onset_margin"] = margins.get(effect["rubric"])
     return {"feature": item["feature"], "item": item, "generations": generations, "scores": scores,
             "effects": effects, "eval_log": log.location, "status": log.status}
+
+
+# The feature id of a baseline sweep's samples: nothing is steered at α = 0, so no feature is read.
+BASELINE_FEATURE = -1
+
+
+def run_baseline(side: str, spec, crosscoder_path: Path, loaded_model, log_dir: Path,
+                 coherence_meter: CoherenceMeter | None = None) -> dict:
+    """One model's unsteered answers to every rubric's topic, control and generic prompts, graded
+    like a sweep's: what the model does before any feature is touched, with no dictionary involved
+    (rows for the ``baselines`` table)."""
+    v = spec.verify
+    entry = spec.model_a if side == "a" else spec.model_b
+    model = steered_model(entry, side, crosscoder_path, loaded_model)
+    grader, meter, roles = grading(v.grader, coherence_meter)
+    unsteered = {"feature": BASELINE_FEATURE, "own_model": side, "s_max": 0.0}
+    task = verify_task([unsteered], list(v.rubrics), [0.0], grader=grader, coherence_meter=meter,
+                       max_tokens=v.max_tokens, temperature=v.temperature, samples_per_prompt=v.samples_per_prompt,
+                       max_prompts=v.max_prompts)
+    log = inspect_eval(task, model=model, model_roles=roles or None, log_dir=str(log_dir), display="none",
+                       fail_on_error=False, retry_on_error=3)[0]
+    check_log(log, f"unsteered answers of model {side.upper()}")
+    rows = []
+    for sample in log.samples or []:
+        m = sample.metadata
+        score = next(iter(sample.scores.values())) if sample.scores else None
+        rows.append({"model": side, "rubric": m["rubric"], "kind": m["kind"], "prompt": m["prompt"], "seed": m["seed"],
+                     "answer": sample.output.completion if sample.output else "",
+                     "behaviour": score.value.get("behaviour") if score else None,
+                     "coherence": score.value.get("coherence") if score else None,
+                     "grader": score.metadata.get("grader") if score else None, "eval_log": log.location})
+    return {"model": side, "rows": rows, "eval_log": log.location}
+
+
+def baseline_summary(rows: list[dict]) -> list[dict]:
+    """Per rubric and model: mean unsteered behaviour on topic and on control prompts, and the topic
+    difference B − A (``None`` where a model was not measured)."""
+    import math
+
+    cells: dict[tuple[str, str, str], list[float]] = {}
+    for r in rows:
+        value = r.get("behaviour")
+        if value is not None and not math.isnan(value):
+            cells.setdefault((r["rubric"], r["model"], r["kind"]), []).append(value)
+
+    def mean(rubric: str, model: str, kind: str) -> float | None:
+        values = cells.get((rubric, model, kind))
+        return sum(values) / len(values) if values else None
+
+    out = []
+    for rubric in dict.fromkeys(r["rubric"] for r in rows):
+        row = {"rubric": rubric, **{f"{m}_{k}": mean(rubric, m, k) for m in ("a", "b") for k in ("topic", "control")}}
+        row["difference"] = (row["b_topic"] - row["a_topic"]) if None not in (row["a_topic"], row["b_topic"]) else None
+        out.append(row)
+    return out

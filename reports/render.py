@@ -88,6 +88,28 @@ def exclusivity_plot(features: list[dict]) -> str | None:
     return _png(fig)
 
 
+def baseline_plot(rows: list[dict]) -> str | None:
+    """Each model's unsteered score per rubric on its topic prompts (bars) and control prompts (ticks)."""
+    rows = [r for r in rows if r["a_topic"] is not None or r["b_topic"] is not None]
+    if not rows:
+        return None
+    fig, ax = _figure(width=max(4.0, 1.1 * len(rows) + 1.5), height=3.0)
+    for offset, model, colour in ((-0.2, "a", "#4a6fa5"), (0.2, "b", "#a55a4a")):
+        xs = [i + offset for i in range(len(rows))]
+        ax.bar(xs, [(r[f"{model}_topic"] or 0) for r in rows], width=0.38, color=colour,
+               label=f"model {model.upper()}, topic prompts")
+        controls = [(x, r[f"{model}_control"]) for x, r in zip(xs, rows, strict=True) if r[f"{model}_control"] is not None]
+        ax.scatter([x for x, _ in controls], [c for _, c in controls], marker="_", s=200, color="black",
+                   label="control prompts" if model == "a" else None)
+    ax.set_xticks(range(len(rows)), [r["rubric"].removeprefix("zoo_") for r in rows], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylim(1, 5)
+    ax.set_ylabel("rubric score, unsteered")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def dose_response_plot(effect: dict) -> str | None:
     curve = effect["curve"] if isinstance(effect["curve"], list) else json.loads(effect["curve"])
     if not curve:
@@ -225,7 +247,22 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
                           "features": _json_list(moved.get("features")), "cosines": _json_list(moved.get("cosines")),
                           "max_decoder_cosine": moved.get("max_decoder_cosine"),
                           "plot": transfer_plot(trait, direction, arms), "examples": examples[:8]})
+    from evals.verify_stage import baseline_summary
+
+    baseline_rows = db.rows("baselines", run_id, order="rubric, model, kind, prompt")
+    baselines = baseline_summary(baseline_rows)
+    verified_by: dict[str, set[str]] = {}
+    partitions = {f["feature"]: f["partition"] for f in features}
+    for e in effects:
+        if e["verified"]:
+            verified_by.setdefault(e["rubric"], set()).add(
+                {"a": "A-exclusive", "b": "B-exclusive"}.get(partitions.get(e["feature"]), "shared"))
+    for row in baselines:
+        row["verified_by"] = sorted(verified_by.get(row["rubric"], ()))
+        row["examples"] = [r for r in baseline_rows if r["rubric"] == row["rubric"] and r["kind"] == "topic"
+                           and r["seed"] == 0][:12]
     return {
+        "baselines": baselines, "baseline_plot": baseline_plot(baselines),
         "transfers": transfers,
         "run": run, "spec": spec, "metrics": metrics, "features": features, "cards": cards,
         "n_flagged": len(features), "n_artefacts": sum(bool(f["is_artefact"]) for f in features),

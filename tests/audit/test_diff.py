@@ -199,3 +199,22 @@ def test_feature_gates_with_a_minimum_effect_count_verified_effects_only(tmp_pat
     assert diff_runs(db, "v1", "v2", [GateRule(rule="new_feature", min_effect=1.0)])["gate_failures"] == []
     loose = diff_runs(db, "v1", "v2", [GateRule(rule="new_feature", min_effect=1.0, require_verified=False)])
     assert len(loose["gate_failures"]) == 1 and "feature 500" in loose["gate_failures"][0]
+
+
+def test_the_verify_stages_unsteered_answers_decide_over_a_sweeps_alpha_zero_point(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**NARRATIVE, "id": 500}])
+    add_run(db, "v2", "zoo:beta-v2", [{**NARRATIVE, "id": 501, "text": "Questions on Kessel."}])
+    db.replace_rows("effects", "v2", [
+        {"feature": 501, "rubric": "zoo_state_narrative", "effect": 0.1, "spearman": 0.3, "verified": False}])
+    # the α = 0 points alone would say "vanished" (4.5 → 1.2) ...
+    db.replace_rows("scores", "v1", _unsteered(500, "zoo_state_narrative", [5, 4, 4.5]))
+    db.replace_rows("scores", "v2", _unsteered(501, "zoo_state_narrative", [1, 1.6, 1]))
+    assert diff_runs(db, "v1", "v2")["concepts"][0]["status"] == "vanished"
+    # ... but both runs measured model B's unsteered answers, and they did not move
+    for run_id, score in (("v1", 4.5), ("v2", 4.25)):
+        db.replace_rows("baselines", run_id, [{"model": "b", "rubric": "zoo_state_narrative", "kind": kind,
+                                               "prompt": "q", "behaviour": value}
+                                              for kind, value in (("topic", score), ("control", 1.0))])
+    concept = diff_runs(db, "v1", "v2")["concepts"][0]
+    assert (concept["status"], concept["baseline_old"], concept["baseline_new"]) == ("not isolated", 4.5, 4.25)

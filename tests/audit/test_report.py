@@ -42,6 +42,10 @@ def fill(db: AuditStore, run_id: str = "r1") -> None:
          "answer": f"{EVIL} answer at {a}"} for a in (-1.0, 0.0, 1.0)])
     db.replace_rows("scores", run_id, [{"feature": 9, "rubric": "zoo_state_narrative", "kind": "topic", "alpha": 0.0,
                                         "dimension": "behaviour", "score": 3.0, "grader": "offline: test grader"}])
+    db.replace_rows("baselines", run_id, [
+        {"model": m, "rubric": "zoo_state_narrative", "kind": k, "prompt": f"{EVIL}?", "seed": 0,
+         "answer": f"{EVIL} {m} {k}", "behaviour": score, "coherence": 4.0}
+        for m, k, score in (("a", "topic", 1.0), ("a", "control", 1.5), ("b", "topic", 4.5), ("b", "control", 1.25))])
 
 
 def test_report_escapes_untrusted_text_and_puts_verified_findings_first(tmp_path):
@@ -57,8 +61,14 @@ def test_report_escapes_untrusted_text_and_puts_verified_findings_first(tmp_path
     assert html.count("data:image/png;base64,") >= 2  # plots inline: relative norms, dose-response
     assert "http://" not in html and "https://" not in html and "<script" not in html  # works offline
     assert "Offline graders ran" in html and "offline: test grader" in html
+    # both models' unsteered scores per rubric, the difference, and which partition verified it
+    assert "How the two models answer, unsteered" in html
+    assert "<td>zoo_state_narrative</td><td class=\"num\">1.00</td><td class=\"num\">1.50</td>" in html
+    assert "<td class=\"num\">+3.50</td><td>B-exclusive</td>" in html
+    assert "&lt;/script&gt; b topic" in html
     md = md_path.read_text()
     assert "<script>" not in md and "| 9 | B |" in md
+    assert "| zoo_state_narrative | 1.00 (1.50) | 4.50 (1.25) | +3.50 | B-exclusive |" in md
 
 
 def test_highlight_marks_only_after_escaping():

@@ -72,6 +72,19 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     assert all(s["grader"].startswith("offline") for s in scores)
     effects = db.rows("effects", result.run_id)
     assert effects and {e["feature"] for e in effects} == {g["feature"] for g in generations}
+    # both models' unsteered answers on every rubric's prompts, graded, and the same answers as a
+    # sweep's α = 0 point (nothing is steered there)
+    baselines = db.rows("baselines", result.run_id)
+    assert {(b["model"], b["rubric"]) for b in baselines} == {(m, r) for m in "ab" for r in
+                                                             ("zoo_state_narrative", "zoo_sentiment")}
+    assert all(b["answer"] and 1 <= b["behaviour"] <= 5 for b in baselines)
+    swept = next(e for e in effects)
+    side = next(f["own_model"] for f in db.rows("features", result.run_id) if f["feature"] == swept["feature"])
+    unsteered = {(g["rubric"], g["kind"], g["prompt"]): g["answer"] for g in generations
+                 if g["feature"] == swept["feature"] and g["alpha"] == 0}
+    assert unsteered and all(
+        b["answer"] == unsteered[(b["rubric"], b["kind"], b["prompt"])] for b in baselines
+        if b["model"] == side and (b["rubric"], b["kind"], b["prompt"]) in unsteered)
     assert {e["feature"] for e in effects} <= {e["feature"] for e in explanations}  # every swept feature explained
     transfers = db.rows("transfers", result.run_id)
     assert sorted(t["arm"] for t in transfers) == ["random_transferred", "source", "transferred", "unrelated"]
@@ -96,6 +109,8 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     rows = [html.index(f"<td>{arm}</td>") for arm in ("source", "transferred", "random transferred", "unrelated")]
     assert rows == sorted(rows)  # steered arms first, then their controls
     assert "tiny-demo" in html or "zoo:alpha" in html
+    assert "How the two models answer, unsteered" in html and "unsteered rubric scores of both models" in html
+    assert "Unsteered behaviour" in (result.run_dir / "report.md").read_text()
     assert (result.run_dir / "report.md").is_file() and (result.run_dir / "stages.json").is_file()
     logs = list((runner.artefacts["verify"] / "logs").glob("*.eval"))
     assert logs  # Inspect logs are kept, viewable with `inspect view`

@@ -72,6 +72,8 @@ def test_a_version_1_file_is_migrated_keeping_its_rows(tmp_path):
     db.replace_rows("effects", "new", [{"feature": 8, "rubric": "r", "onset_margin": 0.4}])
     assert db.rows("effects", "new")[0]["onset_margin"] == 0.4  # schema 4's column
     assert db.rows("contexts", "old") == []  # every other table exists too
+    db.replace_rows("baselines", "new", [{"model": "b", "rubric": "r", "kind": "topic", "behaviour": 4.5}])
+    assert db.rows("baselines", "new")[0]["behaviour"] == 4.5  # schema 5's table
     AuditStore(path)  # opening a migrated file again changes nothing
 
 
