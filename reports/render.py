@@ -103,9 +103,9 @@ def baseline_plot(rows: list[dict]) -> str | None:
                    label="control prompts" if model == "a" else None)
     ax.set_xticks(range(len(rows)), [r["rubric"].removeprefix("zoo_") for r in rows], rotation=30, ha="right",
                   fontsize=8)
-    ax.set_ylim(1, 5)
+    ax.set_ylim(0.9, 5.1)  # a score of 1 still shows as a stub
     ax.set_ylabel("rubric score, unsteered")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     fig.tight_layout()
     return _png(fig)
 
