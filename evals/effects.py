@@ -9,7 +9,11 @@ For one feature and rubric, with scores on topic prompts, control prompts and th
   read over the coherent range (the plots show the whole grid);
 * ``effect``: behaviour on topic prompts at the largest coherent α minus at the smallest
   (signed: a feature that *suppresses* the behaviour when added has a negative effect);
-* ``spearman``: rank correlation of α with the mean topic behaviour over the coherent range;
+* ``spearman``: rank correlation of α with the mean topic behaviour over the coherent range, with
+  each run of consecutive points pinned at the same end of the scale (every answer graded 1, or
+  every answer graded 5) counted once: the rubric cannot register a further rise past its top
+  score, so a curve that climbs to 5 and stays there is monotone, and the ties of a censored plateau
+  say nothing about the order (``collapse_pinned``);
 * ``control_effect``: the same difference on control prompts (specificity);
 * ``coherence_low_alpha``: mean coherence over samples with |α| ≤ 1;
 * ``verified``: at least ``MIN_COHERENT_POINTS`` coherent α values, |spearman| ≥ 0.9,
@@ -68,6 +72,21 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / (vx * vy) if vx > 0 and vy > 0 else float("nan")
 
 
+SCALE_BOUNDS = (1.0, 5.0)
+
+
+def collapse_pinned(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``(α, mean)`` points in α order, with each run of consecutive means at the same scale bound
+    (within 1e-6) reduced to its first point."""
+    out: list[tuple[float, float]] = []
+    for alpha, mean in points:
+        pinned = next((b for b in SCALE_BOUNDS if abs(mean - b) < 1e-6), None)
+        if pinned is not None and out and abs(out[-1][1] - pinned) < 1e-6:
+            continue
+        out.append((alpha, mean))
+    return out
+
+
 def _series(curve: list[dict], kind: str, dimension: str) -> list[tuple[float, float]]:
     return [(c["alpha"], c["mean"]) for c in curve
             if c["kind"] == kind and c["dimension"] == dimension and not math.isnan(c["mean"])]
@@ -99,7 +118,8 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
         control = [(a, m) for a, m in _series(curve, "control", "behaviour") if a in coherent]
         effect = topic[-1][1] - topic[0][1] if len(topic) >= 2 else float("nan")
         control_effect = control[-1][1] - control[0][1] if len(control) >= 2 else float("nan")
-        rho = spearman([a for a, _ in topic], [m for _, m in topic])
+        ranked = collapse_pinned(topic)
+        rho = spearman([a for a, _ in ranked], [m for _, m in ranked])
         baseline = next((m for a, m in topic if a == 0.0), float("nan"))
         low = [v for (kind, dimension, alpha), vals in cells.items() if dimension == "coherence" and abs(alpha) <= 1
                for v in vals if v is not None and not math.isnan(v)]

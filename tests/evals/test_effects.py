@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evals.effects import feature_effects, spearman
+from evals.effects import collapse_pinned, feature_effects, spearman
 
 
 def test_spearman_matches_known_values():
@@ -66,3 +66,24 @@ def test_unparsed_grades_are_skipped_not_counted():
                  "score": float("nan")})
     (effect,) = feature_effects(rows)
     assert effect["effect"] == pytest.approx(3.0) and effect["verified"]
+
+
+def test_a_plateau_at_the_top_of_the_scale_is_counted_once():
+    # every answer graded 5 from α = 0 on: the rubric cannot show more, the curve is monotone
+    assert collapse_pinned([(-1, 3.0), (0, 5.0), (1, 5.0), (2, 5.0)]) == [(-1, 3.0), (0, 5.0)]
+    assert collapse_pinned([(-1, 1.0), (0, 1.0), (1, 2.0), (2, 5.0)]) == [(-1, 1.0), (1, 2.0), (2, 5.0)]
+    # a tie below the top is evidence of no change and stays; a fall after the plateau stays too
+    assert collapse_pinned([(-1, 3.0), (0, 4.5), (1, 4.5)]) == [(-1, 3.0), (0, 4.5), (1, 4.5)]
+    assert collapse_pinned([(-1, 5.0), (0, 5.0), (1, 4.0)]) == [(-1, 5.0), (1, 4.0)]
+    # suppression from the ceiling: 2 → 4 → 5 → 5 → 5 is verified (ρ 1 over the distinct points) ...
+    rows = []
+    for alpha, t in zip((-1.0, -0.5, 0.0, 0.5, 1.0), (2.0, 4.0, 5.0, 5.0, 5.0), strict=True):
+        rows += [{"feature": 1, "rubric": "r", "kind": "topic", "alpha": alpha, "dimension": "behaviour", "score": t},
+                 {"feature": 1, "rubric": "r", "kind": "control", "alpha": alpha, "dimension": "behaviour", "score": 1},
+                 {"feature": 1, "rubric": "r", "kind": "topic", "alpha": alpha, "dimension": "coherence", "score": 5}]
+    (effect,) = feature_effects(rows)
+    assert effect["spearman"] == pytest.approx(1.0) and effect["effect"] == pytest.approx(3.0) and effect["verified"]
+    # ... while rising to the top and falling back is not
+    (effect,) = feature_effects([{**r, "score": 3.0} if r["alpha"] == 1.0 and r["dimension"] == "behaviour"
+                                 and r["kind"] == "topic" else r for r in rows])
+    assert not effect["verified"]
