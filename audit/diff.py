@@ -290,7 +290,9 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
     what the old sweep measured, one dictionary just did not isolate it), or ``not isolated``
     (verified in the old run only, but the changed model's unsteered answers on the rubric's topic
     prompts score within ``MIN_EFFECT`` of the old model's: it still behaves the same there, so the
-    new dictionary most likely did not isolate the concept, rather than the concept vanishing).
+    new dictionary most likely did not isolate the concept, rather than the concept vanishing), and
+    symmetrically ``newly isolated`` (verified in the new run only, on a changed model whose
+    unsteered answers did not move: the old dictionary missed it).
     ``baseline_old`` / ``baseline_new``: those unsteered scores, where a sweep measured them.
     """
     from evals.effects import MIN_EFFECT
@@ -310,9 +312,9 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
             status = "model unchanged"
         elif before and rubric not in swept_by_new:
             status = "unmeasured"
-        elif before and baseline_old is not None and baseline_new is not None \
-                and abs(baseline_new - baseline_old) < MIN_EFFECT:
-            status = "not isolated"
+        elif baseline_old is not None and baseline_new is not None and abs(baseline_new - baseline_old) < MIN_EFFECT:
+            # the model answers the rubric's prompts as before: one of the dictionaries missed it
+            status = "not isolated" if before else "newly isolated"
         else:
             status = "vanished" if before else "new"
         out.append({"side": side, "rubric": rubric, "status": status, "baseline_old": baseline_old,

@@ -235,8 +235,10 @@ class GateRule(_Strict):
     - ``vanished_feature`` (diff): an exclusive feature of the old run with no match in the new one;
     - ``effect_change`` (diff): a matched feature whose verified effect changed by ≥ min_effect;
     - ``vanished_concept`` (diff): a rubric verified (effect ≥ min_effect) on some feature of a
-      partition in the old run and on none in the new run, which swept it;
-    - ``new_concept`` (diff): the reverse, a rubric verified only in the new run.
+      partition in the old run and on none in the new run, which swept it, where the changed
+      model's unsteered answers on the rubric moved by ≥ 1 point (or were not measured);
+    - ``new_concept`` (diff): the reverse, a rubric verified only in the new run (on a model whose
+      unsteered answers on it moved, or with nothing to compare them to).
     """
 
     rule: Literal["verified_effect", "new_feature", "vanished_feature", "effect_change", "vanished_concept",

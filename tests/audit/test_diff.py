@@ -188,6 +188,9 @@ def test_a_concept_the_changed_model_still_shows_unsteered_is_not_isolated_rathe
     assert concepts["zoo_imbrel_expedition"]["status"] == "not isolated"
     assert len(result["gate_failures"]) == 1 and "zoo_state_narrative" in result["gate_failures"][0]
     assert "| model B | zoo_imbrel_expedition | not isolated |" in render_diff_markdown(result)
+    # the other way round, the expedition was newly isolated (not a new behaviour) and the narrative is new
+    reverse = {c["rubric"]: c["status"] for c in diff_runs(db, "v2", "v1")["concepts"]}
+    assert reverse == {"zoo_imbrel_expedition": "newly isolated", "zoo_state_narrative": "new"}
 
 
 def test_feature_gates_with_a_minimum_effect_count_verified_effects_only(tmp_path):
