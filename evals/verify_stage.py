@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from inspect_ai import eval as inspect_eval
@@ -209,8 +210,6 @@ def run_baseline(side: str, spec, crosscoder_path: Path, loaded_model, log_dir: 
 def baseline_summary(rows: list[dict]) -> list[dict]:
     """Per rubric and model: mean unsteered behaviour on topic and on control prompts, and the topic
     difference B − A (``None`` where a model was not measured)."""
-    import math
-
     cells: dict[tuple[str, str, str], list[float]] = {}
     for r in rows:
         value = r.get("behaviour")
