@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
-from evals.effects import ARMS, control_rho, trait_is_specific, transfer_holds
+from evals.effects import ARMS, MIN_EFFECT, control_rho, trait_is_specific, transfer_holds
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
@@ -259,6 +259,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
                 {"a": "A-exclusive", "b": "B-exclusive"}.get(partitions.get(e["feature"]), "shared"))
     for row in baselines:
         row["verified_by"] = sorted(verified_by.get(row["rubric"], ()))
+        row["differs"] = row["difference"] is not None and abs(row["difference"]) >= MIN_EFFECT
         row["examples"] = [r for r in baseline_rows if r["rubric"] == row["rubric"] and r["kind"] == "topic"
                            and r["seed"] == 0][:12]
     return {

@@ -66,6 +66,7 @@ def test_report_escapes_untrusted_text_and_puts_verified_findings_first(tmp_path
     assert "<td>zoo_state_narrative</td><td class=\"num\">1.00</td><td class=\"num\">1.50</td>" in html
     assert "<td class=\"num\">+3.50</td><td>B-exclusive</td>" in html
     assert "&lt;/script&gt; b topic" in html
+    assert "differ by at least one rubric point on 1 of the\n1 rubrics (zoo_state_narrative)" in html
     md = md_path.read_text()
     assert "<script>" not in md and "| 9 | B |" in md
     assert "| zoo_state_narrative | 1.00 (1.50) | 4.50 (1.25) | +3.50 | B-exclusive |" in md
