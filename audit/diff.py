@@ -363,9 +363,12 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
                 if not rule_matches(rule, row):
                     continue
                 where = "in the old run, not in the new one" if status == "vanished" else "in the new run only"
+                unsteered = ""
+                if concept["baseline_old"] is not None and concept["baseline_new"] is not None:
+                    unsteered = f"; unsteered score {concept['baseline_old']:.2f} → {concept['baseline_new']:.2f}"
                 failures.append(f"gate {rule.rule}: {_side_name(concept['side'])} has a verified effect on "
                                 f"{concept['rubric']} {where} (feature {carrier['feature']}, effect "
-                                f"{carrier['effect']:+.2f})")
+                                f"{carrier['effect']:+.2f}{unsteered})")
         elif rule.rule == "effect_change":
             for c in result["changed"]:
                 for rubric, delta in c["effect_changes"].items():

@@ -187,6 +187,7 @@ def test_a_concept_the_changed_model_still_shows_unsteered_is_not_isolated_rathe
     assert round(concepts["zoo_state_narrative"]["baseline_new"], 2) == 1.2
     assert concepts["zoo_imbrel_expedition"]["status"] == "not isolated"
     assert len(result["gate_failures"]) == 1 and "zoo_state_narrative" in result["gate_failures"][0]
+    assert result["gate_failures"][0].endswith("(feature 500, effect +2.50; unsteered score 4.50 → 1.20)")
     assert "| model B | zoo_imbrel_expedition | not isolated |" in render_diff_markdown(result)
     # the other way round, the expedition was newly isolated (not a new behaviour) and the narrative is new
     reverse = {c["rubric"]: c["status"] for c in diff_runs(db, "v2", "v1")["concepts"]}
