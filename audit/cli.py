@@ -154,6 +154,8 @@ def _print_diff(result: dict) -> None:
     concepts, which the gates mostly rest on, last so they stay on screen (plain text, never markup)."""
     from rich.text import Text
 
+    from .diff import format_score
+
     view = Table(title=f"exclusive features: {result['run_a']} → {result['run_b']}")
     for column in ("side", "matched by", "old → new", "matched", "new", "vanished"):
         view.add_column(column)
@@ -172,7 +174,7 @@ def _print_diff(result: dict) -> None:
     for c in result.get("concepts", []):
         where = "shared" if c["side"] not in ("a", "b") else c["side"].upper()
         cells = [f"feature {x['feature']}: {x['effect']:+.2f}" if x else "not verified" for x in (c["old"], c["new"])]
-        baseline = " → ".join("–" if v is None else f"{v:.2f}" for v in (c.get("baseline_old"), c.get("baseline_new")))
+        baseline = f"{format_score(c.get('baseline_old'))} → {format_score(c.get('baseline_new'))}"
         concepts.add_row(where, c["rubric"], c["status"], *cells, baseline)
     console.print(concepts)
 

@@ -259,15 +259,12 @@ def _baselines(db: AuditStore, run_id: str) -> dict[tuple[str, str], float]:
     prompts: what the model does, with no dictionary involved. From the verify stage's baseline
     answers; for runs stored before those existed (schema < 5), from the α = 0 point of any sweep
     of a feature of that model (α = 0 generates the same answers whichever feature is swept)."""
-    measured = db.query(
-        """
-        SELECT model AS own_model, rubric, avg(behaviour) AS baseline FROM baselines
-        WHERE run_id = ? AND kind = 'topic' AND behaviour IS NOT NULL AND NOT isnan(behaviour)
-        GROUP BY ALL""",
-        [run_id],
-    )
+    from evals.verify_stage import baseline_summary
+
+    measured = {(model, row["rubric"]): row[f"{model}_topic"] for row in baseline_summary(db.rows("baselines", run_id))
+                for model in ("a", "b") if row[f"{model}_topic"] is not None}
     if measured:
-        return {(r["own_model"], r["rubric"]): r["baseline"] for r in measured}
+        return measured
     rows = db.query(
         """
         SELECT f.own_model, s.rubric, avg(s.score) AS baseline
@@ -394,8 +391,8 @@ def render_diff_markdown(result: dict) -> str:
               "| partition | rubric | status | old run | new run | baseline |", "|---|---|---|---|---|---|"]
     for c in result.get("concepts", []):
         lines.append(f"| {_side_name(c['side'])} | {c['rubric']} | {c['status']} | {_concept_cell(c['old'])} | "
-                     f"{_concept_cell(c['new'])} | {_number(c.get('baseline_old'))} → "
-                     f"{_number(c.get('baseline_new'))} |")
+                     f"{_concept_cell(c['new'])} | {format_score(c.get('baseline_old'))} → "
+                     f"{format_score(c.get('baseline_new'))} |")
     if not result.get("concepts"):
         lines.append("| none verified in either run | | | | | |")
     lines += ["", "## Gates", ""]
@@ -429,7 +426,7 @@ def _side_name(partition: str) -> str:
     return "shared" if partition not in ("a", "b") else f"model {partition.upper()}"
 
 
-def _number(value: float | None) -> str:
+def format_score(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 

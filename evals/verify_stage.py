@@ -140,18 +140,27 @@ def grading(grader: str, coherence_meter: CoherenceMeter | None) -> tuple[str, C
     return "grader", None, {"grader": get_model(grader)}
 
 
-def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Path,
-              coherence_meter: CoherenceMeter | None = None) -> dict:
-    """Sweep one feature on its rubrics; rows for the generations, scores and effects tables."""
+def _graded_sweep(item: dict, rubrics: list[str], alphas: list[float], spec, crosscoder_path: Path, loaded_model,
+                  log_dir: Path, coherence_meter: CoherenceMeter | None, what: str):
+    """Run the verify task for one feature ``item`` on its model over ``rubrics`` × ``alphas`` with the
+    spec's generation and grading settings; the finished Inspect log (``EvalFailed`` otherwise)."""
     v = spec.verify
     entry = spec.model_a if item["own_model"] == "a" else spec.model_b
     steered = steered_model(entry, item["own_model"], crosscoder_path, loaded_model)
     grader, meter, roles = grading(v.grader, coherence_meter)
-    task = verify_task([item], item["rubrics"], list(v.alphas), grader=grader, coherence_meter=meter, max_tokens=v.max_tokens, temperature=v.temperature,
-                       samples_per_prompt=v.samples_per_prompt, max_prompts=v.max_prompts)
+    task = verify_task([item], rubrics, alphas, grader=grader, coherence_meter=meter, max_tokens=v.max_tokens,
+                       temperature=v.temperature, samples_per_prompt=v.samples_per_prompt, max_prompts=v.max_prompts)
     log = inspect_eval(task, model=steered, model_roles=roles or None, log_dir=str(log_dir), display="none",
                        fail_on_error=False, retry_on_error=3)[0]
-    check_log(log, f"verify of feature {item['feature']}")
+    check_log(log, what)
+    return log
+
+
+def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Path,
+              coherence_meter: CoherenceMeter | None = None) -> dict:
+    """Sweep one feature on its rubrics; rows for the generations, scores and effects tables."""
+    log = _graded_sweep(item, item["rubrics"], list(spec.verify.alphas), spec, crosscoder_path, loaded_model, log_dir,
+                        coherence_meter, f"verify of feature {item['feature']}")
     generations, scores = [], []
     for sample in log.samples or []:
         if sample.error is not None:
@@ -184,17 +193,9 @@ def run_baseline(side: str, spec, crosscoder_path: Path, loaded_model, log_dir: 
     """One model's unsteered answers to every rubric's topic, control and generic prompts, graded
     like a sweep's: what the model does before any feature is touched, with no dictionary involved
     (rows for the ``baselines`` table)."""
-    v = spec.verify
-    entry = spec.model_a if side == "a" else spec.model_b
-    model = steered_model(entry, side, crosscoder_path, loaded_model)
-    grader, meter, roles = grading(v.grader, coherence_meter)
     unsteered = {"feature": BASELINE_FEATURE, "own_model": side, "s_max": 0.0}
-    task = verify_task([unsteered], list(v.rubrics), [0.0], grader=grader, coherence_meter=meter,
-                       max_tokens=v.max_tokens, temperature=v.temperature, samples_per_prompt=v.samples_per_prompt,
-                       max_prompts=v.max_prompts)
-    log = inspect_eval(task, model=model, model_roles=roles or None, log_dir=str(log_dir), display="none",
-                       fail_on_error=False, retry_on_error=3)[0]
-    check_log(log, f"unsteered answers of model {side.upper()}")
+    log = _graded_sweep(unsteered, list(spec.verify.rubrics), [0.0], spec, crosscoder_path, loaded_model, log_dir,
+                        coherence_meter, f"unsteered answers of model {side.upper()}")
     rows = []
     for sample in log.samples or []:
         m = sample.metadata
