@@ -1,0 +1,61 @@
+"""The offline coherence meter (``evals.coherence``) against hand-labelled answers of the zoo's models.
+
+Verify grades coherence offline with the perplexity meter, not with the MiniLM grader that
+``test_offline_grader`` validates, so the meter gets its own held-out check: 48 real generations
+of a demo run (steered and unsteered, both models), labelled by hand against the coherence
+rubric's anchors (``data/coherence_meter_zoo_labels.yaml``). Builds the default zoo on first use
+(minutes, cached; the zoo tests need it too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crosscoder.models import load_model
+from evals.coherence import OFFLINE_COHERENCE_LABEL, CoherenceMeter
+from evals.effects import spearman
+
+LABELS = Path(__file__).parent / "data" / "coherence_meter_zoo_labels.yaml"
+# The demo's capture layers; the meter never steers, so the layer only has to exist.
+ZOO_LAYERS = {"alpha": 3, "beta": 2}
+# Measured at the time of writing: within +-1 of the label 0.94, exact 0.71, Spearman 0.91 (n = 48).
+# Its three misses are all the same kind: a fluent answer about another subject graded 5 where the
+# rubric says 3, when the unsteered model's own answer to that prompt is off the subject too.
+MIN_WITHIN_ONE = 0.8
+
+
+@pytest.fixture(scope="module")
+def graded() -> list[tuple[int, float]]:
+    examples = yaml.safe_load(LABELS.read_text(encoding="utf-8"))["examples"]
+    meters = {name: CoherenceMeter(load_model(f"zoo:{name}", layer)) for name, layer in ZOO_LAYERS.items()}
+    out = []
+    for example in examples:
+        result = meters[example["model"]].grade(example["prompt"], example["response"])
+        assert result["label"] == OFFLINE_COHERENCE_LABEL
+        out.append((example["score"], result["score"]))
+    return out
+
+
+def test_labelled_set_spans_the_scale():
+    examples = yaml.safe_load(LABELS.read_text(encoding="utf-8"))["examples"]
+    per_level = {level: sum(e["score"] == level for e in examples) for level in (1, 2, 3, 4, 5)}
+    assert min(per_level.values()) >= 6, per_level
+    assert {e["model"] for e in examples} == set(ZOO_LAYERS)
+
+
+def test_coherence_meter_agrees_with_labels(graded):
+    within = sum(abs(score - label) <= 1 for label, score in graded) / len(graded)
+    exact = sum(score == label for label, score in graded) / len(graded)
+    rho = spearman([label for label, _ in graded], [score for _, score in graded])
+    print(f"coherence meter on {len(graded)} labelled zoo answers: within_1={within:.2f} exact={exact:.2f} rho={rho:.2f}")
+    assert within >= MIN_WITHIN_ONE, f"within +-1 agreement {within:.2f} < {MIN_WITHIN_ONE} (exact {exact:.2f})"
+    assert rho >= 0.8, f"the meter's scores rank the answers unlike the labels (Spearman {rho:.2f})"
+
+
+def test_coherence_meter_separates_fluent_from_broken(graded):
+    """Broken answers (labels 1-2) never score above 3, fluent ones (labels 4-5) never below 3."""
+    assert all(score <= 3 for label, score in graded if label <= 2), graded
+    assert all(score >= 3 for label, score in graded if label >= 4), graded
