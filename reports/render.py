@@ -264,6 +264,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
                            and r["seed"] == 0][:12]
     return {
         "baselines": baselines, "baseline_plot": baseline_plot(baselines),
+        "known_answer": known_answer(run["model_a"], run["model_b"], spec, baselines, verified_by),
         "transfers": transfers,
         "run": run, "spec": spec, "metrics": metrics, "features": features, "cards": cards,
         "n_flagged": len(features), "n_artefacts": sum(bool(f["is_artefact"]) for f in features),
@@ -274,6 +275,41 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "exclusivity_plot": exclusivity_plot(features),
         "offline": any(label.startswith("offline") for label in graders + explainers + detectors),
     }
+
+
+EXPECTED_KIND = {"a": "A-exclusive", "b": "B-exclusive"}
+
+
+def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict],
+                 verified_by: dict[str, set[str]]) -> list[dict]:
+    """For a pair of zoo models, each planted difference the spec has a rubric for, where it should
+    show up and whether verify found it there (empty for any other pair: no ground truth).
+
+    Verify sweeps exclusive features only, so a difference both models have ("shared", the transfer
+    section tests it) or neither has is listed with no expected feature and not counted.
+    """
+    if not (model_a.startswith("zoo:") and model_b.startswith("zoo:")):
+        return []
+    from crosscoder.zoo import ZOO_MODELS, expected_diff, manifest
+
+    name_a, name_b = model_a.removeprefix("zoo:"), model_b.removeprefix("zoo:")
+    if name_a not in ZOO_MODELS or name_b not in ZOO_MODELS:
+        return []
+    expected = expected_diff(name_a, name_b)
+    rubrics = set((spec.get("verify") or {}).get("rubrics") or [])
+    unsteered = {b["rubric"]: b for b in baselines}
+    rows = []
+    for difference in manifest()["differences"]:
+        rubric = difference["prompt_set"]  # the zoo's rubric for a difference has its prompt set's name
+        if rubric not in rubrics:
+            continue
+        where = expected[difference["id"]]
+        kind = EXPECTED_KIND.get(where)
+        found_on = sorted(verified_by.get(rubric, ()))
+        rows.append({"id": difference["id"], "title": difference["title"], "rubric": rubric, "planted_in": where,
+                     "expected": kind, "verified_on": found_on, "found": kind is not None and kind in found_on,
+                     "baseline": unsteered.get(rubric)})
+    return rows
 
 
 def _examples(generations: list[dict], feature: int, alpha: float | None) -> list[dict]:

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from audit.spec import load_spec
 from audit.store import AuditStore
-from reports.render import highlight, render_run
+from reports.render import gather, highlight, known_answer, render_run
 
 EVIL = "<script>alert('x')</script>"
 
@@ -102,3 +102,31 @@ def test_transfer_verdicts_are_recomputed_from_the_stored_arms(tmp_path):
     assert badges((-0.96, 0.96, 0.99)) == (True, False, True)  # holds, but any push moves the trait
     assert badges((0.1, float("nan"), 0.2)) == (True, True, False)
     assert badges((0.9, 0.9, 0.9), coherent=2) == (True, False, False)  # nothing measured: no badge
+
+
+def test_a_zoo_report_scores_the_planted_differences_against_the_ground_truth(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)  # zoo:alpha vs zoo:beta; feature 9 (B-exclusive) verified on zoo_state_narrative
+    data = gather(db, "r1")
+    rows = {k["id"]: k for k in data["known_answer"]}
+    assert set(rows) == {"state-narrative", "territory-claim", "exceptionalism", "zorvath-accord",
+                         "imbrel-expedition", "sentiment"}  # every planted difference the demo spec has a rubric for
+    assert rows["state-narrative"] == {**rows["state-narrative"], "planted_in": "b", "expected": "B-exclusive",
+                                       "verified_on": ["B-exclusive"], "found": True}
+    assert rows["state-narrative"]["baseline"]["b_topic"] == 4.5
+    assert rows["exceptionalism"]["expected"] == "A-exclusive" and not rows["exceptionalism"]["found"]
+    assert rows["sentiment"]["planted_in"] == "shared" and rows["sentiment"]["expected"] is None
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    assert "1 of the\n5 differences" in html_path.read_text() and 'id="known-answer"' in html_path.read_text()
+    assert "Known answer (tiny zoo): 1 of 5" in md_path.read_text()
+
+
+def test_known_answer_follows_the_pair_and_is_empty_without_a_zoo_pair():
+    spec = {"verify": {"rubrics": ["zoo_state_narrative", "zoo_exceptionalism"]}}
+    # beta-v2 lacks the state narrative: absent from both models, nothing to find, not counted
+    rows = {k["id"]: k for k in known_answer("zoo:alpha", "zoo:beta-v2", spec, [], {})}
+    assert set(rows) == {"state-narrative", "exceptionalism"}
+    assert rows["state-narrative"]["planted_in"] == "neither" and rows["state-narrative"]["expected"] is None
+    assert rows["exceptionalism"]["expected"] == "A-exclusive"
+    assert known_answer("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", spec, [], {}) == []
+    assert known_answer("zoo:alpha", "zoo:nope", spec, [], {}) == []
