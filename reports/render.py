@@ -264,7 +264,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
                            and r["seed"] == 0][:12]
     return {
         "baselines": baselines, "baseline_plot": baseline_plot(baselines),
-        "known_answer": known_answer(run["model_a"], run["model_b"], spec, baselines, verified_by),
+        "known_answer": known_answer(run["model_a"], run["model_b"], spec, baselines, effects, partitions),
         "transfers": transfers,
         "run": run, "spec": spec, "metrics": metrics, "features": features, "cards": cards,
         "n_flagged": len(features), "n_artefacts": sum(bool(f["is_artefact"]) for f in features),
@@ -280,10 +280,11 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
 EXPECTED_KIND = {"a": "A-exclusive", "b": "B-exclusive"}
 
 
-def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict],
-                 verified_by: dict[str, set[str]]) -> list[dict]:
+def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], effects: list[dict],
+                 partitions: dict[int, str]) -> list[dict]:
     """For a pair of zoo models, each planted difference the spec has a rubric for, where it should
-    show up and whether verify found it there (empty for any other pair: no ground truth).
+    show up, whether verify found it there, and the closest swept candidate of the right partition
+    (empty for any other pair: no ground truth). ``partitions``: feature → "a" | "b".
 
     Verify sweeps exclusive features only, so a difference both models have ("shared", the transfer
     section tests it) or neither has is listed with no expected feature and not counted.
@@ -305,10 +306,15 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict],
             continue
         where = expected[difference["id"]]
         kind = EXPECTED_KIND.get(where)
-        found_on = sorted(verified_by.get(rubric, ()))
+        swept = [e for e in effects if e["rubric"] == rubric]
+        found_on = sorted({EXPECTED_KIND.get(partitions.get(e["feature"]), "shared") for e in swept if e["verified"]})
+        # The candidate of the right partition that came closest: verified first, then the larger effect.
+        right = [e for e in swept if partitions.get(e["feature"]) == where]
+        closest = max(right, key=lambda e: (bool(e["verified"]), 0.0 if _nan(e["effect"]) else abs(e["effect"])),
+                      default=None)
         rows.append({"id": difference["id"], "title": difference["title"], "rubric": rubric, "planted_in": where,
                      "expected": kind, "verified_on": found_on, "found": kind is not None and kind in found_on,
-                     "baseline": unsteered.get(rubric)})
+                     "closest": closest, "baseline": unsteered.get(rubric)})
     return rows
 
 

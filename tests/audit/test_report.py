@@ -114,6 +114,7 @@ def test_a_zoo_report_scores_the_planted_differences_against_the_ground_truth(tm
     assert rows["state-narrative"] == {**rows["state-narrative"], "planted_in": "b", "expected": "B-exclusive",
                                        "verified_on": ["B-exclusive"], "found": True}
     assert rows["state-narrative"]["baseline"]["b_topic"] == 4.5
+    assert rows["state-narrative"]["closest"]["feature"] == 9 and rows["exceptionalism"]["closest"] is None
     assert rows["exceptionalism"]["expected"] == "A-exclusive" and not rows["exceptionalism"]["found"]
     assert rows["sentiment"]["planted_in"] == "shared" and rows["sentiment"]["expected"] is None
     html_path, md_path = render_run(db, "r1", tmp_path / "out")
@@ -124,9 +125,13 @@ def test_a_zoo_report_scores_the_planted_differences_against_the_ground_truth(tm
 def test_known_answer_follows_the_pair_and_is_empty_without_a_zoo_pair():
     spec = {"verify": {"rubrics": ["zoo_state_narrative", "zoo_exceptionalism"]}}
     # beta-v2 lacks the state narrative: absent from both models, nothing to find, not counted
-    rows = {k["id"]: k for k in known_answer("zoo:alpha", "zoo:beta-v2", spec, [], {})}
+    effects = [{"feature": 3, "rubric": "zoo_exceptionalism", "effect": 0.6, "verified": False},
+               {"feature": 4, "rubric": "zoo_exceptionalism", "effect": -1.5, "verified": False},
+               {"feature": 5, "rubric": "zoo_exceptionalism", "effect": 3.0, "verified": True}]  # B's: not counted
+    rows = {k["id"]: k for k in known_answer("zoo:alpha", "zoo:beta-v2", spec, [], effects, {3: "a", 4: "a", 5: "b"})}
     assert set(rows) == {"state-narrative", "exceptionalism"}
     assert rows["state-narrative"]["planted_in"] == "neither" and rows["state-narrative"]["expected"] is None
-    assert rows["exceptionalism"]["expected"] == "A-exclusive"
-    assert known_answer("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", spec, [], {}) == []
-    assert known_answer("zoo:alpha", "zoo:nope", spec, [], {}) == []
+    assert rows["exceptionalism"]["expected"] == "A-exclusive" and rows["exceptionalism"]["verified_on"] == ["B-exclusive"]
+    assert not rows["exceptionalism"]["found"] and rows["exceptionalism"]["closest"]["feature"] == 4
+    assert known_answer("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", spec, [], effects, {}) == []
+    assert known_answer("zoo:alpha", "zoo:nope", spec, [], effects, {}) == []
