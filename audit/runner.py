@@ -14,6 +14,7 @@ a stage found in the cache still gives this run its rows.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +42,19 @@ from .store import AuditStore
 STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "transfer", "report")
 RUNNER_VERSION = "1"
 EVAL_PAIRS = 20_000
+
+
+def disk_full_hint(path: Path) -> str:
+    """What to do when a write ran out of space under ``path``."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**30:.1f} GiB free now"
+    except OSError:
+        free = "free space unknown"
+    return (f"the disk holding {path} is full ({free}): free some space and rerun the same command (or point "
+            "--workspace at a larger disk, where the stages start afresh)")
 
 
 class StageError(RuntimeError):
@@ -201,8 +215,13 @@ class AuditRunner:
                 summary = compute(folder) or {}
             except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
                 message = f"{type(exc).__name__}: {exc}"[:2000]
-                self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, message)
-                self._register_run(status=f"failed at {stage}")
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    message += "\n" + disk_full_hint(folder or self.cache)
+                try:
+                    self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, message)
+                    self._register_run(status=f"failed at {stage}")
+                except Exception as record_exc:  # e.g. the store is on the same full disk: keep the real error
+                    message += f"\n(this failure could not be recorded in {self.db.path}: {record_exc})"
                 if isinstance(exc, Exception) and not isinstance(exc, StageError):
                     raise StageError(stage, f"{message}\nfinished artefacts are kept in {self.cache}; fix the "
                                      "problem and rerun the same command to resume") from exc

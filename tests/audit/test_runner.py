@@ -168,6 +168,39 @@ def test_an_interrupted_verify_keeps_finished_work_and_resumes(first_run, worksp
     assert len({g["feature"] for g in runner.db.rows("generations", result.run_id)}) == 2
 
 
+def test_a_full_disk_names_the_disk_keeps_finished_stages_and_resumes(first_run, workspace, tmp_path, monkeypatch):
+    import errno
+
+    spec_path = write_spec(tmp_path, screen={"max_features": 5})  # screen onwards rerun, the rest is cached
+    spec = load_spec(spec_path)
+
+    def disk_full(self, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "explanations.json"))
+
+    monkeypatch.setattr(AuditRunner, "_compute_screen", disk_full)
+    runner = AuditRunner(spec, spec_path, workspace=workspace)
+    with pytest.raises(StageError, match=r"(?s)No space left on device.*the disk holding .* is full \(\d+\.\d GiB free"):
+        runner.run()
+    stages = {r["stage"]: r for r in runner.db.rows("stages", runner.run_id)}
+    assert stages["screen"]["status"] == "failed" and "is full" in stages["screen"]["message"]
+    assert stages["analyse"]["status"] == "cached" and runner.db.run(runner.run_id)["status"] == "failed at screen"
+    # The store on the same full disk: recording the failure fails too, and the real error still surfaces.
+    record = AuditRunner._record_stage
+
+    def store_full(self, stage, input_hash, folder, status, seconds, message):
+        if status == "failed":
+            raise OSError(errno.ENOSPC, "No space left on device", "audit.duckdb.wal")
+        return record(self, stage, input_hash, folder, status, seconds, message)
+
+    monkeypatch.setattr(AuditRunner, "_record_stage", store_full)
+    with pytest.raises(StageError, match=r"(?s)explanations\.json.*is full.*could not be recorded in .*audit\.duckdb"):
+        runner.run()
+    monkeypatch.undo()
+    result = AuditRunner(spec, spec_path, workspace=workspace).run()
+    cached = {r.stage: r.cached for r in result.stages}
+    assert cached["harvest"] and cached["train"] and cached["analyse"] and not cached["screen"]
+
+
 def test_bad_settings_fail_early_with_the_field_named(tmp_path, workspace):
     spec_path = write_spec(tmp_path, model_b={"layer": 40})
     with pytest.raises(StageError, match=r"model_b\.layer: 40 is out of range"):
