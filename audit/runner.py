@@ -44,6 +44,26 @@ RUNNER_VERSION = "1"
 EVAL_PAIRS = 20_000
 
 
+_DISK_FULL_TEXTS = ("no space left on device", "os error 28", "disk full", "not enough space on the disk")
+
+
+def disk_full_path(exc: BaseException) -> tuple[bool, str | None]:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk, and the file it names.
+    Not every library raises OSError(ENOSPC): safetensors and DuckDB raise their own types whose
+    only trace is the operating system's message, so the text is matched too."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True, current.filename if isinstance(current.filename, str) else None
+        if any(text in str(current).lower() for text in _DISK_FULL_TEXTS):
+            return True, getattr(current, "filename", None) if isinstance(getattr(current, "filename", None),
+                                                                         str) else None
+        current = current.__cause__ or current.__context__
+    return False, None
+
+
 def disk_full_hint(path: Path) -> str:
     """What to do when a write ran out of space under ``path``."""
     probe = Path(path)
@@ -213,21 +233,28 @@ class AuditRunner:
             self.console.rule(f"[bold]{stage}[/bold]")
             try:
                 summary = compute(folder) or {}
+                if done is not None:  # inside the try: writing the marker can hit a full disk too
+                    _write_json(done, summary)
             except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
                 message = f"{type(exc).__name__}: {exc}"[:2000]
-                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                    message += "\n" + disk_full_hint(folder or self.cache)
+                disk_full, full_file = disk_full_path(exc)
+                if disk_full:
+                    message += "\n" + disk_full_hint(Path(full_file) if full_file else folder or self.cache)
                 try:
                     self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, message)
                     self._register_run(status=f"failed at {stage}")
                 except Exception as record_exc:  # e.g. the store is on the same full disk: keep the real error
-                    message += f"\n(this failure could not be recorded in {self.db.path}: {record_exc})"
+                    unrecorded = f"this failure could not be recorded in {self.db.path}: {record_exc}"
+                    message += f"\n({unrecorded})"
+                    if not (isinstance(exc, Exception) and not isinstance(exc, StageError)):
+                        self.console.print(f"[red]{stage}: {unrecorded}[/red]", highlight=False)
                 if isinstance(exc, Exception) and not isinstance(exc, StageError):
                     raise StageError(stage, f"{message}\nfinished artefacts are kept in {self.cache}; fix the "
                                      "problem and rerun the same command to resume") from exc
+                if disk_full and isinstance(exc, StageError):  # a stage's own error that came from a full disk
+                    raise StageError(stage, f"{str(exc).removeprefix(stage + ': ')}\n"
+                                     f"{disk_full_hint(Path(full_file) if full_file else folder or self.cache)}") from exc
                 raise
-            if done is not None:
-                _write_json(done, summary)
         if folder is not None:
             self.artefacts[stage] = folder
         seconds = time.perf_counter() - started

@@ -296,13 +296,15 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
     name_a, name_b = model_a.removeprefix("zoo:"), model_b.removeprefix("zoo:")
     if name_a not in ZOO_MODELS or name_b not in ZOO_MODELS:
         return []
+    if not effects and not baselines:  # verify never ran: there is nothing to score yet
+        return []
     expected = expected_diff(name_a, name_b)
-    rubrics = set((spec.get("verify") or {}).get("rubrics") or [])
+    by_prompt_set = _rubrics_by_prompt_set(spec)
     unsteered = {b["rubric"]: b for b in baselines}
     rows = []
     for difference in manifest()["differences"]:
-        rubric = difference["prompt_set"]  # the zoo's rubric for a difference has its prompt set's name
-        if rubric not in rubrics:
+        rubric = by_prompt_set.get(difference["prompt_set"])  # a rubric drives the difference's prompts
+        if rubric is None:
             continue
         where = expected[difference["id"]]
         kind = EXPECTED_KIND.get(where)
@@ -316,6 +318,26 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
                      "expected": kind, "verified_on": found_on, "found": kind is not None and kind in found_on,
                      "closest": closest, "baseline": unsteered.get(rubric)})
     return rows
+
+
+def _rubrics_by_prompt_set(spec: dict) -> dict[str, str]:
+    """The spec's rubrics (named, given as paths, or in ``verify.features``) by the prompt set they
+    sweep: prompt set → rubric name as verify records it."""
+    from evals.rubrics import RubricError, load_rubric
+
+    verify = spec.get("verify") or {}
+    entries = list(verify.get("rubrics") or [])
+    for names in (verify.get("features") or {}).values():
+        entries += list(names)
+    out: dict[str, str] = {}
+    for entry in dict.fromkeys(entries):
+        try:
+            rubric = load_rubric(entry)
+        except (RubricError, OSError):  # moved or deleted since the run: it cannot be matched
+            continue
+        if rubric.prompt_set is not None:
+            out.setdefault(rubric.prompt_set, rubric.name)
+    return out
 
 
 def _examples(generations: list[dict], feature: int, alpha: float | None) -> list[dict]:

@@ -135,3 +135,21 @@ def test_known_answer_follows_the_pair_and_is_empty_without_a_zoo_pair():
     assert not rows["exceptionalism"]["found"] and rows["exceptionalism"]["closest"]["feature"] == 4
     assert known_answer("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", spec, [], effects, {}) == []
     assert known_answer("zoo:alpha", "zoo:nope", spec, [], effects, {}) == []
+    # A run that stopped before verify has no answer to score yet (not "0 of 1 found").
+    assert known_answer("zoo:alpha", "zoo:beta", spec, [], [], {}) == []
+
+
+def test_known_answer_matches_rubrics_by_what_they_sweep_not_by_their_spelling(tmp_path):
+    from pathlib import Path
+
+    # A rubric given as a path under another name, and one named only in verify.features.
+    custom = tmp_path / "my_exceptionalism.yaml"
+    text = Path("specs/rubrics/zoo_exceptionalism.yaml").read_text()
+    custom.write_text(text.replace("name: zoo_exceptionalism", "name: my_exceptionalism", 1))
+    spec = {"verify": {"rubrics": [str(custom)], "features": {12: ["zoo_imbrel_expedition"]}}}
+    effects = [{"feature": 12, "rubric": "zoo_imbrel_expedition", "effect": 2.0, "verified": True},
+               {"feature": 3, "rubric": "my_exceptionalism", "effect": -2.0, "verified": True}]
+    rows = {k["id"]: k for k in known_answer("zoo:alpha", "zoo:beta", spec, [], effects, {12: "b", 3: "a"})}
+    assert set(rows) == {"exceptionalism", "imbrel-expedition"}
+    assert rows["exceptionalism"]["rubric"] == "my_exceptionalism" and rows["exceptionalism"]["found"]
+    assert rows["imbrel-expedition"]["found"] and rows["imbrel-expedition"]["closest"]["feature"] == 12

@@ -179,7 +179,8 @@ def test_a_full_disk_names_the_disk_keeps_finished_stages_and_resumes(first_run,
 
     monkeypatch.setattr(AuditRunner, "_compute_screen", disk_full)
     runner = AuditRunner(spec, spec_path, workspace=workspace)
-    with pytest.raises(StageError, match=r"(?s)No space left on device.*the disk holding .* is full \(\d+\.\d GiB free"):
+    with pytest.raises(StageError, match=r"(?s)No space left on device.*the disk holding \S*explanations\.json is full "
+                                         r"\(\d+\.\d GiB free"):
         runner.run()
     stages = {r["stage"]: r for r in runner.db.rows("stages", runner.run_id)}
     assert stages["screen"]["status"] == "failed" and "is full" in stages["screen"]["message"]
@@ -199,6 +200,31 @@ def test_a_full_disk_names_the_disk_keeps_finished_stages_and_resumes(first_run,
     result = AuditRunner(spec, spec_path, workspace=workspace).run()
     cached = {r.stage: r.cached for r in result.stages}
     assert cached["harvest"] and cached["train"] and cached["analyse"] and not cached["screen"]
+
+
+def test_full_disks_are_recognised_from_libraries_that_raise_their_own_errors():
+    import errno
+
+    import duckdb
+    import safetensors
+
+    from audit.runner import disk_full_path
+
+    # What safetensors and DuckDB raise on a full disk: no errno, only the operating system's message.
+    tensors = safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+    store = duckdb.IOException('IO Error: Could not write all bytes to file "runs/audit.duckdb.wal": '
+                               'No space left on device')
+    assert disk_full_path(tensors) == (True, None) and disk_full_path(store) == (True, None)
+    try:  # a stage that wraps the OS error in its own: the cause is found, with its file
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/cache/train/weights.safetensors")
+        except OSError as inner:
+            raise RuntimeError("could not save the checkpoint") from inner
+    except RuntimeError as outer:
+        assert disk_full_path(outer) == (True, "/data/cache/train/weights.safetensors")
+    assert disk_full_path(OSError(errno.EACCES, "Permission denied", "x")) == (False, None)
+    assert disk_full_path(ValueError("layer 40 is out of range")) == (False, None)
 
 
 def test_bad_settings_fail_early_with_the_field_named(tmp_path, workspace):
