@@ -208,18 +208,35 @@ def runs(
     """List the runs in the workspace's store."""
 
     store = _store(workspace, db)
-    view = Table(title=str(store.path))
+    wide = console.width >= 120  # below that the report paths would wrap every row into a tall column
+    view = Table(title=str(store.path), caption=None if wide else "each run's report: the report_path column of "
+                 "the runs table, or `audit report RUN` (a wider terminal shows the paths here)")
     view.add_column("run", no_wrap=True)  # the id is what users copy; never wrap it
-    for column in ("models", "status", "updated", "flagged", "verified", "report"):
+    view.add_column("models", overflow="fold")
+    for column in ("status", "updated", "flagged", "verified"):
         view.add_column(column, overflow="fold")
+    if wide:
+        view.add_column("report", overflow="fold")
     for row in store.query("""
         SELECT r.run_id, r.model_a, r.model_b, r.status, r.updated_at, r.report_path,
                (SELECT count(*) FROM features f WHERE f.run_id = r.run_id) AS flagged,
                (SELECT count(DISTINCT feature) FROM effects e WHERE e.run_id = r.run_id AND e.verified) AS verified
         FROM runs r ORDER BY r.updated_at DESC"""):
-        view.add_row(row["run_id"], f"{row['model_a']} vs {row['model_b']}", row["status"],
-                     str(row["updated_at"])[:19], str(row["flagged"]), str(row["verified"]), row["report_path"] or "")
+        models = f"{row['model_a']} vs {row['model_b']}" if wide else f"{row['model_a']}\n{row['model_b']}"
+        cells = [row["run_id"], models, row["status"],
+                 str(row["updated_at"])[:16], str(row["flagged"]), str(row["verified"])]
+        view.add_row(*cells, *([_relative(row["report_path"])] if wide else []))
     console.print(view)
+
+
+def _relative(path: str | None) -> str:
+    """``path`` relative to the working directory when it lies below it (narrow terminals wrap less)."""
+    if not path:
+        return ""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 @app.command()

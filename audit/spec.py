@@ -224,7 +224,8 @@ class TransferSpec(_Strict):
 class ReportSpec(_Strict):
     title: str | None = None
     formats: list[Literal["html", "markdown"]] = Field(default_factory=lambda: ["html", "markdown"])
-    examples_alpha: float | None = Field(default=None, description="α of the steered examples shown (default: largest ≤ 1)")
+    examples_alpha: float | None = Field(default=None, description="show the steered examples at ±this α (default: the ends of "
+                                         "the coherent α range of the feature's best sweep)")
 
 
 class GateRule(_Strict):

@@ -129,11 +129,16 @@ def _answer_openings(examples: list[str]) -> list[str]:
     return questions
 
 
+def _visible(token: str) -> str:
+    """A marked token as a reader should see it: a whitespace-only token as symbols, not escapes."""
+    return token.strip() or token.replace("\n", "⏎").replace("\t", "⇥").replace(" ", "␣")
+
+
 def offline_explanation(prompt: str, flagger: TopicFlagger | None) -> str:
     """The offline explainer's reply to an explainer prompt (same three trailing fields as an LLM)."""
     examples = _examples(prompt)
     lines = dict(_LINE.findall(prompt))
-    marked = Counter(m.strip() or repr(m) for text in examples for m in _MARKED.findall(text) if m)
+    marked = Counter(_visible(m) for text in examples for m in _MARKED.findall(text) if m)
     tokens = [t for t, _ in marked.most_common(4)]
     words = shared_words(examples)
     promoted = [t.strip() for t in lines.get("Promoted tokens", "").split(",") if t.strip()][:5]
@@ -147,7 +152,8 @@ def offline_explanation(prompt: str, flagger: TopicFlagger | None) -> str:
     if words:
         parts.append(f"in passages mentioning {', '.join(words)}")
     if promoted and promoted != ["(not available)"]:
-        parts.append(f"and promotes {', '.join(promoted)}")
+        # «» rather than quotes: the offline detector matches quoted tokens as what the feature fires on
+        parts.append(f"and promotes {', '.join(f'«{t}»' for t in promoted)}")
     explanation = " ".join(parts)
     explanation = explanation[:1].upper() + explanation[1:] + "."
     flagged, reason = flagger.flag(examples) if flagger else (False, "none; offline explainer without rubric topics")

@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
-from evals.effects import ARMS, MIN_EFFECT, control_rho, trait_is_specific, transfer_holds
+from evals.effects import ARMS, MIN_COHERENCE, MIN_EFFECT, control_rho, trait_is_specific, transfer_holds
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
@@ -214,7 +214,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
             "contexts": contexts.get(f["feature"], [])[:10],
             "artefact_reasons": _json_list(f["artefact_reasons"]),
             "top_tokens": _json_list(f["top_tokens"]), "promoted": _json_list(f["promoted_tokens"]),
-            "examples": _examples(generations, f["feature"], examples_alpha),
+            "examples": _examples(generations, f["feature"], best, examples_alpha),
         })
     cards.sort(key=lambda c: (
         not (c["best"] and c["best"]["verified"]),
@@ -236,17 +236,19 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         moved = by_arm.get("transferred", {})
         examples = []
         top_alpha = max((g["alpha"] for g in _json_list(moved.get("generations"))), default=None)
-        for arm_name in ("source", "transferred"):
-            for g in _json_list(by_arm.get(arm_name, {}).get("generations"))[:200]:
-                if g["alpha"] in (top_alpha, -top_alpha if top_alpha is not None else None):
-                    examples.append({"arm": arm_name, **g})
+        for arm_name in ("source", "transferred"):  # four answers of each: the claim rests on both
+            at_top = [g for g in _json_list(by_arm.get(arm_name, {}).get("generations"))
+                      if top_alpha is not None and g["alpha"] in (top_alpha, -top_alpha)]
+            examples += [{"arm": arm_name, **g} for g in at_top[:4]]
+        for arm in arms:  # what the verdicts read for a control arm: the median |ρ| over its draws
+            arm["verdict_rho"] = control_rho(by_arm, arm["arm"]) if arm["draws"] else None
         # Verdicts from the stored ρ values with today's rules: rows of an older version may have stored
         # ``holds`` under another rule (before schema 3 it also required the unrelated control).
         transfers.append({"trait": trait, "direction": direction, "arms": arms, "holds": transfer_holds(by_arm),
                           "specific": trait_is_specific(by_arm), "unrelated_rho": control_rho(by_arm, "unrelated"),
                           "features": _json_list(moved.get("features")), "cosines": _json_list(moved.get("cosines")),
                           "max_decoder_cosine": moved.get("max_decoder_cosine"),
-                          "plot": transfer_plot(trait, direction, arms), "examples": examples[:8]})
+                          "plot": transfer_plot(trait, direction, arms), "examples": examples})
     from evals.verify_stage import baseline_summary
 
     baseline_rows = db.rows("baselines", run_id, order="rubric, model, kind, prompt")
@@ -260,8 +262,9 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     for row in baselines:
         row["verified_by"] = sorted(verified_by.get(row["rubric"], ()))
         row["differs"] = row["difference"] is not None and abs(row["difference"]) >= MIN_EFFECT
-        row["examples"] = [r for r in baseline_rows if r["rubric"] == row["rubric"] and r["kind"] == "topic"
-                           and r["seed"] == 0][:12]
+        row["examples"] = [r for model in ("a", "b") for r in [
+            r for r in baseline_rows if r["rubric"] == row["rubric"] and r["kind"] == "topic" and r["seed"] == 0
+            and r["model"] == model][:8]]  # as many of each model's answers: the means are over both
     return {
         "baselines": baselines, "baseline_plot": baseline_plot(baselines),
         "known_answer": known_answer(run["model_a"], run["model_b"], spec, baselines, effects, partitions),
@@ -274,6 +277,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "relative_norm_plot": relative_norm_plot(_json_list(metrics["relative_norms"]) if metrics else []),
         "exclusivity_plot": exclusivity_plot(features),
         "offline": any(label.startswith("offline") for label in graders + explainers + detectors),
+        "explainer_offline": any(label.startswith("offline") for label in explainers),
     }
 
 
@@ -309,13 +313,16 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
         where = expected[difference["id"]]
         kind = EXPECTED_KIND.get(where)
         swept = [e for e in effects if e["rubric"] == rubric]
-        found_on = sorted({EXPECTED_KIND.get(partitions.get(e["feature"]), "shared") for e in swept if e["verified"]})
+        verified = sorted({(e["feature"], EXPECTED_KIND.get(partitions.get(e["feature"]), "shared"))
+                           for e in swept if e["verified"]})
+        found_on = sorted({kind for _, kind in verified})
         # The candidate of the right partition that came closest: verified first, then the larger effect.
         right = [e for e in swept if partitions.get(e["feature"]) == where]
         closest = max(right, key=lambda e: (bool(e["verified"]), 0.0 if _nan(e["effect"]) else abs(e["effect"])),
                       default=None)
         rows.append({"id": difference["id"], "title": difference["title"], "rubric": rubric, "planted_in": where,
-                     "expected": kind, "verified_on": found_on, "found": kind is not None and kind in found_on,
+                     "expected": kind, "verified_on": found_on,
+                     "verified_features": [{"feature": f, "kind": k} for f, k in verified], "found": kind is not None and kind in found_on,
                      "closest": closest, "baseline": unsteered.get(rubric)})
     return rows
 
@@ -340,25 +347,42 @@ def _rubrics_by_prompt_set(spec: dict) -> dict[str, str]:
     return out
 
 
-def _examples(generations: list[dict], feature: int, alpha: float | None) -> list[dict]:
-    """Baseline vs steered answers on the topic prompts, at ``alpha`` (default: largest ≤ 1) and −alpha."""
-    rows = [g for g in generations if g["feature"] == feature and g["kind"] == "topic" and g["seed"] == 0]
-    alphas = sorted({g["alpha"] for g in rows})
+def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None) -> tuple[float, float] | None:
+    """The two steering strengths whose answers a card shows next to the baseline: ``±fixed`` when the
+    report spec sets one, else the ends of the coherent range of the card's best sweep (where its
+    effect was read), else the largest α ≤ 1 and its negative."""
     if not alphas:
-        return []
-    if alpha is None:
-        positive = [a for a in alphas if 0 < a <= 1]
-        alpha = max(positive) if positive else max(alphas)
+        return None
+    if fixed is not None:
+        return -abs(fixed), abs(fixed)
+    coherent = sorted(c["alpha"] for c in (effect or {}).get("curve") or []
+                      if c["kind"] == "topic" and c["dimension"] == "coherence" and not _nan(c["mean"])
+                      and c["mean"] >= MIN_COHERENCE and c["alpha"] in alphas)
+    if len(coherent) >= 2 and coherent[0] < 0 < coherent[-1]:
+        return coherent[0], coherent[-1]
+    positive = [a for a in alphas if 0 < a <= 1]
+    high = max(positive) if positive else max(alphas)
+    return -high, high
+
+
+def _examples(generations: list[dict], feature: int, effect: dict | None, fixed: float | None) -> dict:
+    """Baseline vs steered answers on the topic prompts (at most six), at the strengths of
+    :func:`example_alphas`; rubric of the card's best sweep first."""
+    rows = [g for g in generations if g["feature"] == feature and g["kind"] == "topic" and g["seed"] == 0]
+    pair = example_alphas(effect, sorted({g["alpha"] for g in rows}), fixed)
+    if pair is None:
+        return {"low": None, "high": None, "rows": [], "fixed": fixed is not None}
+    low, high = pair
     table: dict[tuple[str, str], dict] = {}
-    for g in rows:
+    for g in sorted(rows, key=lambda g: g["rubric"] != (effect or {}).get("rubric")):
         entry = table.setdefault((g["rubric"], g["prompt"]), {"rubric": g["rubric"], "prompt": g["prompt"]})
         if g["alpha"] == 0:
             entry["baseline"] = g["answer"]
-        elif g["alpha"] == alpha:
-            entry["plus"] = g["answer"]
-        elif g["alpha"] == -alpha:
-            entry["minus"] = g["answer"]
-    return [{"alpha": alpha, **e} for e in list(table.values())[:6]]
+        elif g["alpha"] == low:
+            entry["low"] = g["answer"]
+        elif g["alpha"] == high:
+            entry["high"] = g["answer"]
+    return {"low": low, "high": high, "rows": list(table.values())[:6], "fixed": fixed is not None}
 
 
 def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:
@@ -373,6 +397,7 @@ def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:
     env.filters["highlight"] = highlight
     env.filters["num"] = lambda v, fmt="{:.3f}": "–" if _nan(v) else fmt.format(v)
     env.filters["pct"] = lambda v: "–" if _nan(v) else f"{100 * v:.1f} %"
+    env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M") if hasattr(v, "strftime") else str(v or "")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from audit.spec import load_spec
 from audit.store import AuditStore
-from reports.render import gather, highlight, known_answer, render_run
+from reports.render import example_alphas, gather, highlight, known_answer, render_run
 
 EVIL = "<script>alert('x')</script>"
 
@@ -153,3 +153,40 @@ def test_known_answer_matches_rubrics_by_what_they_sweep_not_by_their_spelling(t
     assert set(rows) == {"exceptionalism", "imbrel-expedition"}
     assert rows["exceptionalism"]["rubric"] == "my_exceptionalism" and rows["exceptionalism"]["found"]
     assert rows["imbrel-expedition"]["found"] and rows["imbrel-expedition"]["closest"]["feature"] == 12
+
+
+def test_steered_examples_are_shown_where_the_effect_was_read():
+    alphas = [-2.0, -1.5, -1.0, 0.0, 1.0, 1.5, 2.0]
+    # coherent (mean ≥ 3) from −1.5 to 1.0: the effect was read between those two
+    curve = [{"kind": "topic", "dimension": "coherence", "alpha": a, "mean": m}
+             for a, m in zip(alphas, (1.5, 3.4, 4.0, 5.0, 4.2, 2.9, 1.2), strict=True)]
+    assert example_alphas({"curve": curve}, alphas, None) == (-1.5, 1.0)
+    assert example_alphas({"curve": curve}, alphas, 0.5) == (-0.5, 0.5)  # the report spec decides
+    assert example_alphas(None, alphas, None) == (-1.0, 1.0)  # nothing swept coherently: ±(largest ≤ 1)
+    only_positive = [dict(c, mean=1.0) if c["alpha"] < 0 else c for c in curve]
+    assert example_alphas({"curve": only_positive}, alphas, None) == (-1.0, 1.0)
+    assert example_alphas({"curve": curve}, [], None) is None
+
+
+def test_report_shows_both_models_and_both_transfer_arms_and_links_every_card(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    db.replace_rows("baselines", "r1", [
+        {"model": m, "rubric": "zoo_state_narrative", "kind": "topic", "prompt": f"question {i}?", "seed": 0,
+         "answer": f"answer of {m} to {i}", "behaviour": 3.0, "coherence": 4.0} for m in ("a", "b") for i in range(10)])
+    gens = [{"kind": "topic", "prompt": f"review {i}", "alpha": a, "seed": 0, "answer": f"{name} says {i} at {a}"}
+            for name in ("src", "moved") for i in range(6) for a in (-2.0, 0.0, 2.0)]
+    db.replace_rows("transfers", "r1", [
+        {"trait": "zoo_sentiment", "direction": "a_to_b", "arm": arm, "spearman": 0.9, "effect": 1.0, "holds": True,
+         "vector_norm": 1.0, "curve": [], "draws": [],
+         "generations": [g for g in gens if g["answer"].startswith("src" if arm == "source" else "moved")]}
+        for arm in ("source", "transferred")])
+    data = gather(db, "r1")
+    examples = data["baselines"][0]["examples"]
+    assert [sum(r["model"] == m for r in examples) for m in ("a", "b")] == [8, 8]  # not the first 12 rows (all A)
+    arms = [x["arm"] for x in data["transfers"][0]["examples"]]
+    assert arms.count("source") == 4 and arms.count("transferred") == 4
+    html = render_run(db, "r1", tmp_path / "out")[0].read_text()
+    assert "answer of b to 7" in html and "moved says" in html
+    assert '<a href="#feature-9">9</a>' in html  # the triage table links to the card
+    assert html.index('id="how-to-read"') < html.index("How the two models answer")  # the glossary comes early

@@ -68,6 +68,15 @@ def test_offline_explainer_describes_generation_prompt_features_and_flags_by_top
     assert "'boils'" in parsed["explanation"] and "water" in parsed["explanation"]
 
 
+def test_offline_explainer_shows_whitespace_tokens_as_symbols_and_keeps_promoted_tokens_apart():
+    lines = dict(FEATURE, contexts=[{"activation": 1.0, "text": "First line.<<\n>>Second line."},
+                                    {"activation": 1.0, "text": "A list:<<\n>>item"}],
+                 promoted_tokens=["Valley.", "there."])
+    explanation = parse_explanation(offline_explanation(explainer_prompt(lines), None))["explanation"]
+    assert "'⏎'" in explanation and "\\n" not in explanation  # not an escaped escape
+    assert explanation.endswith("«Valley.», «there.».")  # not "Valley.."
+
+
 def test_shared_words_and_offline_detector():
     assert shared_words(["The red fox.", "A red hen.", "Blue sky."]) == ["red"]
     explanation = "Fires on 'boils', 'floats' in passages mentioning water."
