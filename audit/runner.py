@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -58,8 +59,11 @@ def disk_full_path(exc: BaseException) -> tuple[bool, str | None]:
         if isinstance(current, OSError) and current.errno == errno.ENOSPC:
             return True, current.filename if isinstance(current.filename, str) else None
         if any(text in str(current).lower() for text in _DISK_FULL_TEXTS):
-            return True, getattr(current, "filename", None) if isinstance(getattr(current, "filename", None),
-                                                                         str) else None
+            filename = getattr(current, "filename", None)
+            if not isinstance(filename, str):  # DuckDB names it in the message: ... to file "x.wal": ...
+                named = re.search(r'file "([^"]+)"', str(current))
+                filename = named.group(1) if named else None
+            return True, filename
         current = current.__cause__ or current.__context__
     return False, None
 

@@ -241,7 +241,8 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
                       if top_alpha is not None and g["alpha"] in (top_alpha, -top_alpha)]
             examples += [{"arm": arm_name, **g} for g in at_top[:4]]
         for arm in arms:  # what the verdicts read for a control arm: the median |ρ| over its draws
-            arm["verdict_rho"] = control_rho(by_arm, arm["arm"]) if arm["draws"] else None
+            arm["verdict_rho"] = control_rho(by_arm, arm["arm"]) if arm["arm"] in ("random_transferred",
+                                                                                   "unrelated") else None
         # Verdicts from the stored ρ values with today's rules: rows of an older version may have stored
         # ``holds`` under another rule (before schema 3 it also required the unrelated control).
         transfers.append({"trait": trait, "direction": direction, "arms": arms, "holds": transfer_holds(by_arm),
@@ -347,32 +348,42 @@ def _rubrics_by_prompt_set(spec: dict) -> dict[str, str]:
     return out
 
 
-def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None) -> tuple[float, float] | None:
-    """The two steering strengths whose answers a card shows next to the baseline: ``±fixed`` when the
-    report spec sets one, else the ends of the coherent range of the card's best sweep (where its
-    effect was read), else the largest α ≤ 1 and its negative."""
+COHERENT_RANGE = "coherent range"
+FIXED = "spec"
+FALLBACK = "fallback"
+
+
+def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None) -> tuple[float, float, str] | None:
+    """The two steering strengths whose answers a card shows next to the unsteered ones, and where
+    they come from: ``±fixed`` when the report spec sets one (FIXED), else the ends of the coherent
+    range of the card's best sweep, where its effect was read (COHERENT_RANGE), else the largest
+    α ≤ 1 and its negative (FALLBACK: no coherence grades, or fewer than two coherent strengths)."""
     if not alphas:
         return None
     if fixed is not None:
-        return -abs(fixed), abs(fixed)
+        return -abs(fixed), abs(fixed), FIXED
     coherent = sorted(c["alpha"] for c in (effect or {}).get("curve") or []
                       if c["kind"] == "topic" and c["dimension"] == "coherence" and not _nan(c["mean"])
                       and c["mean"] >= MIN_COHERENCE and c["alpha"] in alphas)
-    if len(coherent) >= 2 and coherent[0] < 0 < coherent[-1]:
-        return coherent[0], coherent[-1]
+    if len(coherent) >= 2:
+        return coherent[0], coherent[-1], COHERENT_RANGE
     positive = [a for a in alphas if 0 < a <= 1]
     high = max(positive) if positive else max(alphas)
-    return -high, high
+    return -high, high, FALLBACK
 
 
 def _examples(generations: list[dict], feature: int, effect: dict | None, fixed: float | None) -> dict:
-    """Baseline vs steered answers on the topic prompts (at most six), at the strengths of
-    :func:`example_alphas`; rubric of the card's best sweep first."""
+    """Unsteered vs steered answers on the topic prompts (at most six), at the strengths of
+    :func:`example_alphas`; the rubric of the card's best sweep first."""
     rows = [g for g in generations if g["feature"] == feature and g["kind"] == "topic" and g["seed"] == 0]
-    pair = example_alphas(effect, sorted({g["alpha"] for g in rows}), fixed)
-    if pair is None:
-        return {"low": None, "high": None, "rows": [], "fixed": fixed is not None}
-    low, high = pair
+    chosen = example_alphas(effect, sorted({g["alpha"] for g in rows}), fixed)
+    if chosen is None:
+        return {"low": None, "high": None, "rows": [], "source": ""}
+    low, high, origin = chosen
+    source = {FIXED: "the strengths set in the report spec",
+              COHERENT_RANGE: f"the ends of the coherent range of the {(effect or {}).get('rubric')} sweep, where "
+                              "its effect was read",
+              FALLBACK: "no coherent range was measured, so the largest α ≤ 1 each way"}[origin]
     table: dict[tuple[str, str], dict] = {}
     for g in sorted(rows, key=lambda g: g["rubric"] != (effect or {}).get("rubric")):
         entry = table.setdefault((g["rubric"], g["prompt"]), {"rubric": g["rubric"], "prompt": g["prompt"]})
@@ -382,7 +393,7 @@ def _examples(generations: list[dict], feature: int, effect: dict | None, fixed:
             entry["low"] = g["answer"]
         elif g["alpha"] == high:
             entry["high"] = g["answer"]
-    return {"low": low, "high": high, "rows": list(table.values())[:6], "fixed": fixed is not None}
+    return {"low": low, "high": high, "rows": list(table.values())[:6], "source": source}
 
 
 def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:

@@ -160,11 +160,12 @@ def test_steered_examples_are_shown_where_the_effect_was_read():
     # coherent (mean ≥ 3) from −1.5 to 1.0: the effect was read between those two
     curve = [{"kind": "topic", "dimension": "coherence", "alpha": a, "mean": m}
              for a, m in zip(alphas, (1.5, 3.4, 4.0, 5.0, 4.2, 2.9, 1.2), strict=True)]
-    assert example_alphas({"curve": curve}, alphas, None) == (-1.5, 1.0)
-    assert example_alphas({"curve": curve}, alphas, 0.5) == (-0.5, 0.5)  # the report spec decides
-    assert example_alphas(None, alphas, None) == (-1.0, 1.0)  # nothing swept coherently: ±(largest ≤ 1)
+    assert example_alphas({"curve": curve}, alphas, None) == (-1.5, 1.0, "coherent range")
+    assert example_alphas({"curve": curve}, alphas, 0.5) == (-0.5, 0.5, "spec")  # the report spec decides
+    assert example_alphas(None, alphas, None) == (-1.0, 1.0, "fallback")  # nothing graded: ±(largest ≤ 1)
+    # coherent on one side only: its ends (0 … 1.0), not an incoherent −1
     only_positive = [dict(c, mean=1.0) if c["alpha"] < 0 else c for c in curve]
-    assert example_alphas({"curve": only_positive}, alphas, None) == (-1.0, 1.0)
+    assert example_alphas({"curve": only_positive}, alphas, None) == (0.0, 1.0, "coherent range")
     assert example_alphas({"curve": curve}, [], None) is None
 
 
@@ -188,5 +189,12 @@ def test_report_shows_both_models_and_both_transfer_arms_and_links_every_card(tm
     assert arms.count("source") == 4 and arms.count("transferred") == 4
     html = render_run(db, "r1", tmp_path / "out")[0].read_text()
     assert "answer of b to 7" in html and "moved says" in html
-    assert '<a href="#feature-9">9</a>' in html  # the triage table links to the card
+    carded = {c["feature"]["feature"] for c in data["cards"]}
+    assert carded == {7, 9}
+    for feature in carded:  # the triage table links every card, and only cards
+        assert f'<a href="#feature-{feature}">{feature}</a>' in html and f'id="feature-{feature}"' in html
+    db.replace_rows("features", "r1", [*db.rows("features", "r1"), {**db.rows("features", "r1")[0], "feature": 11,
+                                                                     "rank": 3}])
+    html = render_run(db, "r1", tmp_path / "out")[0].read_text()
+    assert '<td class="num">11</td>' in html and 'href="#feature-11"' not in html  # no card, no link
     assert html.index('id="how-to-read"') < html.index("How the two models answer")  # the glossary comes early
