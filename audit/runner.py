@@ -251,7 +251,7 @@ class AuditRunner:
                     unrecorded = f"this failure could not be recorded in {self.db.path}: {record_exc}"
                     message += f"\n({unrecorded})"
                     if not (isinstance(exc, Exception) and not isinstance(exc, StageError)):
-                        self.console.print(f"[red]{stage}: {unrecorded}[/red]", highlight=False)
+                        self.console.print(f"{stage}: {unrecorded}", style="red", markup=False, highlight=False)
                 if isinstance(exc, Exception) and not isinstance(exc, StageError):
                     raise StageError(stage, f"{message}\nfinished artefacts are kept in {self.cache}; fix the "
                                      "problem and rerun the same command to resume") from exc

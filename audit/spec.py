@@ -224,7 +224,7 @@ class TransferSpec(_Strict):
 class ReportSpec(_Strict):
     title: str | None = None
     formats: list[Literal["html", "markdown"]] = Field(default_factory=lambda: ["html", "markdown"])
-    examples_alpha: float | None = Field(default=None, description="show the steered examples at ±this α (default: the ends of "
+    examples_alpha: float | None = Field(default=None, gt=0, description="show the steered examples at ±this α (default: the ends of "
                                          "the coherent α range of the feature's best sweep)")
 
 

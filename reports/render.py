@@ -360,12 +360,12 @@ def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None
     α ≤ 1 and its negative (FALLBACK: no coherence grades, or fewer than two coherent strengths)."""
     if not alphas:
         return None
-    if fixed is not None:
+    if fixed:
         return -abs(fixed), abs(fixed), FIXED
     coherent = sorted(c["alpha"] for c in (effect or {}).get("curve") or []
                       if c["kind"] == "topic" and c["dimension"] == "coherence" and not _nan(c["mean"])
-                      and c["mean"] >= MIN_COHERENCE and c["alpha"] in alphas)
-    if len(coherent) >= 2:
+                      and c["mean"] >= MIN_COHERENCE and c["alpha"] in alphas and c["alpha"] != 0)
+    if len(coherent) >= 2:  # α = 0 is the unsteered column already
         return coherent[0], coherent[-1], COHERENT_RANGE
     positive = [a for a in alphas if 0 < a <= 1]
     high = max(positive) if positive else max(alphas)

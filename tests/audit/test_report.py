@@ -163,9 +163,11 @@ def test_steered_examples_are_shown_where_the_effect_was_read():
     assert example_alphas({"curve": curve}, alphas, None) == (-1.5, 1.0, "coherent range")
     assert example_alphas({"curve": curve}, alphas, 0.5) == (-0.5, 0.5, "spec")  # the report spec decides
     assert example_alphas(None, alphas, None) == (-1.0, 1.0, "fallback")  # nothing graded: ±(largest ≤ 1)
-    # coherent on one side only: its ends (0 … 1.0), not an incoherent −1
+    # coherent only at 0 and 1.0: one steered strength is too few for a range
     only_positive = [dict(c, mean=1.0) if c["alpha"] < 0 else c for c in curve]
-    assert example_alphas({"curve": only_positive}, alphas, None) == (0.0, 1.0, "coherent range")
+    assert example_alphas({"curve": only_positive}, alphas, None) == (-1.0, 1.0, "fallback")  # 0 is not a steered end
+    grid_up = [dict(c, mean=4.0) for c in curve]
+    assert example_alphas({"curve": grid_up}, [0.0, 1.0, 1.5, 2.0], None) == (1.0, 2.0, "coherent range")
     assert example_alphas({"curve": curve}, [], None) is None
 
 
