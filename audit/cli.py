@@ -212,8 +212,7 @@ def runs(
     view = Table(title=str(store.path), caption=None if wide else "each run's report: the report_path column of "
                  "the runs table, or `audit report RUN` (a wider terminal shows the paths here)")
     view.add_column("run", no_wrap=True)  # the id is what users copy; never wrap it
-    view.add_column("models", overflow="fold")
-    for column in ("status", "updated", "flagged", "verified"):
+    for column in ("models", "status", "updated", "flagged", "verified"):
         view.add_column(column, overflow="fold")
     if wide:
         view.add_column("report", overflow="fold")

@@ -242,22 +242,23 @@ class AuditRunner:
             except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
                 message = f"{type(exc).__name__}: {exc}"[:2000]
                 disk_full, full_file = disk_full_path(exc)
-                if disk_full:
-                    message += "\n" + disk_full_hint(Path(full_file) if full_file else folder or self.cache)
+                hint = disk_full_hint(Path(full_file) if full_file else folder or self.cache) if disk_full else None
+                if hint:
+                    message += "\n" + hint
+                wrapped = isinstance(exc, Exception) and not isinstance(exc, StageError)  # re-raised as a StageError
                 try:
                     self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, message)
                     self._register_run(status=f"failed at {stage}")
                 except Exception as record_exc:  # e.g. the store is on the same full disk: keep the real error
                     unrecorded = f"this failure could not be recorded in {self.db.path}: {record_exc}"
                     message += f"\n({unrecorded})"
-                    if not (isinstance(exc, Exception) and not isinstance(exc, StageError)):
+                    if not wrapped:  # the message below is not raised: say it here
                         self.console.print(f"{stage}: {unrecorded}", style="red", markup=False, highlight=False)
-                if isinstance(exc, Exception) and not isinstance(exc, StageError):
+                if wrapped:
                     raise StageError(stage, f"{message}\nfinished artefacts are kept in {self.cache}; fix the "
                                      "problem and rerun the same command to resume") from exc
-                if disk_full and isinstance(exc, StageError):  # a stage's own error that came from a full disk
-                    raise StageError(stage, f"{str(exc).removeprefix(stage + ': ')}\n"
-                                     f"{disk_full_hint(Path(full_file) if full_file else folder or self.cache)}") from exc
+                if hint and isinstance(exc, StageError):  # a stage's own error that came from a full disk
+                    raise StageError(stage, f"{str(exc).removeprefix(stage + ': ')}\n{hint}") from exc
                 raise
         if folder is not None:
             self.artefacts[stage] = folder

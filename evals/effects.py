@@ -92,6 +92,13 @@ def _series(curve: list[dict], kind: str, dimension: str) -> list[tuple[float, f
             if c["kind"] == kind and c["dimension"] == dimension and not math.isnan(c["mean"])]
 
 
+def coherent_alphas(curve: list[dict], alphas: Iterable[float]) -> list[float]:
+    """The α values of ``alphas`` at which the steered answers stay coherent: mean coherence on topic
+    prompts ≥ ``MIN_COHERENCE``. Without coherence grades (none measured) every α counts as coherent."""
+    coherence = dict(_series(curve, "topic", "coherence"))
+    return [a for a in alphas if not coherence or coherence.get(a, 0.0) >= MIN_COHERENCE]
+
+
 def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
     """``score_rows``: ``{"feature", "rubric", "kind", "alpha", "dimension", "score"}`` dicts."""
     grouped: dict[tuple[int, str], dict[tuple[str, str, float], list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -111,9 +118,7 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
                     m, se, n = _mean_se(values)
                     curve.append({"kind": kind, "dimension": dimension, "alpha": alpha, "mean": m, "se": se, "n": n})
 
-        coherence = dict(_series(curve, "topic", "coherence"))
-        # Without coherence grades (none measured) every α counts as coherent.
-        coherent = [a for a in alphas if not coherence or coherence.get(a, 0.0) >= MIN_COHERENCE]
+        coherent = coherent_alphas(curve, alphas)
         topic = [(a, m) for a, m in _series(curve, "topic", "behaviour") if a in coherent]
         control = [(a, m) for a, m in _series(curve, "control", "behaviour") if a in coherent]
         effect = topic[-1][1] - topic[0][1] if len(topic) >= 2 else float("nan")

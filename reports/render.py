@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
-from evals.effects import ARMS, MIN_COHERENCE, MIN_EFFECT, control_rho, trait_is_specific, transfer_holds
+from evals.effects import ARMS, MIN_EFFECT, coherent_alphas, control_rho, trait_is_specific, transfer_holds
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
@@ -362,10 +362,11 @@ def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None
         return None
     if fixed:
         return -abs(fixed), abs(fixed), FIXED
-    coherent = sorted(c["alpha"] for c in (effect or {}).get("curve") or []
-                      if c["kind"] == "topic" and c["dimension"] == "coherence" and not _nan(c["mean"])
-                      and c["mean"] >= MIN_COHERENCE and c["alpha"] in alphas and c["alpha"] != 0)
-    if len(coherent) >= 2:  # α = 0 is the unsteered column already
+    curve = (effect or {}).get("curve") or []
+    graded = any(c["kind"] == "topic" and c["dimension"] == "coherence" for c in curve)
+    # the rule verify read the effect under (evals.effects); α = 0 is the unsteered column already
+    coherent = [a for a in coherent_alphas(curve, alphas) if a != 0] if graded else []
+    if len(coherent) >= 2:
         return coherent[0], coherent[-1], COHERENT_RANGE
     positive = [a for a in alphas if 0 < a <= 1]
     high = max(positive) if positive else max(alphas)
