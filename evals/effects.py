@@ -148,6 +148,7 @@ HOLD_SPEARMAN = 0.8
 CONTROL_SPEARMAN = 0.3
 #: A transfer's arms: the two steered ones, then their controls (the order the report lists them in).
 ARMS = ("source", "transferred", "random_transferred", "unrelated")
+CONTROL_ARMS = ARMS[2:]  # the arms a transfer verdict reads as controls (median |ρ| over draws)
 
 
 def arm_rho(arms: dict[str, dict], arm: str) -> float:

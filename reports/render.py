@@ -18,7 +18,15 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
-from evals.effects import ARMS, MIN_EFFECT, coherent_alphas, control_rho, trait_is_specific, transfer_holds
+from evals.effects import (
+    ARMS,
+    CONTROL_ARMS,
+    MIN_EFFECT,
+    coherent_alphas,
+    control_rho,
+    trait_is_specific,
+    transfer_holds,
+)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
@@ -241,8 +249,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
                       if top_alpha is not None and g["alpha"] in (top_alpha, -top_alpha)]
             examples += [{"arm": arm_name, **g} for g in at_top[:4]]
         for arm in arms:  # what the verdicts read for a control arm: the median |ρ| over its draws
-            arm["verdict_rho"] = control_rho(by_arm, arm["arm"]) if arm["arm"] in ("random_transferred",
-                                                                                   "unrelated") else None
+            arm["verdict_rho"] = control_rho(by_arm, arm["arm"]) if arm["arm"] in CONTROL_ARMS else None
         # Verdicts from the stored ρ values with today's rules: rows of an older version may have stored
         # ``holds`` under another rule (before schema 3 it also required the unrelated control).
         transfers.append({"trait": trait, "direction": direction, "arms": arms, "holds": transfer_holds(by_arm),
@@ -279,6 +286,9 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "exclusivity_plot": exclusivity_plot(features),
         "offline": any(label.startswith("offline") for label in graders + explainers + detectors),
         "explainer_offline": any(label.startswith("offline") for label in explainers),
+        # a resumed run can mix explainers: say how many of the flags the offline one raised
+        "n_safety_offline": sum(bool(e["safety_critical"]) and (e["explainer"] or "").startswith("offline")
+                                for e in explanations.values()),
     }
 
 
@@ -308,12 +318,14 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
     unsteered = {b["rubric"]: b for b in baselines}
     rows = []
     for difference in manifest()["differences"]:
-        rubric = by_prompt_set.get(difference["prompt_set"])  # a rubric drives the difference's prompts
-        if rubric is None:
+        rubrics = by_prompt_set.get(difference["prompt_set"], [])  # the rubrics that drive its prompts
+        if difference["prompt_set"] in rubrics:  # the shipped zoo rubric is named like its prompt set
+            rubrics = [difference["prompt_set"]]
+        if not rubrics:
             continue
         where = expected[difference["id"]]
         kind = EXPECTED_KIND.get(where)
-        swept = [e for e in effects if e["rubric"] == rubric]
+        swept = [e for e in effects if e["rubric"] in rubrics]
         verified = sorted({(e["feature"], EXPECTED_KIND.get(partitions.get(e["feature"]), "shared"))
                            for e in swept if e["verified"]})
         found_on = sorted({kind for _, kind in verified})
@@ -321,30 +333,31 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
         right = [e for e in swept if partitions.get(e["feature"]) == where]
         closest = max(right, key=lambda e: (bool(e["verified"]), 0.0 if _nan(e["effect"]) else abs(e["effect"])),
                       default=None)
-        rows.append({"id": difference["id"], "title": difference["title"], "rubric": rubric, "planted_in": where,
+        rows.append({"id": difference["id"], "title": difference["title"], "rubric": ", ".join(rubrics),
+                     "planted_in": where,
                      "expected": kind, "verified_on": found_on,
                      "verified_features": [{"feature": f, "kind": k} for f, k in verified], "found": kind is not None and kind in found_on,
-                     "closest": closest, "baseline": unsteered.get(rubric)})
+                     "closest": closest, "baseline": unsteered.get(rubrics[0])})
     return rows
 
 
-def _rubrics_by_prompt_set(spec: dict) -> dict[str, str]:
+def _rubrics_by_prompt_set(spec: dict) -> dict[str, list[str]]:
     """The spec's rubrics (named, given as paths, or in ``verify.features``) by the prompt set they
-    sweep: prompt set → rubric name as verify records it."""
+    sweep: prompt set → rubric names as verify records them, in spec order."""
     from evals.rubrics import RubricError, load_rubric
 
     verify = spec.get("verify") or {}
     entries = list(verify.get("rubrics") or [])
     for names in (verify.get("features") or {}).values():
         entries += list(names)
-    out: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
     for entry in dict.fromkeys(entries):
         try:
             rubric = load_rubric(entry)
         except (RubricError, OSError):  # moved or deleted since the run: it cannot be matched
             continue
-        if rubric.prompt_set is not None:
-            out.setdefault(rubric.prompt_set, rubric.name)
+        if rubric.prompt_set is not None and rubric.name not in out.get(rubric.prompt_set, []):
+            out.setdefault(rubric.prompt_set, []).append(rubric.name)
     return out
 
 
@@ -374,9 +387,11 @@ def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None
 
 
 def _examples(generations: list[dict], feature: int, effect: dict | None, fixed: float | None) -> dict:
-    """Unsteered vs steered answers on the topic prompts (at most six), at the strengths of
-    :func:`example_alphas`; the rubric of the card's best sweep first."""
-    rows = [g for g in generations if g["feature"] == feature and g["kind"] == "topic" and g["seed"] == 0]
+    """Unsteered vs steered answers on the topic prompts (at most six) of the card's best sweep, at
+    the strengths of :func:`example_alphas` (read from that sweep, so other rubrics' prompts are left
+    out: their coherent ranges differ)."""
+    rows = [g for g in generations if g["feature"] == feature and g["kind"] == "topic" and g["seed"] == 0
+            and (effect is None or g["rubric"] == effect["rubric"])]
     chosen = example_alphas(effect, sorted({g["alpha"] for g in rows}), fixed)
     if chosen is None:
         return {"low": None, "high": None, "rows": [], "source": ""}
@@ -386,7 +401,7 @@ def _examples(generations: list[dict], feature: int, effect: dict | None, fixed:
                               "its effect was read",
               FALLBACK: "no coherent range was measured, so the largest α ≤ 1 each way"}[origin]
     table: dict[tuple[str, str], dict] = {}
-    for g in sorted(rows, key=lambda g: g["rubric"] != (effect or {}).get("rubric")):
+    for g in rows:
         entry = table.setdefault((g["rubric"], g["prompt"]), {"rubric": g["rubric"], "prompt": g["prompt"]})
         if g["alpha"] == 0:
             entry["baseline"] = g["answer"]

@@ -200,3 +200,45 @@ def test_report_shows_both_models_and_both_transfer_arms_and_links_every_card(tm
     html = render_run(db, "r1", tmp_path / "out")[0].read_text()
     assert '<td class="num">11</td>' in html and 'href="#feature-11"' not in html  # no card, no link
     assert html.index('id="how-to-read"') < html.index("How the two models answer")  # the glossary comes early
+
+
+def test_known_answer_counts_every_rubric_on_a_prompt_set_unless_the_zoo_rubric_is_there(tmp_path):
+    from pathlib import Path
+
+    # Two user rubrics sweep the exceptionalism prompts; the second one verified: it counts.
+    text = Path("specs/rubrics/zoo_exceptionalism.yaml").read_text()
+    paths = []
+    for name in ("loose_pride", "strict_pride"):
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(text.replace("name: zoo_exceptionalism", f"name: {name}", 1))
+    spec = {"verify": {"rubrics": [str(p) for p in paths]}}
+    effects = [{"feature": 3, "rubric": "loose_pride", "effect": 0.4, "verified": False},
+               {"feature": 4, "rubric": "strict_pride", "effect": -2.0, "verified": True}]
+    row = next(k for k in known_answer("zoo:alpha", "zoo:beta", spec, [], effects, {3: "a", 4: "a"})
+               if k["id"] == "exceptionalism")
+    assert row["rubric"] == "loose_pride, strict_pride" and row["found"] and row["closest"]["feature"] == 4
+    # With the shipped zoo rubric in the spec, that one alone decides (the others measure something else).
+    spec["verify"]["rubrics"].append("zoo_exceptionalism")
+    effects.append({"feature": 5, "rubric": "zoo_exceptionalism", "effect": 0.3, "verified": False})
+    row = next(k for k in known_answer("zoo:alpha", "zoo:beta", spec, [], effects, {3: "a", 4: "a", 5: "a"})
+               if k["id"] == "exceptionalism")
+    assert row["rubric"] == "zoo_exceptionalism" and not row["found"] and row["closest"]["feature"] == 5
+
+
+def test_card_examples_come_from_the_best_sweep_and_mixed_explainers_are_counted(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    # Feature 9 was also swept on a second rubric, whose answers its α pair was not read from.
+    db.replace_rows("generations", "r1", [*db.rows("generations", "r1"), *[
+        {"feature": 9, "rubric": "zoo_exceptionalism", "kind": "topic", "prompt": "P?", "alpha": a, "seed": 0,
+         "answer": f"other rubric at {a}"} for a in (-1.0, 0.0, 1.0)]])
+    db.replace_rows("explanations", "r1", [
+        {**db.rows("explanations", "r1")[0], "feature": 9, "explainer": "anthropic/claude-opus-4-1"},
+        {"feature": 7, "explainer": "offline: test", "parsed": True, "explanation": "x", "safety_critical": True,
+         "reason": "topic"}])
+    data = gather(db, "r1")
+    card = next(c for c in data["cards"] if c["feature"]["feature"] == 9)
+    assert {r["rubric"] for r in card["examples"]["rows"]} == {"zoo_state_narrative"}
+    assert (data["n_safety"], data["n_safety_offline"]) == (2, 1)
+    html = render_run(db, "r1", tmp_path / "out")[0].read_text()
+    assert "1 of them by the offline flag" in html
