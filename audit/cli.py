@@ -25,6 +25,8 @@ errors = Console(stderr=True)
 @app.command()
 def validate(spec: list[Path] = typer.Argument(..., help="spec files to check")) -> None:
     """Check audit spec files; print every problem with its file, line and field."""
+    from .checks import spec_problems
+
     failed = False
     for path in spec:
         try:
@@ -32,6 +34,12 @@ def validate(spec: list[Path] = typer.Argument(..., help="spec files to check"))
         except SpecError as exc:
             failed = True
             errors.print("[red]invalid[/red] " + escape(str(exc)), markup=True, highlight=False)
+            continue
+        problems = spec_problems(loaded)  # what it refers to: rubrics, traits, models, layers, data files
+        if problems:
+            failed = True
+            errors.print("[red]invalid[/red] " + escape("\n".join(f"{path}: {p}" for p in problems)),
+                         markup=True, highlight=False)
             continue
         console.print(
             f"[green]ok[/green] {path}: {loaded.name} — {loaded.model_a.id} L{loaded.model_a.layer} vs "
@@ -94,6 +102,7 @@ def run(
     from transformers.utils import logging as hf_logging
 
     from .runner import STAGES, AuditRunner, StageError
+    from .store import StoreBusyError, StoreOpenError
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening; theirs interleave
     loaded = _load_or_exit(spec)
@@ -106,6 +115,9 @@ def run(
     console.print(f"run [bold]{runner.run_id}[/bold] → {runner.run_dir}", highlight=False)
     try:
         result = runner.run(only=only, start=start, force=force)
+    except (StoreOpenError, StoreBusyError) as exc:
+        errors.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
+        raise typer.Exit(code=1) from None
     except StageError as exc:
         errors.print("[red]stage failed[/red] " + escape(str(exc)), highlight=False)
         errors.print(f"finished stages are kept in {runner.cache}; fix the problem and rerun the same command "
@@ -123,10 +135,15 @@ def run(
 
 
 def _store(workspace: Path, db: Path | None):
-    """The workspace's DuckDB store (``--db`` overrides ``<workspace>/audit.duckdb``)."""
-    from .store import AuditStore
+    """The workspace's existing DuckDB store (``--db`` overrides ``<workspace>/audit.duckdb``), for the
+    commands that read it; a missing or unusable file ends the command with a message."""
+    from .store import AuditStore, StoreBusyError, StoreOpenError
 
-    return AuditStore(db or workspace / "audit.duckdb")
+    try:
+        return AuditStore(db or workspace / "audit.duckdb", must_exist=True)
+    except (StoreOpenError, StoreBusyError) as exc:
+        errors.print(str(exc), highlight=False, markup=False)
+        raise typer.Exit(code=1) from None
 
 
 def _resolve_run(store, ref: str) -> str:
@@ -273,7 +290,7 @@ def show(
     try:
         feature_card(store, run_id, feature, console)
     except KeyError as exc:
-        errors.print(str(exc.args[0]), highlight=False)
+        errors.print(str(exc.args[0]), highlight=False, markup=False)
         raise typer.Exit(code=1) from None
 
 
@@ -291,7 +308,7 @@ def diff(
 
     store = _store(workspace, db)
     run_a, run_b = _resolve_run(store, run_a), _resolve_run(store, run_b)
-    gates_spec = load_spec(spec) if spec else _stored_spec(store.run(run_b)["spec_json"], run_b)
+    gates_spec = _load_or_exit(spec) if spec else _stored_spec(store.run(run_b)["spec_json"], run_b)
     result = diff_runs(store, run_a, run_b, gates_spec.gates if gates_spec else [])
     folder = out or workspace / "diffs" / f"{run_a}__{run_b}"
     folder.mkdir(parents=True, exist_ok=True)

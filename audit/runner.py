@@ -286,9 +286,9 @@ class AuditRunner:
             "created_at": datetime.now(), "updated_at": datetime.now(), "status": status,
             "spec_json": json.dumps(spec.model_dump(mode="json")), "model_a": spec.model_a.id,
             "model_b": spec.model_b.id, "layer_a": spec.model_a.layer, "layer_b": spec.model_b.layer,
-            "explainer": spec.screen.explainer, "grader": spec.verify.grader, "run_dir": str(self.run_dir),
+            "explainer": spec.screen.explainer, "grader": spec.verify.grader, "run_dir": str(self.run_dir.resolve()),
             "crosscoder_path": str(self.artefacts["train"]) if "train" in self.artefacts else None,
-            "report_path": str(self.run_dir / "report.html"),
+            "report_path": str(self.run_dir.resolve() / "report.html"),  # absolute: `audit report` runs anywhere
         })
 
     # ---- validate -------------------------------------------------------------------------------
@@ -296,25 +296,20 @@ class AuditRunner:
         return self.spec.content_hash()
 
     def _compute_validate(self, _folder) -> dict:
-        from evals.prompts import PromptSetError, load_prompt_set
-        from evals.rubrics import RubricError, load_rubric
+        from .checks import spec_problems
 
-        names = list(self.spec.verify.rubrics) + [r for rs in self.spec.verify.features.values() for r in rs]
-        names += [_trait_rubric(name) for name in self.spec.transfer.traits]
-        for name in names:
-            try:
-                rubric = load_rubric(name)
-                if rubric.prompt_set:
-                    load_prompt_set(rubric.prompt_set)
-            except (RubricError, PromptSetError) as exc:
-                raise StageError("validate", f"verify.rubrics: {exc}") from None
+        problems = spec_problems(self.spec)
+        if problems:
+            raise StageError("validate", "\n".join(problems))
         self._check_llm_roles()
-        return {"rubrics": names}
+        names = list(self.spec.verify.rubrics) + [r for rs in self.spec.verify.features.values() for r in rs]
+        return {"rubrics": names + [_trait_rubric(name) for name in self.spec.transfer.traits]}
 
     def _check_llm_roles(self) -> None:
         for field_name, model in (("screen.explainer", self.spec.screen.explainer),
                                   ("screen.detector", self.spec.screen.detector),
-                                  ("verify.grader", self.spec.verify.grader)):
+                                  ("verify.grader", self.spec.verify.grader),
+                                  ("transfer.grader", self.spec.transfer.grader if self.spec.transfer.traits else None)):
             if model and model.startswith("anthropic/") and not os.environ.get("ANTHROPIC_API_KEY"):
                 raise StageError("validate", f"{field_name}: {model} needs ANTHROPIC_API_KEY in the environment "
                                  "(or set it to 'offline' for the offline implementation)")
@@ -710,10 +705,16 @@ def _count_layers(path: str, entry, side: str) -> int:
 
     from crosscoder.models import ModelLoadError
 
+    from .checks import looks_local
+
     try:
         config = AutoConfig.from_pretrained(path, revision=entry.revision, trust_remote_code=entry.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{side}.id: cannot load the config of {entry.id!r}: {str(exc).splitlines()[0]}") from None
+        hint = "" if Path(path).is_dir() else (" (local model folder not found)" if looks_local(entry.id) else
+                                               " (no local folder by that name; on an offline machine use a local "
+                                               "folder or a zoo: id)")
+        raise ModelLoadError(f"{side}.id: cannot load the config of {entry.id!r}{hint}: "
+                             f"{str(exc).splitlines()[0]}") from None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text_config, "num_hidden_layers", None)
     if layers is None:
@@ -743,14 +744,17 @@ def _file_bytes_hash(path: Path) -> str:
 
 def _rubric_files_hash(names: list[str]) -> str:
     from evals.prompts import PROMPT_DIR
-    from evals.rubrics import _resolve, load_rubric
+    from evals.rubrics import RubricError, _resolve, load_rubric
 
     h = hashlib.sha256()
     for name in sorted(set(names)):
         path = _resolve(name)
         if path.is_file():
             h.update(path.read_bytes())
-            rubric = load_rubric(name)
+            try:
+                rubric = load_rubric(name)
+            except RubricError as exc:  # reached with --only/--from, which skip the validate stage
+                raise StageError("validate", f"verify.rubrics: {exc}") from None
             prompt_path = PROMPT_DIR / f"{rubric.prompt_set}.yaml" if rubric.prompt_set else None
             if prompt_path is not None and prompt_path.is_file():
                 h.update(prompt_path.read_bytes())

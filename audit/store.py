@@ -96,14 +96,29 @@ def _is_lock_error(exc: Exception) -> bool:
     return "lock" in text and ("could not set" in text or "conflicting" in text or "being used" in text)
 
 
+class StoreOpenError(RuntimeError):
+    """The file cannot be used as an audit store (missing, not a DuckDB file, or from a newer version)."""
+
+
 class AuditStore:
     """Short-lived connections to ``path`` with retry on the file lock."""
 
-    def __init__(self, path: str | Path, retry_seconds: float = LOCK_RETRY_SECONDS):
+    def __init__(self, path: str | Path, retry_seconds: float = LOCK_RETRY_SECONDS, must_exist: bool = False):
+        """``must_exist``: for commands that only read, a missing file is an error rather than a new store
+        (a mistyped ``--db`` or ``--workspace`` would otherwise leave an empty database behind)."""
         self.path = Path(path)
         self.retry_seconds = retry_seconds
+        if self.path.is_dir():
+            raise StoreOpenError(f"{self.path}: is a folder; --db takes the DuckDB file (e.g. {self.path / 'audit.duckdb'})")
+        if must_exist and not self.path.is_file():
+            raise StoreOpenError(f"{self.path}: no audit store here; `audit run SPEC` creates one (or pass the "
+                                 "right --db / --workspace)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._ensure_schema()
+        try:
+            self._ensure_schema()
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreOpenError(f"{self.path}: cannot be opened as an audit store: {first}") from None
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -134,7 +149,7 @@ class AuditStore:
             row = con.execute("SELECT max(version) FROM schema_info").fetchone()
             version = row[0] if row else None
             if version is not None and version > SCHEMA_VERSION:
-                raise RuntimeError(
+                raise StoreOpenError(
                     f"{self.path}: written by a newer crosscoder-audit (schema {version} > {SCHEMA_VERSION}); "
                     "upgrade the package or point --db at another file"
                 )

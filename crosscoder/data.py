@@ -27,7 +27,7 @@ class SourceSettings:
     weight: float = 1.0
 
 
-_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
 
 def _jsonl_rows(path: Path, field: str) -> Iterator[dict]:
@@ -69,9 +69,9 @@ def _open_source(source: SourceSettings, field: str):
             path = str(resolve_data(path.removeprefix("zoo:")))
         except KeyError as exc:
             raise DataSourceError(f"{field}.path: {exc.args[0] if exc.args else path}") from None
-    local = Path(path)
+    local = Path(path).expanduser()
     try:
-        if local.suffix in _LOCAL_FORMATS:
+        if local.suffix in LOCAL_FORMATS:
             if not local.is_file():
                 raise DataSourceError(f"{field}.path: no such file {path!r}")
             if local.suffix == ".jsonl":
@@ -80,7 +80,7 @@ def _open_source(source: SourceSettings, field: str):
                 return _paragraph_rows(local)
             import datasets
 
-            builder = _LOCAL_FORMATS[local.suffix]
+            builder = LOCAL_FORMATS[local.suffix]
             return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True)
         import datasets
 

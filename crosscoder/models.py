@@ -57,7 +57,7 @@ def resolve_model_path(model_id: str, field: str = "model") -> str:
             return str(resolve_model(model_id.removeprefix("zoo:")))
         except KeyError as exc:
             raise ModelLoadError(f"{field}.id: {exc.args[0] if exc.args else model_id}") from None
-    return model_id
+    return str(Path(model_id).expanduser()) if model_id.startswith("~") else model_id
 
 
 def build_zoo_models(model_ids: list[str]) -> None:
@@ -224,7 +224,7 @@ def bos_prefix(tokenizer) -> list[int]:
 def _read_chat_template(value: str, field: str) -> str:
     """A Jinja chat template given inline, or the contents of a ``.jinja`` file."""
     if value.endswith((".jinja", ".j2")):
-        path = Path(value)
+        path = Path(value).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"{field}.chat_template: no such file {value!r}")
         return path.read_text(encoding="utf-8")

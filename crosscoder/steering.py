@@ -56,6 +56,10 @@ def steering_vector(crosscoder: Crosscoder, side: str, feature: int, alpha: floa
     return alpha * s_max * direction.cpu()
 
 
+#: Most logits elements (rows × positions × vocabulary) one perplexity forward pass may produce.
+LOGITS_BUDGET = 50_000_000
+
+
 @dataclass
 class Generation:
     text: str
@@ -170,17 +174,41 @@ class SteeredGenerator:
         return [Generation(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(p), len(t), t)
                 for p, t in zip(prompts, out_tokens, strict=True)]
 
-    @torch.no_grad()
     def answer_perplexity(self, prompt: list[int], answer: str) -> float:
         """Perplexity of ``answer`` after ``prompt`` under the *unsteered* model (inf when empty)."""
-        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if not answer_ids:
-            return math.inf
-        ids = torch.tensor([prompt + answer_ids], device=self.loaded.device)
+        return self.answer_perplexities([(prompt, answer)])[0]
+
+    @torch.no_grad()
+    def answer_perplexities(self, items: Sequence[tuple[list[int], str]]) -> list[float]:
+        """:meth:`answer_perplexity` of each ``(prompt, answer)``, several rows per forward pass: right
+        padding leaves a causal model's real positions as they are. Rows per pass are bounded so that
+        the logits stay under ``LOGITS_BUDGET`` elements (a 150k vocabulary makes them the big tensor)."""
+        answers = [self.tokenizer(a, add_special_tokens=False)["input_ids"] if a else [] for _, a in items]
+        out = [math.inf] * len(items)
+        todo = sorted((i for i in range(len(items)) if answers[i]), key=lambda i: len(items[i][0]) + len(answers[i]))
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        start = 0
         with self.steering(None):
-            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):], reduction="mean")
-        return float(torch.exp(nll))
+            while start < len(todo):
+                longest = len(items[todo[-1]][0]) + len(answers[todo[-1]])
+                rows = max(1, min(len(todo) - start, LOGITS_BUDGET // max(1, vocab * longest)))
+                chunk = todo[start : start + rows]
+                start += rows
+                seqs = [items[i][0] + answers[i] for i in chunk]
+                width = max(len(q) for q in seqs)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, q in enumerate(seqs):
+                    ids[r, : len(q)] = torch.tensor(q, dtype=torch.long)
+                    mask[r, : len(q)] = 1
+                logits = self.model(input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device)).logits
+                for r, i in enumerate(chunk):
+                    n_prompt, n_answer = len(items[i][0]), len(answers[i])
+                    row_logits = logits[r, n_prompt - 1 : n_prompt + n_answer - 1].float()
+                    target = torch.tensor(answers[i], device=row_logits.device)
+                    out[i] = float(torch.exp(torch.nn.functional.cross_entropy(row_logits, target, reduction="mean")))
+        return out
 
 
 def _stop_ids(tokenizer, generation_config=None) -> set[int]:

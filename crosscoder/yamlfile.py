@@ -23,7 +23,10 @@ def load_yaml_model(path: str | Path, model: type[Model], error: type[Exception]
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such {what} file (path not found)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
         root = yaml.compose(text)
@@ -33,6 +36,10 @@ def load_yaml_model(path: str | Path, model: type[Model], error: type[Exception]
         raise error(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise error(f"{path}: a {what} must be a YAML mapping of its fields")
+    repeated = _repeated_key(root)
+    if repeated is not None:  # YAML keeps the last silently; the user meant one of them
+        key, line, first = repeated
+        raise error(f"{path}:{line}: {key}: given twice in the same mapping (first at line {first}); keep one")
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
@@ -64,3 +71,24 @@ def line_of(node: Any, loc: list) -> int | None:
             break
         node = child
     return line
+
+
+def _repeated_key(node: Any) -> tuple[str, int, int] | None:
+    """The first key that a YAML mapping repeats: (key, its line, the line of its first use)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    return key.value, line, seen[key.value]
+                seen[key.value] = line
+            found = _repeated_key(value)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _repeated_key(item)
+            if found is not None:
+                return found
+    return None

@@ -50,23 +50,36 @@ class CoherenceMeter:
         self._baseline: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def _baseline_perplexity(self, prompt_ids: list[int], key: str) -> float:
-        if key not in self._baseline:
-            answer = self.generator.generate([prompt_ids], max_new_tokens=self.max_new_tokens)[0].text
-            ppl = self.generator.answer_perplexity(prompt_ids, answer) if answer else math.inf
-            self._baseline[key] = ppl if math.isfinite(ppl) else 1.0
-        return self._baseline[key]
+    def _ensure_baselines(self, rendered: dict[str, list[int]]) -> None:
+        """The unsteered model's own answer to each new prompt, and its perplexity: the reference a
+        steered answer's perplexity is divided by (generated together, cached per prompt)."""
+        missing = [p for p in rendered if p not in self._baseline]
+        if not missing:
+            return
+        answers = self.generator.generate([rendered[p] for p in missing], max_new_tokens=self.max_new_tokens)
+        ppls = self.generator.answer_perplexities([(rendered[p], g.text) for p, g in zip(missing, answers, strict=True)])
+        for prompt, ppl in zip(missing, ppls, strict=True):
+            self._baseline[prompt] = ppl if math.isfinite(ppl) else 1.0
 
     def grade(self, prompt: str, answer: str) -> dict:
         """``{"score", "perplexity", "baseline_perplexity", "distinct", "label"}``."""
+        return self.grade_many([(prompt, answer)])[0]
+
+    def grade_many(self, items: list[tuple[str, str]]) -> list[dict]:
+        """:meth:`grade` for each ``(prompt, answer)``, with batched forward passes."""
         with self._lock:
+            rendered = {p: self.generator.render([{"role": "user", "content": p}]) for p, _ in items}
+            self._ensure_baselines(rendered)
+            ppls = self.generator.answer_perplexities([(rendered[p], a if a.strip() else "") for p, a in items])
+        out = []
+        for (prompt, answer), ppl in zip(items, ppls, strict=True):
             if not answer.strip():
-                return {"score": 1.0, "perplexity": math.inf, "baseline_perplexity": None, "distinct": 0.0,
-                        "label": OFFLINE_COHERENCE_LABEL}
-            prompt_ids = self.generator.render([{"role": "user", "content": prompt}])
-            baseline = self._baseline_perplexity(prompt_ids, prompt)
-            ppl = self.generator.answer_perplexity(prompt_ids, answer)
-        distinct = repetition_ratio(answer)
-        ratio = ppl / max(baseline, 1e-6)
-        return {"score": float(level_from(ratio, distinct)), "perplexity": ppl, "baseline_perplexity": baseline,
-                "distinct": distinct, "label": OFFLINE_COHERENCE_LABEL}
+                out.append({"score": 1.0, "perplexity": math.inf, "baseline_perplexity": None, "distinct": 0.0,
+                            "label": OFFLINE_COHERENCE_LABEL})
+                continue
+            baseline = self._baseline[prompt]
+            distinct = repetition_ratio(answer)
+            ratio = ppl / max(baseline, 1e-6)
+            out.append({"score": float(level_from(ratio, distinct)), "perplexity": ppl, "baseline_perplexity": baseline,
+                        "distinct": distinct, "label": OFFLINE_COHERENCE_LABEL})
+        return out

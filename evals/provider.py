@@ -21,7 +21,6 @@ runner registers the models it has loaded (``share_loaded_model``) and passes th
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from inspect_ai.tool import ToolChoice, ToolInfo
 from crosscoder import Crosscoder
 from crosscoder.models import load_model
 from crosscoder.steering import SteeredGenerator, steering_vector
+from evals.batching import MicroBatcher
 
 DEFAULT_MAX_TOKENS = 64
 _SHARED: dict[str, Any] = {}
@@ -57,7 +57,6 @@ class _Request:
     max_new_tokens: int
     temperature: float
     seed: int
-    future: asyncio.Future
 
 
 def parse_steer(extra_body: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -118,8 +117,8 @@ class SteeredModel(ModelAPI):
         self._vector_files: dict[str, dict[str, torch.Tensor]] = {}
         self.side = side
         self.max_batch = int(max_batch)
-        self._queue: list[_Request] = []
-        self._worker: asyncio.Task | None = None
+        # rows of one batch share the generation length and temperature; each keeps its own vector
+        self._batcher = MicroBatcher(self._run_batch, self.max_batch, key=lambda r: (r.max_new_tokens, r.temperature))
 
     def max_connections(self) -> int:
         return 4 * self.max_batch
@@ -161,35 +160,12 @@ class SteeredModel(ModelAPI):
             max_new_tokens=config.max_tokens or DEFAULT_MAX_TOKENS,
             temperature=config.temperature if config.temperature is not None else 0.0,
             seed=config.seed if config.seed is not None else 0,
-            future=asyncio.get_running_loop().create_future(),
         )
-        self._queue.append(request)
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain())
-        generation = await request.future
+        generation = await self._batcher.submit(request)
         output = ModelOutput.from_content(model=self.model_name, content=generation.text)
         output.usage = ModelUsage(input_tokens=generation.input_tokens, output_tokens=generation.output_tokens,
                                   total_tokens=generation.input_tokens + generation.output_tokens)
         return output
-
-    async def _drain(self) -> None:
-        await asyncio.sleep(0.01)  # let concurrent requests join the first batch
-        while self._queue:
-            first = self._queue[0]
-            key = (first.max_new_tokens, first.temperature)
-            batch = [r for r in self._queue if (r.max_new_tokens, r.temperature) == key][: self.max_batch]
-            for r in batch:
-                self._queue.remove(r)
-            try:
-                results = await asyncio.to_thread(self._run_batch, batch)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
-                continue
-            for r, result in zip(batch, results, strict=True):
-                if not r.future.done():
-                    r.future.set_result(result)
 
     def _run_batch(self, batch: list[_Request]):
         d = self.loaded.d_model

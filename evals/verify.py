@@ -26,6 +26,7 @@ from inspect_ai.model import ChatMessageSystem, ChatMessageUser, get_model
 from inspect_ai.scorer import Score, Target, metric, scorer
 from inspect_ai.solver import Generate, TaskState, solver
 
+from evals.batching import MicroBatcher
 from evals.offline_grader import OFFLINE_LABEL, OfflineRubricGrader
 from evals.prompts import load_prompt_set
 from evals.rubrics import Rubric, load_rubric
@@ -137,11 +138,24 @@ class _OfflineGraders:
         self.rubric_graders: dict[str, OfflineRubricGrader] = {}
         self.coherence_meter = coherence_meter
 
-    def behaviour(self, rubric: str, prompt: str, answer: str) -> tuple[float, dict]:
-        if rubric not in self.rubric_graders:
-            self.rubric_graders[rubric] = OfflineRubricGrader(rubric)
-        result = self.rubric_graders[rubric].grade(prompt, answer)
-        return result.score, {"label": result.label}
+    def grade_many(self, items: list[tuple[str, str, str]]) -> list[tuple[float, dict]]:
+        """``(behaviour score, coherence info)`` for each ``(rubric, prompt, answer)``: one
+        embedding pass per rubric and batched perplexities, for a batch of samples at once."""
+        behaviour = [math.nan] * len(items)
+        by_rubric: dict[str, list[int]] = {}
+        for i, (rubric, _, _) in enumerate(items):
+            by_rubric.setdefault(rubric, []).append(i)
+        for rubric, rows in by_rubric.items():
+            if rubric not in self.rubric_graders:
+                self.rubric_graders[rubric] = OfflineRubricGrader(rubric)
+            grader = self.rubric_graders[rubric]
+            for i, result in zip(rows, grader.grade_many([items[i][1:] for i in rows]), strict=True):
+                behaviour[i] = result.score
+        if self.coherence_meter is not None:
+            coherence = self.coherence_meter.grade_many([(prompt, answer) for _, prompt, answer in items])
+        else:
+            coherence = [{"score": float("nan"), "label": "not measured"}] * len(items)
+        return list(zip(behaviour, coherence, strict=True))
 
 
 async def _llm_grade(role: str, rubric: Rubric, prompt: str, answer: str) -> tuple[float, str]:
@@ -162,6 +176,8 @@ def rubric_scorer(grader: str = "offline", coherence_meter=None):
     name of the Inspect model role that grades (``"grader"``).
     """
     offline = _OfflineGraders(coherence_meter) if grader == "offline" else None
+    # samples finish generating in batches: grade them in batches too
+    batcher = MicroBatcher(offline.grade_many, max_batch=64) if offline is not None else None
     rubric_cache: dict[str, Rubric] = {}
 
     def rubric_of(name: str) -> Rubric:
@@ -172,13 +188,9 @@ def rubric_scorer(grader: str = "offline", coherence_meter=None):
     async def score(state: TaskState, target: Target) -> Score:
         m = state.metadata
         answer = state.output.completion
-        if offline is not None:
-            behaviour, info = offline.behaviour(m["rubric"], m["prompt"], answer)
-            if offline.coherence_meter is not None:
-                coherence_info = offline.coherence_meter.grade(m["prompt"], answer)
-                coherence = coherence_info["score"]
-            else:
-                coherence_info, coherence = {"label": "not measured"}, float("nan")
+        if batcher is not None:
+            behaviour, coherence_info = await batcher.submit((m["rubric"], m["prompt"], answer))
+            coherence = coherence_info["score"]
             metadata = {"grader": OFFLINE_LABEL, "coherence_grader": coherence_info["label"],
                         "perplexity": coherence_info.get("perplexity"),
                         "baseline_perplexity": coherence_info.get("baseline_perplexity")}

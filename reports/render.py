@@ -48,9 +48,10 @@ def _mark(match: re.Match) -> str:
 
 
 def markdown_text(value) -> str:
-    """Untrusted text for a Markdown table cell: no HTML, no links or images, no cell breaks."""
+    """Untrusted text for a Markdown table cell: no HTML, no links or images, no cell breaks. Underscores
+    stay (names like ``zoo_state_narrative`` read as written; GitHub never emphasises inside a word)."""
     text = str(value or "").replace("\n", " ")
-    for char in "\\`*_[]()!|<>":
+    for char in "\\`*[]()!|<>":
         text = text.replace(char, "\\" + char)
     return text
 

@@ -235,6 +235,22 @@ def test_bad_settings_fail_early_with_the_field_named(tmp_path, workspace):
     spec_path = write_spec(tmp_path, verify={"rubrics": ["no_such_rubric"]})
     with pytest.raises(StageError, match="verify.rubrics: .*no_such_rubric"):
         AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+    # --only skips the validate stage; a rubric broken since must still be named, not a traceback
+    broken = tmp_path / "broken_rubric.yaml"
+    broken.write_text(Path("specs/rubrics/zoo_sentiment.yaml").read_text().replace("dimension:", "dimensionn:"))
+    spec_path = write_spec(tmp_path, verify={"rubrics": [str(broken)]})
+    with pytest.raises(StageError, match=r"verify.rubrics: .*broken_rubric.yaml:\d+: dimension"):
+        AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run(only="analyse")
+
+
+def test_a_missing_local_model_folder_is_named_as_such():
+    from audit.runner import _count_layers
+    from audit.spec import ModelSpec
+    from crosscoder.models import ModelLoadError
+
+    entry = ModelSpec(id="./checkpoints/my-model", layer=3)
+    with pytest.raises(ModelLoadError, match=r"model_a.id: .*'./checkpoints/my-model' \(local model folder not found\)"):
+        _count_layers(entry.id, entry, "model_a")
 
 
 def test_runs_show_and_report_commands(first_run, workspace):

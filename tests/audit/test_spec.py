@@ -89,7 +89,9 @@ def test_broken_yaml_and_missing_file(tmp_path):
         load_spec(write(tmp_path, "- a list\n"))
 
 
-def test_validate_command_exit_codes(tmp_path):
+def test_validate_command_exit_codes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the spec's data path is relative to where the audit runs
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
     runner = CliRunner()
     good = write(tmp_path, GOOD)
     result = runner.invoke(app, ["validate", str(good)])
@@ -99,3 +101,48 @@ def test_validate_command_exit_codes(tmp_path):
     result = runner.invoke(app, ["validate", str(good), str(bad)])
     assert result.exit_code == 1
     assert "crosscoder.k" in result.output
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (("  k: 8", "  k: 8\nverify:\n  rubrics: [no_such_rubric]"), "verify.rubrics: "),
+        (("  k: 8", "  k: 8\nverify:\n  features:\n    3: [no_such_rubric]"), "verify.features.3: "),
+        (("  k: 8", "  k: 8\ntransfer:\n  traits: [no_such_trait]"), "transfer.traits: "),
+        (("  layer: 1", "  layer: 4"), "model_a.layer: 4 is out of range: 'zoo:alpha' has 4 decoder blocks (0–3)"),
+        (("zoo:beta", "zoo:gamma"), "model_b.id: no zoo model named 'gamma'"),
+        (("zoo:beta", "./no_such_model"), "model_b.id: local model folder './no_such_model' not found"),
+        (("corpus.jsonl", "missing.jsonl"), "data.sources.0.path: no such file 'missing.jsonl'"),
+        (("corpus.jsonl", "zoo:nothing"), "data.sources.0.path: no zoo data named 'nothing'"),
+    ],
+)
+def test_validate_checks_what_the_spec_refers_to(tmp_path, monkeypatch, edit, expected):
+    """A spec that validates must not fail minutes into a run on a missing file or a bad layer."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    result = CliRunner().invoke(app, ["validate", str(write(tmp_path, GOOD.replace(*edit)))])
+    assert result.exit_code == 1, result.output
+    assert expected in " ".join(result.output.split()), result.output
+
+
+def test_validate_reads_a_local_models_depth_from_its_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    folder = tmp_path / "my_model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"text_config": {"num_hidden_layers": 2}}')
+    spec = write(tmp_path, GOOD.replace("zoo:beta", "./my_model").replace("layer: 2", "layer: 1"))
+    assert CliRunner().invoke(app, ["validate", str(spec)]).exit_code == 0
+    result = CliRunner().invoke(app, ["validate", str(write(tmp_path, GOOD.replace("zoo:beta", "./my_model")))])
+    assert result.exit_code == 1 and "model_b.layer: 2 is out of range" in " ".join(result.output.split())
+
+
+def test_repeated_keys_and_non_utf8_files_are_refused(tmp_path):
+    with pytest.raises(SpecError, match=r"spec.yaml:14: name: given twice in the same mapping \(first at line 1\)"):
+        load_spec(write(tmp_path, GOOD + "name: other\n"))
+    with pytest.raises(SpecError, match=r"spec.yaml:5: layer: given twice in the same mapping \(first at line 4\)"):
+        load_spec(write(tmp_path, GOOD.replace("  layer: 1", "  layer: 1\n  layer: 2")))
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.replace("tiny", "t\xe9ny").encode("latin-1"))
+    with pytest.raises(SpecError, match="not UTF-8 text"):
+        load_spec(path)

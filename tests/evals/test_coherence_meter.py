@@ -59,3 +59,16 @@ def test_coherence_meter_separates_fluent_from_broken(graded):
     """Broken answers (labels 1-2) never score above 3, fluent ones (labels 4-5) never below 3."""
     assert all(score <= 3 for label, score in graded if label <= 2), graded
     assert all(score >= 3 for label, score in graded if label >= 4), graded
+
+
+def test_grading_many_answers_at_once_gives_each_the_same_grade():
+    examples = [e for e in yaml.safe_load(LABELS.read_text(encoding="utf-8"))["examples"] if e["model"] == "alpha"]
+    items = [(e["prompt"], e["response"]) for e in examples] + [(examples[0]["prompt"], "   ")]
+    one_by_one = CoherenceMeter(load_model("zoo:alpha", ZOO_LAYERS["alpha"]))
+    alone = [one_by_one.grade(p, a) for p, a in items]
+    together = CoherenceMeter(load_model("zoo:alpha", ZOO_LAYERS["alpha"])).grade_many(items)
+    assert [g["score"] for g in together] == [g["score"] for g in alone]
+    assert together[-1]["score"] == 1.0 and together[-1]["baseline_perplexity"] is None  # a blank answer
+    for a, b in zip(alone[:-1], together[:-1], strict=True):
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-4)
+        assert b["baseline_perplexity"] == pytest.approx(a["baseline_perplexity"], rel=1e-4)

@@ -132,3 +132,49 @@ def test_a_spec_chat_template_overrides_the_tokenizers(tiny_model_dirs, tmp_path
     assert load_model(str(tiny_model_dirs["qwen"]), layer=1, chat_template=str(path)).tokenizer.chat_template == template
     with pytest.raises(ModelLoadError, match="model_b.chat_template"):
         load_model(str(tiny_model_dirs["qwen"]), layer=1, chat_template="plain words", field="model_b")
+
+
+def test_batched_perplexities_match_one_row_at_a_time(generator, monkeypatch):
+    import math
+
+    import crosscoder.steering as steering
+
+    prompts = [generator.render([{"role": "user", "content": q}]) for q in QUESTIONS]
+    items = [(prompts[0], "The northern province is ruled by a council."), (prompts[1], ""),
+             (prompts[2], "Once upon a time there was a very long story about a river and a mill and a cat."),
+             (prompts[1], "Wheat.")]
+    alone = [generator.answer_perplexity(p, a) for p, a in items]
+    together = generator.answer_perplexities(items)
+    assert math.isinf(alone[1]) and math.isinf(together[1])  # an empty answer has no perplexity
+    for one, many in zip(alone, together, strict=True):
+        assert one == pytest.approx(many, rel=1e-4)  # right padding leaves each row's positions alone
+    monkeypatch.setattr(steering, "LOGITS_BUDGET", 1)  # one row per pass: the budget bounds memory
+    assert generator.answer_perplexities(items) == pytest.approx(together, rel=1e-4)
+
+
+def test_micro_batches_group_concurrent_requests_and_keep_errors_to_their_batch():
+    import asyncio
+
+    from evals.batching import MicroBatcher
+
+    calls = []
+
+    def run(batch):
+        calls.append(list(batch))
+        if "boom" in batch:
+            raise ValueError("bad batch")
+        return [f"{x}!" for x in batch]
+
+    batcher = MicroBatcher(run, max_batch=3, key=lambda x: x.startswith("b"))
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(x) for x in ["a1", "a2", "b1", "a3", "a4", "boom"]),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert [results[i] for i in (0, 1, 3, 4)] == ["a1!", "a2!", "a3!", "a4!"]
+    # b1 shared its batch with the failing item: both get the error, the other batches are unaffected
+    assert isinstance(results[2], ValueError) and isinstance(results[5], ValueError)
+    assert calls == [["a1", "a2", "a3"], ["b1", "boom"], ["a4"]]  # never mixed, at most three per batch
+    calls.clear()
+    assert asyncio.run(main())[0] == "a1!"  # a new event loop (Inspect runs each eval in its own) still works

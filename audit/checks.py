@@ -1,0 +1,114 @@
+"""Offline checks of what a spec refers to: rubric, prompt-set and trait files, models, layers, data files.
+
+``audit validate`` and the run's validate stage both call :func:`spec_problems`, so a spec that
+validates does not fail minutes later on a missing file or an out-of-range layer. Nothing here
+loads weights or reaches the network: a hub id cannot be checked offline and is left to the models
+stage; a zoo model's depth comes from its build spec, a local folder's from its ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .spec import AuditSpec, ModelSpec
+
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+def spec_problems(spec: AuditSpec) -> list[str]:
+    """Every problem found, one line each, starting with the spec field to fix."""
+    return [*rubric_problems(spec), *model_problems(spec), *data_problems(spec)]
+
+
+def rubric_problems(spec: AuditSpec) -> list[str]:
+    from crosscoder.persona import TraitError, load_trait
+    from evals.prompts import PromptSetError, load_prompt_set
+    from evals.rubrics import RubricError, load_rubric
+
+    problems = []
+    entries = [("verify.rubrics", name) for name in spec.verify.rubrics]
+    entries += [(f"verify.features.{feature}", name) for feature, names in spec.verify.features.items()
+                for name in names]
+    for name in spec.transfer.traits:
+        try:
+            entries.append((f"transfer.traits ({name}'s rubric)", load_trait(name).rubric))
+        except TraitError as exc:
+            problems.append(f"transfer.traits: {exc}")
+    for field, name in entries:
+        try:
+            rubric = load_rubric(name)
+            if rubric.prompt_set:
+                load_prompt_set(rubric.prompt_set)
+        except (RubricError, PromptSetError) as exc:
+            problems.append(f"{field}: {exc}")
+    return problems
+
+
+def looks_local(model_id: str) -> bool:
+    """A model id that names a folder on this machine rather than a hub repository."""
+    return model_id.startswith(LOCAL_PREFIXES) or Path(model_id).expanduser().exists()
+
+
+def model_problems(spec: AuditSpec) -> list[str]:
+    problems = []
+    for side, entry in (("model_a", spec.model_a), ("model_b", spec.model_b)):
+        problems += _one_model(side, entry)
+    return problems
+
+
+def _one_model(side: str, entry: ModelSpec) -> list[str]:
+    problems = []
+    layers = None
+    if entry.id.startswith("zoo:"):
+        from crosscoder.zoo import ZOO_MODELS
+
+        name = entry.id.removeprefix("zoo:")
+        if name not in ZOO_MODELS:
+            return [f"{side}.id: no zoo model named {name!r}; available: {', '.join(ZOO_MODELS)}"]
+        layers = ZOO_MODELS[name].n_layers
+    elif looks_local(entry.id):
+        folder = Path(entry.id).expanduser()
+        if not folder.is_dir():
+            return [f"{side}.id: local model folder {entry.id!r} not found"]
+        config = folder / "config.json"
+        if not config.is_file():
+            return [f"{side}.id: {entry.id!r} has no config.json (a folder written by save_pretrained is expected)"]
+        layers = config_layers(config)
+        if layers is None:
+            problems.append(f"{side}.id: {config} has no num_hidden_layers")
+    if layers is not None and entry.layer >= layers:
+        problems.append(f"{side}.layer: {entry.layer} is out of range: {entry.id!r} has {layers} decoder blocks "
+                        f"(0–{layers - 1})")
+    template = entry.chat_template
+    if template and template.endswith((".jinja", ".j2")) and not Path(template).expanduser().is_file():
+        problems.append(f"{side}.chat_template: no such file {template!r}")
+    return problems
+
+
+def config_layers(config_path: Path) -> int | None:
+    """``num_hidden_layers`` of a Hugging Face ``config.json`` (or of its text model's config)."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        if isinstance(section.get("num_hidden_layers"), int):
+            return section["num_hidden_layers"]
+    return None
+
+
+def data_problems(spec: AuditSpec) -> list[str]:
+    from crosscoder.data import LOCAL_FORMATS
+    from crosscoder.zoo import DATA_NAMES
+
+    problems = []
+    for i, source in enumerate(spec.data.sources):
+        field = f"data.sources.{i}.path"
+        if source.path.startswith("zoo:"):
+            name = source.path.removeprefix("zoo:")
+            if name not in DATA_NAMES:
+                problems.append(f"{field}: no zoo data named {name!r}; available: {', '.join(DATA_NAMES)}")
+        elif Path(source.path).suffix in LOCAL_FORMATS and not Path(source.path).expanduser().is_file():
+            problems.append(f"{field}: no such file {source.path!r}")
+    return problems
