@@ -9,6 +9,7 @@ stage; a zoo model's depth comes from its build spec, a local folder's from its 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .spec import AuditSpec, ModelSpec
@@ -112,3 +113,14 @@ def data_problems(spec: AuditSpec) -> list[str]:
         elif Path(source.path).suffix in LOCAL_FORMATS and not Path(source.path).expanduser().is_file():
             problems.append(f"{field}: no such file {source.path!r}")
     return problems
+
+
+def missing_api_keys(spec: AuditSpec) -> list[str]:
+    """LLM roles whose provider's key is not in the environment: an error when the run starts,
+    a note from ``audit validate`` (a spec may be checked on a machine that will not run it)."""
+    roles = [("screen.explainer", spec.screen.explainer), ("screen.detector", spec.screen.detector),
+             ("verify.grader", spec.verify.grader),
+             ("transfer.grader", spec.transfer.grader if spec.transfer.traits else None)]
+    return [f"{field}: {model} needs ANTHROPIC_API_KEY in the environment (or set it to 'offline' for the "
+            "offline implementation)" for field, model in roles
+            if model and model.startswith("anthropic/") and not os.environ.get("ANTHROPIC_API_KEY")]

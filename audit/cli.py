@@ -25,7 +25,7 @@ errors = Console(stderr=True)
 @app.command()
 def validate(spec: list[Path] = typer.Argument(..., help="spec files to check")) -> None:
     """Check audit spec files; print every problem with its file, line and field."""
-    from .checks import spec_problems
+    from .checks import missing_api_keys, spec_problems
 
     failed = False
     for path in spec:
@@ -47,6 +47,8 @@ def validate(spec: list[Path] = typer.Argument(..., help="spec files to check"))
             f"D={loaded.crosscoder.dict_size} k={loaded.crosscoder.k}",
             highlight=False,
         )
+        for note in missing_api_keys(loaded):  # not an error here: the run may happen elsewhere
+            console.print(f"  note: {note}", style="yellow", highlight=False, markup=False)
     if failed:
         raise typer.Exit(code=1)
 

@@ -228,12 +228,16 @@ def test_full_disks_are_recognised_from_libraries_that_raise_their_own_errors():
     assert disk_full_path(ValueError("layer 40 is out of range")) == (False, None)
 
 
-def test_bad_settings_fail_early_with_the_field_named(tmp_path, workspace):
+def test_bad_settings_fail_early_with_the_field_named(tmp_path, workspace, monkeypatch):
     spec_path = write_spec(tmp_path, model_b={"layer": 40})
     with pytest.raises(StageError, match=r"model_b\.layer: 40 is out of range"):
         AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
     spec_path = write_spec(tmp_path, verify={"rubrics": ["no_such_rubric"]})
     with pytest.raises(StageError, match="verify.rubrics: .*no_such_rubric"):
+        AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    spec_path = write_spec(tmp_path, verify={"grader": "anthropic/claude-opus-4-1"})
+    with pytest.raises(StageError, match="verify.grader: anthropic/claude-opus-4-1 needs ANTHROPIC_API_KEY"):
         AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
     # --only skips the validate stage; a rubric broken since must still be named, not a traceback
     broken = tmp_path / "broken_rubric.yaml"

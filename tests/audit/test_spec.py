@@ -146,3 +146,20 @@ def test_repeated_keys_and_non_utf8_files_are_refused(tmp_path):
     path.write_bytes(GOOD.replace("tiny", "t\xe9ny").encode("latin-1"))
     with pytest.raises(SpecError, match="not UTF-8 text"):
         load_spec(path)
+
+
+def test_a_missing_api_key_is_a_note_for_validate_and_an_error_for_the_run(tmp_path, monkeypatch):
+    from audit.checks import missing_api_keys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    text = GOOD + "verify:\n  grader: anthropic/claude-opus-4-1\ntransfer:\n  grader: anthropic/claude-opus-4-1\n"
+    path = write(tmp_path, text)
+    assert [m.split(":")[0] for m in missing_api_keys(load_spec(path))] == ["verify.grader"]  # no traits: no transfer
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0 and "note: verify.grader" in result.output
+    with_traits = write(tmp_path, text.replace("transfer:\n", "transfer:\n  traits: [zoo_sentiment]\n"))
+    assert [m.split(":")[0] for m in missing_api_keys(load_spec(with_traits))] == ["verify.grader", "transfer.grader"]
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    assert missing_api_keys(load_spec(with_traits)) == []
