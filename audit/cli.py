@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -100,7 +102,7 @@ def run(
     nproc: int | None = typer.Option(None, min=1, help="processes (one per GPU) for harvest and training, under "
                                      "torchrun (default: the spec's compute.nproc)"),
 ) -> None:
-    """Run an audit end to end: validate → models → harvest → train → analyse → screen → verify → report."""
+    """Run an audit end to end: validate → models → harvest → train → analyse → screen → verify → transfer → report."""
     from transformers.utils import logging as hf_logging
 
     from .runner import STAGES, AuditRunner, StageError
@@ -236,15 +238,32 @@ def runs(
     if wide:
         view.add_column("report", overflow="fold")
     for row in store.query("""
-        SELECT r.run_id, r.model_a, r.model_b, r.status, r.updated_at, r.report_path,
+        SELECT r.run_id, r.model_a, r.model_b, r.status, r.updated_at, r.report_path, r.pid, r.host,
                (SELECT count(*) FROM features f WHERE f.run_id = r.run_id) AS flagged,
                (SELECT count(DISTINCT feature) FROM effects e WHERE e.run_id = r.run_id AND e.verified) AS verified
         FROM runs r ORDER BY r.updated_at DESC"""):
         models = f"{row['model_a']} vs {row['model_b']}" if wide else f"{row['model_a']}\n{row['model_b']}"
-        cells = [row["run_id"], models, row["status"],
+        cells = [row["run_id"], models, run_status(row),
                  str(row["updated_at"])[:16], str(row["flagged"]), str(row["verified"])]
         view.add_row(*cells, *([_relative(row["report_path"])] if wide else []))
     console.print(view)
+
+
+def run_status(row: dict) -> str:
+    """A run's stored status; "running" is checked against its process when that ran on this machine
+    (a run killed with -9 or by a crash never writes its final status)."""
+    status = row["status"] or ""
+    if status != "running" or row.get("pid") is None:
+        return status
+    if row.get("host") != socket.gethostname():
+        return f"running on {row.get('host')}?"
+    try:
+        os.kill(row["pid"], 0)  # signal 0: is the process there (it may be another's, after a reboot)
+    except ProcessLookupError:
+        return "interrupted (its process is gone; rerun the spec to resume)"
+    except PermissionError:
+        pass
+    return status
 
 
 def _relative(path: str | None) -> str:
@@ -317,6 +336,8 @@ def diff(
     (folder / "diff.json").write_text(json.dumps(result, indent=2, default=str))
     (folder / "diff.md").write_text(render_diff_markdown(result))
     _print_diff(result)
+    for warning in result.get("warnings", []):
+        errors.print(f"warning: {warning}", style="yellow", highlight=False, markup=False)
     console.print(f"wrote {folder / 'diff.json'} and {folder / 'diff.md'}", highlight=False)
     _exit_on_gates(result["gate_failures"])
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -55,11 +56,29 @@ def _run_features(db: AuditStore, run_id: str) -> list[dict]:
 
 
 def _artefact(db: AuditStore, run_id: str, stage: str) -> Path | None:
+    """A run's stage folder, or None when it is not on this machine. Rows written before paths were
+    stored absolute hold them relative to wherever ``audit run`` started; the folder is then looked
+    for in the cache next to the store (``<workspace>/cache/<stage>-<hash>``)."""
     found = db.query("SELECT artefact FROM stages WHERE run_id = ? AND stage = ?", [run_id, stage])
     if not found or not found[0]["artefact"]:
         return None
     path = Path(found[0]["artefact"])
-    return path if path.exists() else None
+    if path.exists():
+        return path
+    beside_store = db.path.parent / "cache" / path.name
+    return beside_store if not path.is_absolute() and beside_store.exists() else None
+
+
+def missing_artefacts(db: AuditStore, run_ids: Sequence[str]) -> list[str]:
+    """Warnings for runs whose crosscoder or activations are not here: their features can then only
+    be matched by explanation similarity, the weakest method."""
+    out = []
+    for run_id in run_ids:
+        missing = [stage for stage in ("train", "harvest") if _artefact(db, run_id, stage) is None]
+        if missing:
+            out.append(f"run {run_id}: its {' and '.join(missing)} stage folder{'s are' if len(missing) > 1 else ' is'} "
+                       "not on this machine (see the stages table); features are matched by the weaker methods")
+    return out
 
 
 def _model_key(spec: dict, side: str) -> tuple:
@@ -192,6 +211,10 @@ def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tup
 
 
 def _matters(feature: dict) -> bool:
+    """Whether a feature is listed as new, vanished or changed: content (not an artefact), and either
+    flagged safety-critical by the screen or swept by verify. Exclusive features nobody looked at
+    would bury the list (a demo run flags ~300 and explains ~55), so they are counted per side in
+    ``sides`` but not listed, and no gate fires on them, even with ``min_effect: 0``."""
     return not feature["is_artefact"] and (bool(feature["safety_critical"]) or bool(feature["effects"]))
 
 
@@ -229,6 +252,7 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
                                       "match_score": round(score, 3), "explanation_a": fa["explanation"],
                                       "explanation_b": fb["explanation"], "safety_a": fa["safety_critical"],
                                       "safety_b": fb["safety_critical"], "effect_changes": changes})
+    result["warnings"] = missing_artefacts(db, [run_a, run_b])
     result["concepts"] = compare_concepts(db, run_a, run_b, spec_a, spec_b)
     result["gate_failures"] = diff_gate_failures(result, gates)
     db.insert_diff(f"{run_a}__{run_b}", run_a, run_b, result)
@@ -384,6 +408,7 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
 def render_diff_markdown(result: dict) -> str:
     """What changed, most robust first: verified concepts, the gates, then the feature lists."""
     lines = [f"# Audit diff: {result['run_a']} → {result['run_b']}", ""]
+    lines += [f"> warning: {_md(w)}" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
     lines += ["## Verified concepts", "",
               "Per rubric and partition: the largest verified steering effect in each run, whichever feature "
               "carries it, and the steered model's unsteered score on the rubric's topic prompts (its baseline, "

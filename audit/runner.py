@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -275,7 +276,8 @@ class AuditRunner:
 
     def _record_stage(self, stage, input_hash, folder, status, seconds, message) -> None:
         self.db.replace_rows("stages", self.run_id, [{
-            "stage": stage, "input_hash": input_hash, "artefact": str(folder) if folder else None,
+            # absolute: `audit diff` and `audit report` may run from another directory
+            "stage": stage, "input_hash": input_hash, "artefact": str(folder.resolve()) if folder else None,
             "status": status, "seconds": seconds, "finished_at": datetime.now(), "message": message}],
             where={"stage": stage})
 
@@ -287,8 +289,9 @@ class AuditRunner:
             "spec_json": json.dumps(spec.model_dump(mode="json")), "model_a": spec.model_a.id,
             "model_b": spec.model_b.id, "layer_a": spec.model_a.layer, "layer_b": spec.model_b.layer,
             "explainer": spec.screen.explainer, "grader": spec.verify.grader, "run_dir": str(self.run_dir.resolve()),
-            "crosscoder_path": str(self.artefacts["train"]) if "train" in self.artefacts else None,
+            "crosscoder_path": str(self.artefacts["train"].resolve()) if "train" in self.artefacts else None,
             "report_path": str(self.run_dir.resolve() / "report.html"),  # absolute: `audit report` runs anywhere
+            "pid": os.getpid(), "host": socket.gethostname(),
         })
 
     # ---- validate -------------------------------------------------------------------------------
@@ -302,7 +305,7 @@ class AuditRunner:
         if problems:
             raise StageError("validate", "\n".join(problems))
         names = list(self.spec.verify.rubrics) + [r for rs in self.spec.verify.features.values() for r in rs]
-        return {"rubrics": names + [_trait_rubric(name) for name in self.spec.transfer.traits]}
+        return {"rubrics": list(dict.fromkeys(names + [_trait_rubric(name) for name in self.spec.transfer.traits]))}
 
     # ---- models ---------------------------------------------------------------------------------
     def _model_fingerprint(self, model_id: str) -> str:

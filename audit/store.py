@@ -22,7 +22,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -30,7 +30,7 @@ TABLES: dict[str, str] = {
         run_id VARCHAR PRIMARY KEY, spec_name VARCHAR, spec_hash VARCHAR, created_at TIMESTAMP,
         updated_at TIMESTAMP, status VARCHAR, spec_json VARCHAR, model_a VARCHAR, model_b VARCHAR,
         layer_a INTEGER, layer_b INTEGER, explainer VARCHAR, grader VARCHAR, run_dir VARCHAR,
-        crosscoder_path VARCHAR, report_path VARCHAR""",
+        crosscoder_path VARCHAR, report_path VARCHAR, pid INTEGER, host VARCHAR""",
     "stages": """
         run_id VARCHAR, stage VARCHAR, input_hash VARCHAR, artefact VARCHAR, status VARCHAR,
         seconds DOUBLE, finished_at TIMESTAMP, message VARCHAR""",
@@ -84,6 +84,8 @@ MIGRATIONS: dict[int, list[str]] = {
     # 5: each model's unsteered answers on every rubric (``baselines``, created with the other
     # missing tables by ``_ensure_schema``); no existing table changes.
     5: [],
+    # 6: which process is writing a run (a run killed with -9 stays "running": `audit runs` checks it).
+    6: ["ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER", "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR"],
 }
 
 

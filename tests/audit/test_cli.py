@@ -43,3 +43,26 @@ def test_odd_arguments_are_reported_as_text(tmp_path):
                         "status": "finished", "run_dir": str(tmp_path)})
     result = CliRunner().invoke(app, ["diff", "r1", "r1", "--db", str(db), "--spec", str(bad_spec)])
     assert result.exit_code == 2 and "invalid spec" in words(result.output) and "bad.yaml" in result.output
+
+
+def test_a_run_whose_process_is_gone_is_shown_as_interrupted(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from audit.cli import run_status
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(finished.stdout)  # a process that has exited (a run killed with -9 leaves the same)
+    here = socket.gethostname()
+    assert run_status({"status": "running", "pid": gone, "host": here}).startswith("interrupted")
+    assert run_status({"status": "running", "pid": os.getpid(), "host": here}) == "running"
+    assert run_status({"status": "running", "pid": gone, "host": "other-box"}) == "running on other-box?"
+    assert run_status({"status": "finished", "pid": gone, "host": here}) == "finished"
+    assert run_status({"status": "running", "pid": None, "host": None}) == "running"  # rows of older versions
+    db = tmp_path / "audit.duckdb"
+    AuditStore(db).upsert_run({"run_id": "r1", "spec_name": "s", "spec_json": "{}", "model_a": "a", "model_b": "b",
+                               "status": "running", "run_dir": str(tmp_path), "pid": gone, "host": here})
+    listed = CliRunner().invoke(app, ["runs", "--db", str(db)])
+    assert listed.exit_code == 0 and "interrupted" in listed.output

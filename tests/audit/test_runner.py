@@ -288,7 +288,30 @@ def test_diffing_two_runs_of_one_crosscoder_finds_nothing_new(first_run, workspa
         assert s["matched"] == s["features_a"] == s["features_b"] > 0
         assert "decoder cosine" in s["method"] and "token positions" in s["method"]
         assert s["new"] == s["vanished"] == 0
-    assert result["new"] == result["vanished"] == []
+    assert result["new"] == result["vanished"] == [] and result["warnings"] == []
+
+
+def test_a_diff_finds_the_runs_artefacts_from_any_directory(first_run, workspace, tmp_path, monkeypatch):
+    from audit.diff import _artefact, diff_runs
+
+    runner, first = first_run
+    rows = runner.db.rows("stages", first.run_id)
+    assert all(Path(r["artefact"]).is_absolute() for r in rows if r["artefact"])
+    assert Path(runner.db.run(first.run_id)["run_dir"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # somewhere else: the stored paths still lead to the artefacts
+    result = diff_runs(runner.db, first.run_id, first.run_id)
+    assert result["warnings"] == [] and "decoder cosine" in result["sides"]["a"]["method"]
+    # A row of an older version, relative to where that run started: found in the cache beside the store.
+    train = next(r for r in rows if r["stage"] == "train")
+    copy = AuditStore(tmp_path / "old.duckdb")
+    copy.replace_rows("stages", "old", [{**train, "artefact": f"elsewhere/cache/{Path(train['artefact']).name}"}],
+                      where={"stage": "train"})
+    assert _artefact(copy, "old", "train") is None  # no cache beside this store
+    store = AuditStore(workspace / "audit.duckdb")
+    store.replace_rows("stages", "old", [{**train, "artefact": f"elsewhere/cache/{Path(train['artefact']).name}"}],
+                       where={"stage": "train"})
+    assert _artefact(store, "old", "train") == workspace / "cache" / Path(train["artefact"]).name
+    store.replace_rows("stages", "old", [], where={"stage": "train"})
 
 
 def test_harvest_and_train_on_two_processes(first_run, tmp_path):
