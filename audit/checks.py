@@ -2,8 +2,9 @@
 
 ``audit validate`` and the run's validate stage both call :func:`spec_problems`, so a spec that
 validates does not fail minutes later on a missing file or an out-of-range layer. Nothing here
-loads weights or reaches the network: a hub id cannot be checked offline and is left to the models
-stage; a zoo model's depth comes from its build spec, a local folder's from its ``config.json``.
+loads weights or reaches the network: a zoo model's depth comes from its build spec, a local
+folder's from its ``config.json``, a hub model's from its config in the local hub cache when it is
+there (otherwise the models stage checks it).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def _one_model(side: str, entry: ModelSpec) -> list[str]:
         layers = config_layers(config)
         if layers is None:
             problems.append(f"{side}.id: {config} has no num_hidden_layers")
+    else:  # a hub id: its depth is known when its config is in the local hub cache (never downloaded here)
+        cached = _cached_hub_config(entry.id, entry.revision)
+        layers = config_layers(cached) if cached is not None else None
     if layers is not None and entry.layer >= layers:
         problems.append(f"{side}.layer: {entry.layer} is out of range: {entry.id!r} has {layers} decoder blocks "
                         f"(0–{layers - 1})")
@@ -85,6 +89,16 @@ def _one_model(side: str, entry: ModelSpec) -> list[str]:
     if template and template.endswith((".jinja", ".j2")) and not Path(template).expanduser().is_file():
         problems.append(f"{side}.chat_template: no such file {template!r}")
     return problems
+
+
+def _cached_hub_config(repo_id: str, revision: str | None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id; the models stage names the problem
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def config_layers(config_path: Path) -> int | None:

@@ -163,3 +163,23 @@ def test_a_missing_api_key_is_a_note_for_validate_and_an_error_for_the_run(tmp_p
     assert [m.split(":")[0] for m in missing_api_keys(load_spec(with_traits))] == ["verify.grader", "transfer.grader"]
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
     assert missing_api_keys(load_spec(with_traits)) == []
+
+
+def test_validate_reads_a_hub_models_depth_from_the_local_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-lm" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"num_hidden_layers": 4}')
+    (cache / "models--acme--tiny-lm" / "refs").mkdir()
+    (cache / "models--acme--tiny-lm" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    too_deep = write(tmp_path, GOOD.replace("zoo:beta", "acme/tiny-lm").replace("layer: 2", "layer: 4"))
+    result = CliRunner().invoke(app, ["validate", str(too_deep)])
+    assert result.exit_code == 1 and "model_b.layer: 4 is out of range: 'acme/tiny-lm' has 4" in " ".join(result.output.split())
+    # not in the cache: nothing to check offline, the models stage will
+    absent = write(tmp_path, GOOD.replace("zoo:beta", "acme/other-lm").replace("layer: 2", "layer: 40"))
+    assert CliRunner().invoke(app, ["validate", str(absent)]).exit_code == 0
