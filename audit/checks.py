@@ -18,9 +18,10 @@ from .spec import AuditSpec, ModelSpec
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 
-def spec_problems(spec: AuditSpec) -> list[str]:
-    """Every problem found, one line each, starting with the spec field to fix."""
-    return [*rubric_problems(spec), *model_problems(spec), *data_problems(spec)]
+def spec_problems(spec: AuditSpec, data: bool = True) -> list[str]:
+    """Every problem found, one line each, starting with the spec field to fix. ``data=False`` leaves
+    out the data files: a run whose harvest is cached does not read them again."""
+    return [*rubric_problems(spec), *model_problems(spec), *(data_problems(spec) if data else [])]
 
 
 def rubric_problems(spec: AuditSpec) -> list[str]:
@@ -76,9 +77,7 @@ def _one_model(side: str, entry: ModelSpec) -> list[str]:
         config = folder / "config.json"
         if not config.is_file():
             return [f"{side}.id: {entry.id!r} has no config.json (a folder written by save_pretrained is expected)"]
-        layers = config_layers(config)
-        if layers is None:
-            problems.append(f"{side}.id: {config} has no num_hidden_layers")
+        layers = config_layers(config)  # unknown (another config layout): the models stage checks it
     else:  # a hub id: its depth is known when its config is in the local hub cache (never downloaded here)
         cached = _cached_hub_config(entry.id, entry.revision)
         layers = config_layers(cached) if cached is not None else None
@@ -108,8 +107,9 @@ def config_layers(config_path: Path) -> int | None:
     except (OSError, ValueError):
         return None
     for section in (config, config.get("text_config") or {}):
-        if isinstance(section.get("num_hidden_layers"), int):
-            return section["num_hidden_layers"]
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):  # Llama/Qwen, GPT-2/Bloom, others
+            if isinstance(section.get(key), int):
+                return section[key]
     return None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -250,18 +249,20 @@ def runs(
 
 
 def run_status(row: dict) -> str:
-    """A run's stored status; "running" is checked against its process when that ran on this machine
-    (a run killed with -9 or by a crash never writes its final status)."""
+    """A run's stored status; "running" is checked against its process when that ran in this
+    machine's process space (a run killed with -9 or by a crash never writes its final status)."""
+    from .store import process_host
+
     status = row["status"] or ""
-    if status != "running" or row.get("pid") is None:
+    if status != "running" or row.get("pid") is None or os.name != "posix":  # signal 0 is POSIX only
         return status
-    if row.get("host") != socket.gethostname():
-        return f"running on {row.get('host')}?"
+    if row.get("host") != process_host():
+        return f"running elsewhere? (recorded on {str(row.get('host')).split(' ')[0]})"
     try:
         os.kill(row["pid"], 0)  # signal 0: is the process there (it may be another's, after a reboot)
     except ProcessLookupError:
         return "interrupted (its process is gone; rerun the spec to resume)"
-    except PermissionError:
+    except OSError:  # e.g. another user's process: it exists
         pass
     return status
 

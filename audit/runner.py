@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from rich.progress import (
 )
 
 from .spec import AuditSpec, harvest_settings
-from .store import AuditStore
+from .store import AuditStore, process_host
 
 STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "transfer", "report")
 RUNNER_VERSION = "1"
@@ -291,7 +290,7 @@ class AuditRunner:
             "explainer": spec.screen.explainer, "grader": spec.verify.grader, "run_dir": str(self.run_dir.resolve()),
             "crosscoder_path": str(self.artefacts["train"].resolve()) if "train" in self.artefacts else None,
             "report_path": str(self.run_dir.resolve() / "report.html"),  # absolute: `audit report` runs anywhere
-            "pid": os.getpid(), "host": socket.gethostname(),
+            "pid": os.getpid(), "host": process_host(),
         })
 
     # ---- validate -------------------------------------------------------------------------------
@@ -301,7 +300,9 @@ class AuditRunner:
     def _compute_validate(self, _folder) -> dict:
         from .checks import missing_api_keys, spec_problems
 
-        problems = spec_problems(self.spec) + missing_api_keys(self.spec)
+        # Data files are the harvest's to open (it names a missing one), so a run whose harvest is
+        # cached still resumes after its corpus file has moved.
+        problems = spec_problems(self.spec, data=False) + missing_api_keys(self.spec)
         if problems:
             raise StageError("validate", "\n".join(problems))
         names = list(self.spec.verify.rubrics) + [r for rs in self.spec.verify.features.values() for r in rs]
@@ -316,7 +317,7 @@ class AuditRunner:
                 return build_key(get_spec(model_id.removeprefix("zoo:")))
             except KeyError:
                 return model_id
-        folder = Path(model_id)
+        folder = Path(model_id).expanduser()
         if folder.is_dir():  # a local folder may be retrained in place: fingerprint its files
             files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
             stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -87,6 +89,16 @@ MIGRATIONS: dict[int, list[str]] = {
     # 6: which process is writing a run (a run killed with -9 stays "running": `audit runs` checks it).
     6: ["ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER", "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR"],
 }
+
+
+def process_host() -> str:
+    """Where a process id means something: the machine's name and, on Linux, its process-id
+    namespace (a container with host networking shares the host's name but not its process ids)."""
+    name = socket.gethostname()
+    try:
+        return f"{name} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return name
 
 
 class StoreBusyError(RuntimeError):

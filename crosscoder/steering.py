@@ -186,7 +186,9 @@ class SteeredGenerator:
         answers = [self.tokenizer(a, add_special_tokens=False)["input_ids"] if a else [] for _, a in items]
         out = [math.inf] * len(items)
         todo = sorted((i for i in range(len(items)) if answers[i]), key=lambda i: len(items[i][0]) + len(answers[i]))
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        head = self.model.get_output_embeddings()
+        vocab = (head.weight.shape[0] if head is not None and getattr(head, "weight", None) is not None
+                 else getattr(self.model.config, "vocab_size", None) or 262_144)  # unknown: assume a large one
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         start = 0
         with self.steering(None):
@@ -202,7 +204,8 @@ class SteeredGenerator:
                 for r, q in enumerate(seqs):
                     ids[r, : len(q)] = torch.tensor(q, dtype=torch.long)
                     mask[r, : len(q)] = 1
-                logits = self.model(input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device)).logits
+                logits = self.model(input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device),
+                                    use_cache=False).logits
                 for r, i in enumerate(chunk):
                     n_prompt, n_answer = len(items[i][0]), len(answers[i])
                     row_logits = logits[r, n_prompt - 1 : n_prompt + n_answer - 1].float()

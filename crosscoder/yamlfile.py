@@ -73,22 +73,28 @@ def line_of(node: Any, loc: list) -> int | None:
     return line
 
 
-def _repeated_key(node: Any) -> tuple[str, int, int] | None:
-    """The first key that a YAML mapping repeats: (key, its line, the line of its first use)."""
+def _repeated_key(node: Any, seen_nodes: set[int] | None = None) -> tuple[str, int, int] | None:
+    """The first key that a YAML mapping repeats: (key, its line, the line of its first use). Keys are
+    compared with their tags (``3`` and ``'3'`` differ); merge keys (``<<``) may repeat, as YAML
+    allows; a node reached again through an alias is not walked twice (aliases can nest or loop)."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:
+        return None
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
+        seen: dict[tuple[str, str], int] = {}
         for key, value in node.value:
             line = key.start_mark.line + 1
-            if isinstance(key, yaml.ScalarNode):
-                if key.value in seen:
-                    return key.value, line, seen[key.value]
-                seen[key.value] = line
-            found = _repeated_key(value)
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    return key.value, line, seen[(key.tag, key.value)]
+                seen[(key.tag, key.value)] = line
+            found = _repeated_key(value, seen_nodes)
             if found is not None:
                 return found
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            found = _repeated_key(item)
+            found = _repeated_key(item, seen_nodes)
             if found is not None:
                 return found
     return None

@@ -47,18 +47,19 @@ def test_odd_arguments_are_reported_as_text(tmp_path):
 
 def test_a_run_whose_process_is_gone_is_shown_as_interrupted(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
 
     from audit.cli import run_status
+    from audit.store import process_host
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone = int(finished.stdout)  # a process that has exited (a run killed with -9 leaves the same)
-    here = socket.gethostname()
+    here = process_host()
     assert run_status({"status": "running", "pid": gone, "host": here}).startswith("interrupted")
     assert run_status({"status": "running", "pid": os.getpid(), "host": here}) == "running"
-    assert run_status({"status": "running", "pid": gone, "host": "other-box"}) == "running on other-box?"
+    assert run_status({"status": "running", "pid": gone, "host": "other-box pid:[1]"}) == (
+        "running elsewhere? (recorded on other-box)")  # another machine, or a container sharing this name
     assert run_status({"status": "finished", "pid": gone, "host": here}) == "finished"
     assert run_status({"status": "running", "pid": None, "host": None}) == "running"  # rows of older versions
     db = tmp_path / "audit.duckdb"

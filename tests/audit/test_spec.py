@@ -183,3 +183,25 @@ def test_validate_reads_a_hub_models_depth_from_the_local_hub_cache(tmp_path, mo
     # not in the cache: nothing to check offline, the models stage will
     absent = write(tmp_path, GOOD.replace("zoo:beta", "acme/other-lm").replace("layer: 2", "layer: 40"))
     assert CliRunner().invoke(app, ["validate", str(absent)]).exit_code == 0
+
+
+def test_repeated_key_detection_is_exact_and_safe_with_aliases():
+    import yaml
+
+    from crosscoder.yamlfile import _repeated_key
+
+    assert _repeated_key(yaml.compose("a: 1\nb: {c: 2, c: 3}\n")) == ("c", 2, 2)
+    assert _repeated_key(yaml.compose("3: a\n'3': b\n")) is None  # an int and a string key
+    assert _repeated_key(yaml.compose("x: &x {b: 1}\nc:\n  <<: *x\n  <<: *x\n")) is None  # merge keys may repeat
+    assert _repeated_key(yaml.compose("name: &a [*a]\n")) is None  # a self-referencing alias ends
+    nested = "l0: &l0 [x, x]\n" + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 12))
+    assert _repeated_key(yaml.compose(nested)) is None  # 10^11 paths, each node walked once
+
+
+def test_layer_counts_of_other_config_layouts(tmp_path):
+    from audit.checks import config_layers
+
+    for text, expected in (('{"n_layer": 12}', 12), ('{"text_config": {"num_hidden_layers": 3}}', 3),
+                           ('{"num_layers": 5}', 5), ('{"hidden_size": 8}', None)):
+        (tmp_path / "config.json").write_text(text)
+        assert config_layers(tmp_path / "config.json") == expected  # None: unknown, left to the models stage

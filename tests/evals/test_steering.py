@@ -178,3 +178,30 @@ def test_micro_batches_group_concurrent_requests_and_keep_errors_to_their_batch(
     assert calls == [["a1", "a2", "a3"], ["b1", "boom"], ["a4"]]  # never mixed, at most three per batch
     calls.clear()
     assert asyncio.run(main())[0] == "a1!"  # a new event loop (Inspect runs each eval in its own) still works
+
+
+def test_micro_batches_hold_tensors_and_survive_a_failing_key():
+    """Requests carry steering vectors (tensors: == is elementwise) and a key may raise: the batch's
+    requests get the error and nothing waits forever."""
+    import asyncio
+
+    from evals.batching import MicroBatcher
+
+    batcher = MicroBatcher(lambda batch: [float(v.sum()) for v in batch], max_batch=8,
+                           key=lambda v: int(v.numel()) if v.numel() < 5 else 1 // 0)
+
+    async def main():
+        items = [torch.ones(3), torch.ones(3), torch.ones(2), torch.ones(7), torch.ones(3)]
+        return await asyncio.wait_for(asyncio.gather(*(batcher.submit(v) for v in items), return_exceptions=True), 10)
+
+    results = asyncio.run(main())
+    assert results[:3] == [3.0, 3.0, 2.0] and results[4] == 3.0
+    assert isinstance(results[3], ZeroDivisionError)
+
+    async def interrupted():  # an eval stopped while a request was queued: its loop then closes
+        task = asyncio.ensure_future(batcher.submit(torch.ones(4)))
+        await asyncio.sleep(0)
+        task.cancel()
+
+    asyncio.run(interrupted())
+    assert asyncio.run(main())[0] == 3.0  # the next eval's requests are served, not stuck behind it
