@@ -13,9 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from .spec import AuditSpec, ModelSpec
+from crosscoder.models import looks_local
 
-LOCAL_PREFIXES = ("/", "./", "../", "~")
+from .spec import AuditSpec, ModelSpec
 
 
 def spec_problems(spec: AuditSpec, data: bool = True) -> list[str]:
@@ -46,11 +46,6 @@ def rubric_problems(spec: AuditSpec) -> list[str]:
         except (RubricError, PromptSetError) as exc:
             problems.append(f"{field}: {exc}")
     return problems
-
-
-def looks_local(model_id: str) -> bool:
-    """A model id that names a folder on this machine rather than a hub repository."""
-    return model_id.startswith(LOCAL_PREFIXES) or Path(model_id).expanduser().exists()
 
 
 def model_problems(spec: AuditSpec) -> list[str]:

@@ -697,17 +697,12 @@ class AuditRunner:
 def _count_layers(path: str, entry, side: str) -> int:
     from transformers import AutoConfig
 
-    from crosscoder.models import ModelLoadError
-
-    from .checks import looks_local
+    from crosscoder.models import ModelLoadError, config_error_hint
 
     try:
         config = AutoConfig.from_pretrained(path, revision=entry.revision, trust_remote_code=entry.trust_remote_code)
     except (OSError, ValueError) as exc:
-        hint = "" if Path(path).is_dir() else (" (local model folder not found)" if looks_local(entry.id) else
-                                               " (no local folder by that name; on an offline machine use a local "
-                                               "folder or a zoo: id)")
-        raise ModelLoadError(f"{side}.id: cannot load the config of {entry.id!r}{hint}: "
+        raise ModelLoadError(f"{side}.id: cannot load the config of {entry.id!r}{config_error_hint(entry.id, path)}: "
                              f"{str(exc).splitlines()[0]}") from None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text_config, "num_hidden_layers", None)

@@ -60,6 +60,24 @@ def resolve_model_path(model_id: str, field: str = "model") -> str:
     return str(Path(model_id).expanduser()) if model_id.startswith("~") else model_id
 
 
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+def looks_local(model_id: str) -> bool:
+    """A model id that names a folder on this machine rather than a hub repository."""
+    return model_id.startswith(LOCAL_PREFIXES) or Path(model_id).expanduser().exists()
+
+
+def config_error_hint(model_id: str, source: str) -> str:
+    """What to add to "cannot load the config of ...": nothing for an existing folder, else whether
+    a local folder is missing or a hub id could not be fetched (offline machines)."""
+    if Path(source).is_dir():
+        return ""
+    if looks_local(model_id):
+        return " (local model folder not found)"
+    return " (no local folder by that name; on an offline machine use a local folder or a zoo: id)"
+
+
 def build_zoo_models(model_ids: list[str]) -> None:
     """Build every not-yet-built ``zoo:`` model among ``model_ids`` at once, so that two missing
     models build in parallel processes rather than one after the other (a cold demo waits for
@@ -115,8 +133,8 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except (OSError, ValueError) as exc:
-        hint = "" if is_local else " (no local folder by that name; on an offline machine use a local folder or a zoo: id)"
-        raise ModelLoadError(f"{field}.id: cannot load the config of {model_id!r}{hint}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{field}.id: cannot load the config of {model_id!r}{config_error_hint(model_id, source)}: "
+                             f"{_first_line(exc)}") from None
     try:
         placement = {"device_map": device_map} if device_map else {}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **common, **placement)

@@ -67,10 +67,10 @@ class CoherenceMeter:
 
     def grade_many(self, items: list[tuple[str, str]]) -> list[dict]:
         """:meth:`grade` for each ``(prompt, answer)``, with batched forward passes."""
-        with self._lock:
-            rendered = {p: self.generator.render([{"role": "user", "content": p}]) for p, _ in items}
+        with self._lock:  # a blank answer is graded 1 below: no prompt rendering or baseline for it
+            rendered = {p: self.generator.render([{"role": "user", "content": p}]) for p, a in items if a.strip()}
             self._ensure_baselines(rendered)
-            ppls = self.generator.answer_perplexities([(rendered[p], a if a.strip() else "") for p, a in items])
+            ppls = self.generator.answer_perplexities([(rendered[p], a) if a.strip() else ([], "") for p, a in items])
         out = []
         for (prompt, answer), ppl in zip(items, ppls, strict=True):
             if not answer.strip():
