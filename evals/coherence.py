@@ -48,6 +48,8 @@ class CoherenceMeter:
         self.generator = SteeredGenerator(loaded)
         self.max_new_tokens = max_new_tokens
         self._baseline: dict[str, float] = {}
+        # an answer's perplexity, per (prompt, answer): sweeps repeat the unsteered answers
+        self._perplexity: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     def _ensure_baselines(self, rendered: dict[str, list[int]]) -> None:
@@ -68,9 +70,12 @@ class CoherenceMeter:
     def grade_many(self, items: list[tuple[str, str]]) -> list[dict]:
         """:meth:`grade` for each ``(prompt, answer)``, with batched forward passes."""
         with self._lock:  # a blank answer is graded 1 below: no prompt rendering or baseline for it
-            rendered = {p: self.generator.render([{"role": "user", "content": p}]) for p, a in items if a.strip()}
+            new = list(dict.fromkeys((p, a) for p, a in items if a.strip() and (p, a) not in self._perplexity))
+            rendered = {p: self.generator.render([{"role": "user", "content": p}]) for p, _ in new}
             self._ensure_baselines(rendered)
-            ppls = self.generator.answer_perplexities([(rendered[p], a) if a.strip() else ([], "") for p, a in items])
+            ppls = self.generator.answer_perplexities([(rendered[p], a) for p, a in new])
+            self._perplexity.update(zip(new, ppls, strict=True))
+            ppls = [self._perplexity[(p, a)] if a.strip() else math.inf for p, a in items]
         out = []
         for (prompt, answer), ppl in zip(items, ppls, strict=True):
             if not answer.strip():

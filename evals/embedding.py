@@ -9,7 +9,9 @@ computes for this model). Used by the offline graders; never touches the network
 from __future__ import annotations
 
 import os
+import threading
 import zipfile
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -64,9 +66,16 @@ def _load():
     return tokenizer, model
 
 
+# Sentence embeddings of texts already seen: a verify stage grades the same answer many times (a
+# feature's unsteered answers recur in every sweep of its model, and small alphas often leave the
+# answer unchanged), and its embedding is a pure function of the text.
+_CACHE_SIZE = 50_000  # ~77 MB of float32 vectors at most
+_cache: OrderedDict[str, Tensor] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
 @torch.no_grad()
-def embed(texts: list[str], batch_size: int = 64) -> Tensor:
-    """Unit-norm sentence embeddings ``[len(texts), 384]``."""
+def _embed_uncached(texts: list[str], batch_size: int) -> Tensor:
     tokenizer, model = _load()
     out = []
     for start in range(0, len(texts), batch_size):
@@ -77,3 +86,24 @@ def embed(texts: list[str], batch_size: int = 64) -> Tensor:
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         out.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(out) if out else torch.zeros(0, 384)
+
+
+def embed(texts: list[str], batch_size: int = 64) -> Tensor:
+    """Unit-norm sentence embeddings ``[len(texts), 384]``.
+
+    Each distinct text is embedded once per process (cached), and new texts are batched in order of
+    length, so that a batch pads its rows to similar lengths.
+    """
+    with _cache_lock:
+        found = {t: _cache[t] for t in texts if t in _cache}
+        for text in found:
+            _cache.move_to_end(text)
+    new = sorted(set(texts) - found.keys(), key=len)
+    if new:
+        vectors = _embed_uncached(new, batch_size)
+        found.update(zip(new, vectors, strict=True))
+        with _cache_lock:
+            _cache.update(zip(new, vectors, strict=True))
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    return torch.stack([found[t] for t in texts]) if texts else torch.zeros(0, 384)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from inspect_ai import eval as inspect_eval
 from inspect_ai.model import Model, get_model
 
 from evals import offline, provider  # noqa: F401 - registers the offline and steered providers
 from evals.offline import OFFLINE_DETECTOR_LABEL, OFFLINE_EXPLAINER_LABEL
 from evals.screen import detection_task, screen_task, unmark
+from evals.verify_stage import run_eval
 
 
 def explainer_model(name: str, rubrics: list[str]) -> tuple[Model, str]:
@@ -64,8 +64,7 @@ def run_screen(features: list[dict], screen_spec, rubrics: list[str], log_dir: P
     splits = {f["feature"]: split_contexts(f.get("contexts", []), n) for f in features}
     shown = [{**f, "contexts": splits[f["feature"]][0]} for f in features]
     model, label = explainer_model(screen_spec.explainer, rubrics)
-    log = inspect_eval(screen_task(shown), model=model, log_dir=str(log_dir), display="none",
-                       fail_on_error=False, retry_on_error=3)[0]
+    log = run_eval(screen_task(shown), log_dir, model=model)
     rows = []
     by_feature = {}
     for sample in log.samples or []:
@@ -84,8 +83,7 @@ def run_screen(features: list[dict], screen_spec, rubrics: list[str], log_dir: P
         items = [it for f in parsed
                  for it in detection_items(f, by_feature[f["feature"]]["explanation"], splits[f["feature"]][1], n)]
         det_model, det_label = detector_model(screen_spec.detector, screen_spec.explainer)
-        det_log = inspect_eval(detection_task(items), model=det_model, log_dir=str(log_dir), display="none",
-                               fail_on_error=False, retry_on_error=3)[0]
+        det_log = run_eval(detection_task(items), log_dir, model=det_model)
         outcomes: dict[int, dict[bool, list[float]]] = defaultdict(lambda: {True: [], False: []})
         for sample in det_log.samples or []:
             if not sample.scores:

@@ -37,14 +37,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from inspect_ai import Task
-from inspect_ai import eval as inspect_eval
 from inspect_ai.dataset import MemoryDataset, Sample
 from inspect_ai.solver import Generate, TaskState, solver
 
 from evals.coherence import CoherenceMeter
 from evals.effects import ARMS, feature_effects
 from evals.verify import rubric_scorer
-from evals.verify_stage import check_log, grading, steered_model
+from evals.verify_stage import check_log, grading, run_eval, steered_model
 
 
 @solver
@@ -88,8 +87,7 @@ def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, 
     task = transfer_task(arms, vectors_path, prompts, rubric, list(transfer_spec.alphas),
                          grader=grader, coherence_meter=meter,
                          max_tokens=transfer_spec.max_tokens, temperature=transfer_spec.temperature)
-    log = inspect_eval(task, model=model, model_roles=roles or None, log_dir=str(log_dir), display="none",
-                       fail_on_error=False, retry_on_error=3)[0]
+    log = run_eval(task, log_dir, model=model, model_roles=roles or None)
     check_log(log, f"transfer sweep of {', '.join(arms)}")
     vector_ids = {vector: i for i, vector in enumerate(v for vectors in arms.values() for v in vectors)}
     rows, per_vector, generations = [], [], {arm: [] for arm in arms}

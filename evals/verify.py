@@ -27,7 +27,7 @@ from inspect_ai.scorer import Score, Target, metric, scorer
 from inspect_ai.solver import Generate, TaskState, solver
 
 from evals.batching import MicroBatcher
-from evals.offline_grader import OFFLINE_LABEL, OfflineRubricGrader
+from evals.offline_grader import OFFLINE_LABEL, tuned_grader
 from evals.prompts import load_prompt_set
 from evals.rubrics import Rubric, load_rubric
 
@@ -135,7 +135,6 @@ def parse_score(reply: str) -> float:
 
 class _OfflineGraders:
     def __init__(self, coherence_meter):
-        self.rubric_graders: dict[str, OfflineRubricGrader] = {}
         self.coherence_meter = coherence_meter
 
     def grade_many(self, items: list[tuple[str, str, str]]) -> list[tuple[float, dict]]:
@@ -146,9 +145,7 @@ class _OfflineGraders:
         for i, (rubric, _, _) in enumerate(items):
             by_rubric.setdefault(rubric, []).append(i)
         for rubric, rows in by_rubric.items():
-            if rubric not in self.rubric_graders:
-                self.rubric_graders[rubric] = OfflineRubricGrader(rubric)
-            grader = self.rubric_graders[rubric]
+            grader = tuned_grader(rubric)
             for i, result in zip(rows, grader.grade_many([items[i][1:] for i in rows]), strict=True):
                 behaviour[i] = result.score
         if self.coherence_meter is not None:

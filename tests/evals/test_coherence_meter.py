@@ -72,3 +72,17 @@ def test_grading_many_answers_at_once_gives_each_the_same_grade():
     for a, b in zip(alone[:-1], together[:-1], strict=True):
         assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-4)
         assert b["baseline_perplexity"] == pytest.approx(a["baseline_perplexity"], rel=1e-4)
+
+
+def test_a_repeated_answer_is_scored_once_and_graded_the_same():
+    examples = [e for e in yaml.safe_load(LABELS.read_text(encoding="utf-8"))["examples"] if e["model"] == "alpha"]
+    first, second = (examples[0]["prompt"], examples[0]["response"]), (examples[1]["prompt"], examples[1]["response"])
+    meter = CoherenceMeter(load_model("zoo:alpha", ZOO_LAYERS["alpha"]))
+    scored: list[int] = []
+    measure = meter.generator.answer_perplexities
+    meter.generator.answer_perplexities = lambda items: scored.append(len(items)) or measure(items)
+    graded = meter.grade_many([first, second, first])
+    again = meter.grade_many([second, first])
+    # the baselines of the prompts, the two distinct answers; the second call is all from the cache
+    assert scored == [len({first[0], second[0]}), 2, 0]
+    assert graded[0] == graded[2] == again[1] and graded[1] == again[0]

@@ -190,3 +190,12 @@ def test_coherence_separates_word_salad_from_fluent_text():
     )
     assert salad.score < 2.5 < 3.5 < fluent.score, (salad.score, fluent.score)
     assert abs(sum(fluent.per_level.values()) - 1.0) < 1e-6
+
+
+def test_a_rubric_is_tuned_once_per_process_and_again_when_its_content_changes():
+    from evals.offline_grader import tuned_grader
+
+    rubric = load_rubric("zoo_sentiment")
+    assert tuned_grader("zoo_sentiment") is tuned_grader(rubric)
+    edited = rubric.model_copy(update={"description": rubric.description + " Edited."})
+    assert tuned_grader(edited) is not tuned_grader(rubric)
