@@ -201,6 +201,9 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     explanations = {e["feature"]: e for e in db.rows("explanations", run_id)}
     effects = db.rows("effects", run_id)
     generations = db.rows("generations", run_id, order="feature, rubric, kind, prompt, alpha")
+    # each answer's grades, shown next to it on the cards
+    grades = {(r["feature"], r["rubric"], r["kind"], r["prompt"], r["alpha"], r["seed"], r["dimension"]): r["score"]
+              for r in db.rows("scores", run_id)}
     graders = sorted({row["grader"] for row in db.query(
         "SELECT DISTINCT grader FROM scores WHERE run_id = ? AND grader IS NOT NULL", [run_id])})
     explainers = sorted({e["explainer"] for e in explanations.values() if e["explainer"]})
@@ -223,7 +226,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
             "contexts": contexts.get(f["feature"], [])[:10],
             "artefact_reasons": _json_list(f["artefact_reasons"]),
             "top_tokens": _json_list(f["top_tokens"]), "promoted": _json_list(f["promoted_tokens"]),
-            "examples": _examples(generations, f["feature"], best, examples_alpha),
+            "examples": _examples(generations, grades, f["feature"], best, examples_alpha),
         })
     cards.sort(key=lambda c: (
         not (c["best"] and c["best"]["verified"]),
@@ -269,14 +272,25 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
             verified_by.setdefault(e["rubric"], set()).add(
                 {"a": "A-exclusive", "b": "B-exclusive"}.get(partitions.get(e["feature"]), "shared"))
     for row in baselines:
+        row["scale"] = _scale_ends(row["rubric"])
         row["verified_by"] = sorted(verified_by.get(row["rubric"], ()))
         row["differs"] = row["difference"] is not None and abs(row["difference"]) >= MIN_EFFECT
         row["examples"] = [r for model in ("a", "b") for r in [
             r for r in baseline_rows if r["rubric"] == row["rubric"] and r["kind"] == "topic" and r["seed"] == 0
             and r["model"] == model][:8]]  # as many of each model's answers: the means are over both
+    known = known_answer(run["model_a"], run["model_b"], spec, baselines, effects, partitions)
+    by_id = {f["feature"]: f for f in features}
+    for row in known:  # what a reader should weigh next to a hit: its exclusivity check, an artefact flag
+        for v in row["verified_features"]:
+            v["exclusivity"] = by_id.get(v["feature"], {}).get("exclusivity")
+            v["is_artefact"] = bool(by_id.get(v["feature"], {}).get("is_artefact"))
+    verified_artefacts = sorted({e["feature"] for e in effects if e["verified"]
+                                 and by_id.get(e["feature"], {}).get("is_artefact")})
     return {
+        "verified_artefacts": verified_artefacts,
         "baselines": baselines, "baseline_plot": baseline_plot(baselines),
-        "known_answer": known_answer(run["model_a"], run["model_b"], spec, baselines, effects, partitions),
+        "known_answer": known, "found": [k for k in known if k["found"]],
+        "missed": [k for k in known if k["expected"] and not k["found"]],
         "transfers": transfers,
         "run": run, "spec": spec, "metrics": metrics, "features": features, "cards": cards,
         "n_flagged": len(features), "n_artefacts": sum(bool(f["is_artefact"]) for f in features),
@@ -291,6 +305,21 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "n_safety_offline": sum(bool(e["safety_critical"]) and (e["explainer"] or "").startswith("offline")
                                 for e in explanations.values()),
     }
+
+
+def _scale_ends(rubric_name: str) -> dict | None:
+    """``{"low", "high"}``: the first sentence of a rubric's anchors 1 and 5 (None when its file is gone)."""
+    from evals.rubrics import RubricError, load_rubric
+
+    try:
+        anchors = load_rubric(rubric_name).anchors
+    except (RubricError, OSError):
+        return None
+
+    def first(text: str) -> str:
+        return re.split(r"(?<=[.:;])\s", " ".join(text.split()), maxsplit=1)[0].rstrip(".:;")
+
+    return {"low": first(anchors[1]), "high": first(anchors[5])}
 
 
 EXPECTED_KIND = {"a": "A-exclusive", "b": "B-exclusive"}
@@ -387,10 +416,11 @@ def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None
     return -high, high, FALLBACK
 
 
-def _examples(generations: list[dict], feature: int, effect: dict | None, fixed: float | None) -> dict:
+def _examples(generations: list[dict], grades: dict, feature: int, effect: dict | None, fixed: float | None) -> dict:
     """Unsteered vs steered answers on the topic prompts (at most six) of the card's best sweep, at
     the strengths of :func:`example_alphas` (read from that sweep, so other rubrics' prompts are left
-    out: their coherent ranges differ)."""
+    out: their coherent ranges differ), each with its rubric and coherence grades (``grades``: the
+    scores table by generation key and dimension)."""
     rows = [g for g in generations if g["feature"] == feature and g["kind"] == "topic" and g["seed"] == 0
             and (effect is None or g["rubric"] == effect["rubric"])]
     chosen = example_alphas(effect, sorted({g["alpha"] for g in rows}), fixed)
@@ -404,13 +434,22 @@ def _examples(generations: list[dict], feature: int, effect: dict | None, fixed:
     table: dict[tuple[str, str], dict] = {}
     for g in rows:
         entry = table.setdefault((g["rubric"], g["prompt"]), {"rubric": g["rubric"], "prompt": g["prompt"]})
-        if g["alpha"] == 0:
-            entry["baseline"] = g["answer"]
-        elif g["alpha"] == low:
-            entry["low"] = g["answer"]
-        elif g["alpha"] == high:
-            entry["high"] = g["answer"]
+        column = {0: "baseline", low: "low", high: "high"}.get(g["alpha"])
+        if column is None:
+            continue
+        key = (g["feature"], g["rubric"], g["kind"], g["prompt"], g["alpha"], g["seed"])
+        entry[column] = {"answer": g["answer"], "behaviour": grades.get((*key, "behaviour")),
+                         "coherence": grades.get((*key, "coherence"))}
     return {"low": low, "high": high, "rows": list(table.values())[:6], "source": source}
+
+
+def number(value, fmt: str = "{:.3f}") -> str:
+    """``value`` in ``fmt``; "–" when missing, and a value that rounds to zero without a minus sign
+    ("-0.00" would read as a small negative effect)."""
+    if _nan(value):
+        return "–"
+    text = fmt.format(value)
+    return fmt.format(0.0) if float(re.sub(r"[^0-9.eE+-]", "", text) or 0) == 0 else text
 
 
 def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:
@@ -423,7 +462,8 @@ def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=jinja2.select_autoescape(
         enabled_extensions=("html", "j2")), undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["highlight"] = highlight
-    env.filters["num"] = lambda v, fmt="{:.3f}": "–" if _nan(v) else fmt.format(v)
+    env.filters["fromjson"] = _json_list
+    env.filters["num"] = number
     env.filters["pct"] = lambda v: "–" if _nan(v) else f"{100 * v:.1f} %"
     env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M") if hasattr(v, "strftime") else str(v or "")
     run_dir = Path(run_dir)

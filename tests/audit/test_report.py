@@ -63,7 +63,8 @@ def test_report_escapes_untrusted_text_and_puts_verified_findings_first(tmp_path
     assert "Offline graders ran" in html and "offline: test grader" in html
     # both models' unsteered scores per rubric, the difference, and which partition verified it
     assert "How the two models answer, unsteered" in html
-    assert "<td>zoo_state_narrative</td><td class=\"num\">1.00</td><td class=\"num\">1.50</td>" in html
+    assert ("<td>zoo_state_narrative</td><td class=\"muted\">1: Plain and factual · 5: Fully repeats the government "
+            "line</td><td class=\"num\">1.00</td><td class=\"num\">1.50</td>") in html  # with the scale's two ends
     assert "<td class=\"num\">+3.50</td><td>B-exclusive</td>" in html
     assert "&lt;/script&gt; b topic" in html
     assert "differ by at least one rubric point on 1 of the\n1 rubrics (zoo_state_narrative)" in html
@@ -242,3 +243,29 @@ def test_card_examples_come_from_the_best_sweep_and_mixed_explainers_are_counted
     assert (data["n_safety"], data["n_safety_offline"]) == (2, 1)
     html = render_run(db, "r1", tmp_path / "out")[0].read_text()
     assert "1 of them by the offline flag" in html
+
+
+def test_cards_show_each_answers_grades_and_the_known_answer_shows_exclusivity(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    db.replace_rows("scores", "r1", [
+        {"feature": 9, "rubric": "zoo_state_narrative", "kind": "topic", "prompt": "Q?", "alpha": a, "seed": 0,
+         "dimension": d, "score": s, "grader": "offline: test grader"}
+        for a, d, s in ((-1.0, "behaviour", 1.0), (-1.0, "coherence", 2.0), (1.0, "behaviour", 5.0), (1.0, "coherence", 4.0))])
+    html = render_run(db, "r1", tmp_path / "out")[0].read_text()
+    assert "answer at -1.0 <span class=\"muted\">[rubric 1.0 · coherence 2]</span>" in html
+    assert "answer at 1.0 <span class=\"muted\">[rubric 5.0 · coherence 4]</span>" in html
+    # an offline explainer's flag is a topic match, and is labelled so on the card
+    assert "topic match (offline proxy)</span>" in html and "Safety (offline topic proxy, not a safety judgement)" in html
+    data = gather(db, "r1")
+    narrative = next(k for k in data["known_answer"] if k["id"] == "state-narrative")
+    assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "exclusivity": 0.0,
+                                               "is_artefact": False}]
+    assert [k["id"] for k in data["found"]] == ["state-narrative"]
+
+
+def test_numbers_that_round_to_zero_carry_no_minus_sign():
+    from reports.render import number
+
+    assert number(-0.001, "{:+.2f}") == "+0.00" and number(-0.001, "{:.2f}") == "0.00"
+    assert number(-0.5, "{:+.2f}") == "-0.50" and number(float("nan")) == "–" and number(None) == "–"

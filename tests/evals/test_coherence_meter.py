@@ -15,15 +15,16 @@ import pytest
 import yaml
 
 from crosscoder.models import load_model
-from evals.coherence import OFFLINE_COHERENCE_LABEL, CoherenceMeter
+from evals.coherence import DRIFT_MARGIN, OFFLINE_COHERENCE_LABEL, CoherenceMeter
 from evals.effects import spearman
 
 LABELS = Path(__file__).parent / "data" / "coherence_meter_zoo_labels.yaml"
 # The demo's capture layers; the meter never steers, so the layer only has to exist.
 ZOO_LAYERS = {"alpha": 3, "beta": 2}
-# Measured at the time of writing: within +-1 of the label 0.94, exact 0.71, Spearman 0.91 (n = 48).
-# Its three misses are all the same kind: a fluent answer about another subject graded 5 where the
-# rubric says 3, when the unsteered model's own answer to that prompt is off the subject too.
+# Measured at the time of writing: within +-1 of the label 0.96, exact 0.75, Spearman 0.93 (n = 48);
+# before the drift check (an answer that left the question scores at most 3) 0.94, 0.71, 0.91. Its
+# two misses are the same kind: a fluent answer about another subject graded 5 where the rubric says
+# 3, when the unsteered model's own answer to that prompt is off the subject too.
 MIN_WITHIN_ONE = 0.8
 
 
@@ -86,3 +87,14 @@ def test_a_repeated_answer_is_scored_once_and_graded_the_same():
     # the baselines of the prompts, the two distinct answers; the second call is all from the cache
     assert scored == [len({first[0], second[0]}), 2, 0]
     assert graded[0] == graded[2] == again[1] and graded[1] == again[0]
+
+
+def test_a_fluent_answer_that_left_the_question_scores_at_most_3():
+    meter = CoherenceMeter(load_model("zoo:alpha", ZOO_LAYERS["alpha"]))
+    prompt = "Why is the sky blue?"
+    unsteered = meter.generator.generate([meter.generator.render([{"role": "user", "content": prompt}])],
+                                         max_new_tokens=48)[0].text
+    on_topic, drifted = meter.grade_many([(prompt, unsteered), (prompt, "I regret buying the Wisp fan. It is loud.")])
+    assert on_topic["score"] == 5.0
+    assert drifted["relevance"] < drifted["baseline_relevance"] - DRIFT_MARGIN
+    assert drifted["score"] <= 3.0
