@@ -170,7 +170,7 @@ def transfer_plot(trait: str, direction: str, arms: list[dict]) -> str | None:
     if not drawn:
         return None
     ax.set_ylim(0.8, 5.2)
-    ax.set_xlabel("steering strength α")
+    ax.set_xlabel("steering strength α (× the arm's vector, whose norm the table gives)")
     ax.set_ylabel("rubric score (1–5)")
     ax.legend(fontsize=7, loc="best")
     ax.set_title(f"{trait}: {source.upper()} → {target.upper()}", fontsize=9)
