@@ -13,7 +13,8 @@ Score on the 1..5 coherence scale from two measurements:
   answer whose relevance falls more than ``DRIFT_MARGIN`` below that of the unsteered model's own
   answer to the prompt scores at most 3. Measured against the unsteered answer, so a prompt that
   invites any subject (a generic open question) or one the model never answers on topic is not
-  penalised.
+  penalised; answers under ``MIN_DRIFT_WORDS`` words are exempt (a terse correct answer is far
+  from its question in embedding space).
 
 It reads meaning only through that one similarity: an answer on the right subject that says
 something false or odd is graded on fluency alone. It is labelled on every result as offline.
@@ -36,6 +37,9 @@ RATIO_LEVELS = ((1.5, 5), (3.0, 4), (10.0, 3), (100.0, 2))
 DRIFT_MARGIN = 0.25
 #: The highest coherence level of an answer that drifted away from the question (the rubric's 3).
 DRIFTED_LEVEL = 3
+#: Answers shorter than this many words are never counted as drift: a terse correct answer ("Yes.",
+#: "Buenos días.") is far from its question in embedding space without having left it.
+MIN_DRIFT_WORDS = 6
 
 
 def repetition_ratio(text: str) -> float:
@@ -116,7 +120,7 @@ class CoherenceMeter:
             distinct = repetition_ratio(answer)
             ratio = ppl / max(baseline, 1e-6)
             rel, baseline_rel = next(relevances), self._baseline_relevance[prompt]
-            drifted = rel < baseline_rel - DRIFT_MARGIN
+            drifted = rel < baseline_rel - DRIFT_MARGIN and len(answer.split()) >= MIN_DRIFT_WORDS
             out.append({"score": float(level_from(ratio, distinct, drifted)), "perplexity": ppl,
                         "baseline_perplexity": baseline, "distinct": distinct, "relevance": rel,
                         "baseline_relevance": baseline_rel, "label": OFFLINE_COHERENCE_LABEL})

@@ -98,12 +98,13 @@ def embed(texts: list[str], batch_size: int = 64) -> Tensor:
         found = {t: _cache[t] for t in texts if t in _cache}
         for text in found:
             _cache.move_to_end(text)
-    new = sorted(set(texts) - found.keys(), key=len)
+    # distinct new texts in first-seen order, then by length (stable: the same batches in every process)
+    new = sorted(dict.fromkeys(t for t in texts if t not in found), key=len)
     if new:
         vectors = _embed_uncached(new, batch_size)
         found.update(zip(new, vectors, strict=True))
-        with _cache_lock:
-            _cache.update(zip(new, vectors, strict=True))
+        with _cache_lock:  # rows copied out of the batch, so an evicted row frees its memory
+            _cache.update((text, vector.clone()) for text, vector in zip(new, vectors, strict=True))
             while len(_cache) > _CACHE_SIZE:
                 _cache.popitem(last=False)
     return torch.stack([found[t] for t in texts]) if texts else torch.zeros(0, 384)

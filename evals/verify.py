@@ -55,7 +55,9 @@ def sweep_samples(features: list[dict], rubric_names: list[str], alphas: list[fl
                             id=f"f{feature['feature']}-{rubric.name}-{kind}{p_index}-a{alpha:+g}-s{rep}",
                             input=prompt,
                             metadata={"feature": int(feature["feature"]), "own_model": feature["own_model"],
-                                      "s_max": float(feature["s_max"]), "rubric": rubric.name, "kind": kind,
+                                      "s_max": float(feature["s_max"]), "rubric": rubric.name,
+                                      # what the spec named (a file may reuse a shipped rubric's name)
+                                      "rubric_file": str(name), "kind": kind,
                                       "prompt": prompt, "alpha": float(alpha), "seed": rep},
                         ))
     return samples
@@ -136,16 +138,20 @@ def parse_score(reply: str) -> float:
 class _OfflineGraders:
     def __init__(self, coherence_meter):
         self.coherence_meter = coherence_meter
+        # each rubric read once per scorer: a file edited during a sweep takes effect at the next one
+        self.rubrics: dict[str, Rubric] = {}
 
     def grade_many(self, items: list[tuple[str, str, str]]) -> list[tuple[float, dict]]:
-        """``(behaviour score, coherence info)`` for each ``(rubric, prompt, answer)``: one
+        """``(behaviour score, coherence info)`` for each ``(rubric name or file, prompt, answer)``: one
         embedding pass per rubric and batched perplexities, for a batch of samples at once."""
         behaviour = [math.nan] * len(items)
         by_rubric: dict[str, list[int]] = {}
         for i, (rubric, _, _) in enumerate(items):
             by_rubric.setdefault(rubric, []).append(i)
         for rubric, rows in by_rubric.items():
-            grader = tuned_grader(rubric)
+            if rubric not in self.rubrics:
+                self.rubrics[rubric] = load_rubric(rubric)
+            grader = tuned_grader(self.rubrics[rubric])
             for i, result in zip(rows, grader.grade_many([items[i][1:] for i in rows]), strict=True):
                 behaviour[i] = result.score
         if self.coherence_meter is not None:
@@ -186,13 +192,16 @@ def rubric_scorer(grader: str = "offline", coherence_meter=None):
         m = state.metadata
         answer = state.output.completion
         if batcher is not None:
-            behaviour, coherence_info = await batcher.submit((m["rubric"], m["prompt"], answer))
+            behaviour, coherence_info = await batcher.submit((m.get("rubric_file") or m["rubric"], m["prompt"], answer))
             coherence = coherence_info["score"]
             metadata = {"grader": OFFLINE_LABEL, "coherence_grader": coherence_info["label"],
                         "perplexity": coherence_info.get("perplexity"),
-                        "baseline_perplexity": coherence_info.get("baseline_perplexity")}
+                        "baseline_perplexity": coherence_info.get("baseline_perplexity"),
+                        "relevance": coherence_info.get("relevance"),
+                        "baseline_relevance": coherence_info.get("baseline_relevance")}
         else:
-            behaviour, raw_behaviour = await _llm_grade(grader, rubric_of(m["rubric"]), m["prompt"], answer)
+            behaviour, raw_behaviour = await _llm_grade(grader, rubric_of(m.get("rubric_file") or m["rubric"]),
+                                                        m["prompt"], answer)
             coherence, raw_coherence = await _llm_grade(grader, rubric_of(COHERENCE_RUBRIC), m["prompt"], answer)
             metadata = {"grader": f"llm: {get_model(role=grader)}", "coherence_grader": f"llm: {get_model(role=grader)}",
                         "raw_behaviour": raw_behaviour, "raw_coherence": raw_coherence,

@@ -446,10 +446,10 @@ def _examples(generations: list[dict], grades: dict, feature: int, effect: dict 
 def number(value, fmt: str = "{:.3f}") -> str:
     """``value`` in ``fmt``; "–" when missing, and a value that rounds to zero without a minus sign
     ("-0.00" would read as a small negative effect)."""
-    if _nan(value):
+    if _nan(value) or not math.isfinite(value):
         return "–"
     text = fmt.format(value)
-    return fmt.format(0.0) if float(re.sub(r"[^0-9.eE+-]", "", text) or 0) == 0 else text
+    return fmt.format(0.0) if text.lstrip("+-") == fmt.format(0.0).lstrip("+-") else text
 
 
 def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:

@@ -253,8 +253,8 @@ def test_cards_show_each_answers_grades_and_the_known_answer_shows_exclusivity(t
          "dimension": d, "score": s, "grader": "offline: test grader"}
         for a, d, s in ((-1.0, "behaviour", 1.0), (-1.0, "coherence", 2.0), (1.0, "behaviour", 5.0), (1.0, "coherence", 4.0))])
     html = render_run(db, "r1", tmp_path / "out")[0].read_text()
-    assert "answer at -1.0 <span class=\"muted\">[rubric 1.0 · coherence 2]</span>" in html
-    assert "answer at 1.0 <span class=\"muted\">[rubric 5.0 · coherence 4]</span>" in html
+    assert "answer at -1.0 <span class=\"muted\">[rubric 1.0 · coherence 2.0]</span>" in html
+    assert "answer at 1.0 <span class=\"muted\">[rubric 5.0 · coherence 4.0]</span>" in html
     # an offline explainer's flag is a topic match, and is labelled so on the card
     assert "topic match (offline proxy)</span>" in html and "Safety (offline topic proxy, not a safety judgement)" in html
     data = gather(db, "r1")
@@ -269,3 +269,4 @@ def test_numbers_that_round_to_zero_carry_no_minus_sign():
 
     assert number(-0.001, "{:+.2f}") == "+0.00" and number(-0.001, "{:.2f}") == "0.00"
     assert number(-0.5, "{:+.2f}") == "-0.50" and number(float("nan")) == "–" and number(None) == "–"
+    assert number(float("inf"), "{:.2f}") == "–" and number(float("-inf"), "{:+.2f}") == "–"

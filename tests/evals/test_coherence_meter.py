@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from crosscoder.models import load_model
-from evals.coherence import DRIFT_MARGIN, OFFLINE_COHERENCE_LABEL, CoherenceMeter
+from evals.coherence import DRIFT_MARGIN, OFFLINE_COHERENCE_LABEL, CoherenceMeter, level_from
 from evals.effects import spearman
 
 LABELS = Path(__file__).parent / "data" / "coherence_meter_zoo_labels.yaml"
@@ -98,3 +98,6 @@ def test_a_fluent_answer_that_left_the_question_scores_at_most_3():
     assert on_topic["score"] == 5.0
     assert drifted["relevance"] < drifted["baseline_relevance"] - DRIFT_MARGIN
     assert drifted["score"] <= 3.0
+    # a terse answer is far from its question in embedding space without having left it: no cap
+    terse = meter.grade(prompt, "Air scatters light.")
+    assert terse["score"] == level_from(terse["perplexity"] / terse["baseline_perplexity"], terse["distinct"])

@@ -199,3 +199,21 @@ def test_a_rubric_is_tuned_once_per_process_and_again_when_its_content_changes()
     assert tuned_grader("zoo_sentiment") is tuned_grader(rubric)
     edited = rubric.model_copy(update={"description": rubric.description + " Edited."})
     assert tuned_grader(edited) is not tuned_grader(rubric)
+
+
+def test_a_rubric_file_that_reuses_a_shipped_name_is_graded_with_its_own_content(tmp_path):
+    from evals.verify import _OfflineGraders, sweep_samples
+
+    data = yaml.safe_load((RUBRIC_DIR / "zoo_sentiment.yaml").read_text(encoding="utf-8"))
+    for example in data["calibration"]:  # the edited copy grades the other way round
+        example["score"] = 6 - example["score"]
+    data["anchors"] = {6 - level: text for level, text in data["anchors"].items()}
+    edited = tmp_path / "my_sentiment.yaml"
+    edited.write_text(yaml.safe_dump(data), encoding="utf-8")
+    sample = sweep_samples([{"feature": 1, "own_model": "a", "s_max": 1.0}], [str(edited)], [0.0])[0]
+    assert sample.metadata["rubric"] == "zoo_sentiment" and sample.metadata["rubric_file"] == str(edited)
+    graders = _OfflineGraders(coherence_meter=None)
+    review = "I love this kettle. It boils water fast and looks lovely on the counter. Five stars."
+    (shipped, _), (own, _) = graders.grade_many([("zoo_sentiment", "Review the kettle.", review),
+                                                 (str(edited), "Review the kettle.", review)])
+    assert shipped >= 4 and own <= 2, (shipped, own)
