@@ -462,7 +462,8 @@ def artefact_reasons(a: FeatureAnalysis) -> list[str]:
             f"fires on {a.template_coverage:.0%} of all generation prompts, whatever the question (chat format)"
         )
     if a.top_tokens and a.top_token_share >= ARTEFACT_TOKEN_SHARE and a.top_token_is_format:
-        reasons.append(f"{a.top_token_share:.0%} of its firings are on the format token {a.top_tokens[0][0]!r}")
+        # top tokens are display strings already (whitespace shown as '\\n'): no second repr
+        reasons.append(f"{a.top_token_share:.0%} of its firings are on the format token «{a.top_tokens[0][0]}»")
     if a.start_share >= ARTEFACT_START_SHARE:
         reasons.append(f"{a.start_share:.0%} of its activation is on the first tokens of a sequence")
     return reasons

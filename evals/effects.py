@@ -33,6 +33,36 @@ MIN_EFFECT = 1.0
 MIN_COHERENCE = 3.0
 MAX_CONTROL_RATIO = 0.5
 MIN_COHERENT_POINTS = 3
+# Offline grades are expected levels (posterior means), so a change of exactly one point can come out
+# as 0.9999999999997: thresholds are compared with this much slack.
+_SLACK = 1e-9
+
+
+def failed_conditions(effect: float | None, spearman: float | None, control_effect: float | None,
+                      coherence_low: float | None) -> list[str]:
+    """Why a sweep is not verified, in words (empty when every condition on these numbers holds; the
+    rule also needs ``MIN_COHERENT_POINTS`` coherent strengths, without which ρ is not computed)."""
+
+    def missing(value) -> bool:
+        return value is None or math.isnan(value)
+
+    out = []
+    if missing(spearman):
+        out.append("ρ not computed (fewer than three coherent strengths once a plateau at the end of the scale "
+                   "counts once, or a flat curve)")
+    elif abs(spearman) < MIN_SPEARMAN - _SLACK:
+        out.append(f"|ρ| {abs(spearman):.2f} < {MIN_SPEARMAN}")
+    if missing(effect) or abs(effect) < MIN_EFFECT - _SLACK:
+        size = 0.0 if missing(effect) else abs(effect)
+        shown = f"{size:.2f}" if round(size, 2) < MIN_EFFECT else f"{size:.10g}"  # never "1.00 < 1"
+        out.append(f"score change {shown} < {MIN_EFFECT:g} point")
+    if missing(coherence_low) or coherence_low < MIN_COHERENCE - _SLACK:
+        out.append("no coherence grades at |α| ≤ 1" if missing(coherence_low) else
+                   f"mean coherence {coherence_low:.2f} < {MIN_COHERENCE:g} at |α| ≤ 1")
+    if (not missing(control_effect) and not missing(effect)
+            and abs(control_effect) > MAX_CONTROL_RATIO * abs(effect) + _SLACK):
+        out.append(f"control prompts moved {abs(control_effect):.2f} > half the change ({abs(effect) / 2:.2f})")
+    return out
 
 
 def _mean_se(values: list[float]) -> tuple[float, float, int]:
@@ -96,7 +126,7 @@ def coherent_alphas(curve: list[dict], alphas: Iterable[float]) -> list[float]:
     """The α values of ``alphas`` at which the steered answers stay coherent: mean coherence on topic
     prompts ≥ ``MIN_COHERENCE``. Without coherence grades (none measured) every α counts as coherent."""
     coherence = dict(_series(curve, "topic", "coherence"))
-    return [a for a in alphas if not coherence or coherence.get(a, 0.0) >= MIN_COHERENCE]
+    return [a for a in alphas if not coherence or coherence.get(a, 0.0) >= MIN_COHERENCE - _SLACK]
 
 
 def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
@@ -129,13 +159,7 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
         low = [v for (kind, dimension, alpha), vals in cells.items() if dimension == "coherence" and abs(alpha) <= 1
                for v in vals if v is not None and not math.isnan(v)]
         coherence_low = sum(low) / len(low) if low else float("nan")
-        verified = (
-            len(topic) >= MIN_COHERENT_POINTS
-            and not math.isnan(rho) and abs(rho) >= MIN_SPEARMAN
-            and not math.isnan(effect) and abs(effect) >= MIN_EFFECT
-            and not math.isnan(coherence_low) and coherence_low >= MIN_COHERENCE
-            and (math.isnan(control_effect) or abs(control_effect) <= MAX_CONTROL_RATIO * abs(effect))
-        )
+        verified = len(topic) >= MIN_COHERENT_POINTS and not failed_conditions(effect, rho, control_effect, coherence_low)
         out.append({"feature": feature, "rubric": rubric, "effect": effect, "spearman": rho,
                     "control_effect": control_effect, "coherence_low_alpha": coherence_low, "baseline": baseline,
                     "verified": bool(verified), "coherent_alphas": coherent, "curve": curve})

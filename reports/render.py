@@ -24,6 +24,7 @@ from evals.effects import (
     MIN_EFFECT,
     coherent_alphas,
     control_rho,
+    failed_conditions,
     trait_is_specific,
     transfer_holds,
 )
@@ -145,7 +146,7 @@ def dose_response_plot(effect: dict) -> str | None:
     ax.set_xlabel("steering strength α (× s_max)")
     ax.set_ylabel("score (1–5)")
     ax.axvline(0, color="#bbbbbb", linewidth=0.8)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the data
     ax.set_title(f"{effect['rubric']}", fontsize=9)
     return _png(fig)
 
@@ -213,6 +214,8 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     for e in effects:
         e = dict(e)
         e["curve"] = _json_list(e["curve"])
+        e["why_not"] = [] if e["verified"] else failed_conditions(
+            e["effect"], e["spearman"], e["control_effect"], e["coherence_low_alpha"])
         by_feature_effects.setdefault(e["feature"], []).append(e)
     cards = []
     for f in features:
@@ -363,6 +366,10 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
         right = [e for e in swept if partitions.get(e["feature"]) == where]
         closest = max(right, key=lambda e: (bool(e["verified"]), 0.0 if _nan(e["effect"]) else abs(e["effect"])),
                       default=None)
+        if closest is not None:
+            closest = {**closest, "why_not": [] if closest["verified"] else failed_conditions(
+                closest.get("effect"), closest.get("spearman"), closest.get("control_effect"),
+                closest.get("coherence_low_alpha"))}
         rows.append({"id": difference["id"], "title": difference["title"], "rubric": ", ".join(rubrics),
                      "planted_in": where,
                      "expected": kind, "verified_on": found_on,

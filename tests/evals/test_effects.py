@@ -87,3 +87,15 @@ def test_a_plateau_at_the_top_of_the_scale_is_counted_once():
     (effect,) = feature_effects([{**r, "score": 3.0} if r["alpha"] == 1.0 and r["dimension"] == "behaviour"
                                  and r["kind"] == "topic" else r for r in rows])
     assert not effect["verified"]
+
+
+def test_a_sweep_that_is_not_verified_says_which_condition_failed():
+    from evals.effects import failed_conditions
+
+    assert failed_conditions(2.0, 1.0, 0.1, 4.8) == []
+    assert failed_conditions(1.0, 1.0, 0.88, 4.8) == ["control prompts moved 0.88 > half the change (0.50)"]
+    assert failed_conditions(-0.5, 0.19, 0.0, 4.9) == ["|ρ| 0.19 < 0.9", "score change 0.50 < 1 point"]
+    why = failed_conditions(-0.5, float("nan"), 0.2, 2.5)
+    assert why[0].startswith("ρ not computed") and why[-1] == "mean coherence 2.50 < 3 at |α| ≤ 1"
+    assert failed_conditions(0.99996, 1.0, 0.0, 4.8) == ["score change 0.99996 < 1 point"]  # not "1.00 < 1"
+    assert failed_conditions(0.9999999999997, 1.0, 0.0, 4.8) == []  # grades are posterior means: float slack
