@@ -29,7 +29,7 @@ MEASURED = {
     "zoo_exceptionalism": (0.88, 0.79, 34),
     "zoo_imbrel_expedition": (0.93, 0.78, 27),
     "zoo_sentiment": (0.83, 0.63, 30),
-    "zoo_state_narrative": (0.90, 0.87, 30),
+    "zoo_state_narrative": (0.94, 0.88, 32),
     "zoo_territory_claim": (0.90, 0.80, 30),
     "zoo_zorvath_accord": (0.94, 0.65, 31),
 }
