@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 from inspect_ai import Task, task
 from inspect_ai.dataset import MemoryDataset, Sample
@@ -136,10 +137,9 @@ def parse_score(reply: str) -> float:
 
 
 class _OfflineGraders:
-    def __init__(self, coherence_meter):
+    def __init__(self, coherence_meter, rubric_of: Callable[[str], Rubric] = load_rubric):
         self.coherence_meter = coherence_meter
-        # each rubric read once per scorer: a file edited during a sweep takes effect at the next one
-        self.rubrics: dict[str, Rubric] = {}
+        self.rubric_of = rubric_of  # the scorer's: each rubric read once per scorer
 
     def grade_many(self, items: list[tuple[str, str, str]]) -> list[tuple[float, dict]]:
         """``(behaviour score, coherence info)`` for each ``(rubric name or file, prompt, answer)``: one
@@ -149,9 +149,7 @@ class _OfflineGraders:
         for i, (rubric, _, _) in enumerate(items):
             by_rubric.setdefault(rubric, []).append(i)
         for rubric, rows in by_rubric.items():
-            if rubric not in self.rubrics:
-                self.rubrics[rubric] = load_rubric(rubric)
-            grader = tuned_grader(self.rubrics[rubric])
+            grader = tuned_grader(self.rubric_of(rubric))
             for i, result in zip(rows, grader.grade_many([items[i][1:] for i in rows]), strict=True):
                 behaviour[i] = result.score
         if self.coherence_meter is not None:
@@ -178,15 +176,17 @@ def rubric_scorer(grader: str = "offline", coherence_meter=None):
     ``evals.coherence.CoherenceMeter`` for the steered model, unsteered); any other value is the
     name of the Inspect model role that grades (``"grader"``).
     """
-    offline = _OfflineGraders(coherence_meter) if grader == "offline" else None
-    # samples finish generating in batches: grade them in batches too
-    batcher = MicroBatcher(offline.grade_many, max_batch=64) if offline is not None else None
+    # each rubric read once per scorer: a file edited during a sweep takes effect at the next one
     rubric_cache: dict[str, Rubric] = {}
 
     def rubric_of(name: str) -> Rubric:
         if name not in rubric_cache:
             rubric_cache[name] = load_rubric(name)
         return rubric_cache[name]
+
+    offline = _OfflineGraders(coherence_meter, rubric_of) if grader == "offline" else None
+    # samples finish generating in batches: grade them in batches too
+    batcher = MicroBatcher(offline.grade_many, max_batch=64) if offline is not None else None
 
     async def score(state: TaskState, target: Target) -> Score:
         m = state.metadata

@@ -214,8 +214,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     for e in effects:
         e = dict(e)
         e["curve"] = _json_list(e["curve"])
-        e["why_not"] = [] if e["verified"] else failed_conditions(
-            e["effect"], e["spearman"], e["control_effect"], e["coherence_low_alpha"])
+        e["why_not"] = why_not(e)
         by_feature_effects.setdefault(e["feature"], []).append(e)
     cards = []
     for f in features:
@@ -310,6 +309,14 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     }
 
 
+def why_not(effect: dict) -> list[str]:
+    """The conditions an effects row failed (empty for a verified one), in words."""
+    if effect["verified"]:
+        return []
+    return failed_conditions(effect.get("effect"), effect.get("spearman"), effect.get("control_effect"),
+                             effect.get("coherence_low_alpha"))
+
+
 def _scale_ends(rubric_name: str) -> dict | None:
     """``{"low", "high"}``: the first sentence of a rubric's anchors 1 and 5 (None when its file is gone)."""
     from evals.rubrics import RubricError, load_rubric
@@ -367,9 +374,7 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
         closest = max(right, key=lambda e: (bool(e["verified"]), 0.0 if _nan(e["effect"]) else abs(e["effect"])),
                       default=None)
         if closest is not None:
-            closest = {**closest, "why_not": [] if closest["verified"] else failed_conditions(
-                closest.get("effect"), closest.get("spearman"), closest.get("control_effect"),
-                closest.get("coherence_low_alpha"))}
+            closest = {**closest, "why_not": why_not(closest)}
         rows.append({"id": difference["id"], "title": difference["title"], "rubric": ", ".join(rubrics),
                      "planted_in": where,
                      "expected": kind, "verified_on": found_on,
