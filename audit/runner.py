@@ -43,6 +43,9 @@ from .store import AuditStore, process_host
 STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "transfer", "report")
 RUNNER_VERSION = "1"
 EVAL_PAIRS = 20_000
+#: Verify sweeps run together in one Inspect eval (one model): larger generation batches, and an
+#: interrupted stage loses at most one group.
+SWEEPS_PER_EVAL = 5
 
 
 _DISK_FULL_TEXTS = ("no space left on device", "os error 28", "disk full", "not enough space on the disk")
@@ -593,7 +596,7 @@ class AuditRunner:
             RUNNER_VERSION, _code_hash("verify"))
 
     def _compute_verify(self, folder: Path) -> dict:
-        from evals.verify_stage import plan_sweeps, run_baseline, run_sweep
+        from evals.verify_stage import plan_sweeps, run_baseline, run_sweeps
 
         plan = plan_sweeps(self.features(), self.screen_results(), self.spec.verify)
         _write_json(folder / "plan.json", plan)
@@ -611,15 +614,21 @@ class AuditRunner:
                                                   self.loaded_model(side), folder / "logs",
                                                   self.coherence_meter(side, self.spec.verify.max_tokens)))
                 progress.advance(task)
-            for item in plan:
-                out = folder / f"feature-{item['feature']}.json"
-                if not out.is_file():  # resume: finished features are kept
-                    side = item["own_model"]
-                    result = run_sweep(item, self.spec, self.artefacts["train"] / "checkpoint",
-                                       self.loaded_model(side), folder / "logs",
-                                       self.coherence_meter(side, self.spec.verify.max_tokens))
-                    _write_json(out, result)
-                progress.advance(task)
+            # Pending sweeps run a few at a time, each group one Inspect eval on one model (shared
+            # generation batches); a group's results are written as soon as it ends, so an
+            # interrupted stage resumes from the first unfinished group.
+            pending = [item for item in plan if not (folder / f"feature-{item['feature']}.json").is_file()]
+            progress.advance(task, len(plan) - len(pending))
+            for side in ("a", "b"):
+                mine = [item for item in pending if item["own_model"] == side]
+                for start in range(0, len(mine), SWEEPS_PER_EVAL):
+                    group = mine[start:start + SWEEPS_PER_EVAL]
+                    results = run_sweeps(group, self.spec, self.artefacts["train"] / "checkpoint",
+                                         self.loaded_model(side), folder / "logs",
+                                         self.coherence_meter(side, self.spec.verify.max_tokens))
+                    for item, result in zip(group, results, strict=True):
+                        _write_json(folder / f"feature-{item['feature']}.json", result)
+                    progress.advance(task, len(group))
         return {"features": len(plan)}
 
     def verify_results(self) -> list[dict]:

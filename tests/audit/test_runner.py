@@ -138,34 +138,61 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(first_run, workspace, 
 
 
 def test_an_interrupted_verify_keeps_finished_work_and_resumes(first_run, workspace, tmp_path, monkeypatch):
+    import audit.runner
     import evals.verify_stage
 
+    # one sweep per eval, so that the stage is interrupted between two groups
+    monkeypatch.setattr(audit.runner, "SWEEPS_PER_EVAL", 1)
     spec_path = write_spec(tmp_path, verify={"alphas": [-0.5, 0, 0.5]})
     spec = load_spec(spec_path)
-    real = evals.verify_stage.run_sweep
+    real = evals.verify_stage.run_sweeps
     calls = []
 
-    def crash_on_second(item, *args, **kwargs):
-        calls.append(item["feature"])
+    def crash_on_second(items, *args, **kwargs):
+        calls.append([item["feature"] for item in items])
         if len(calls) == 2:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-stage
-        return real(item, *args, **kwargs)
+        return real(items, *args, **kwargs)
 
-    monkeypatch.setattr(evals.verify_stage, "run_sweep", crash_on_second)
+    monkeypatch.setattr(evals.verify_stage, "run_sweeps", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         AuditRunner(spec, spec_path, workspace=workspace).run()
     runner = AuditRunner(spec, spec_path, workspace=workspace)
     verify_dirs = sorted(workspace.glob("cache/verify-*"), key=lambda p: p.stat().st_mtime)
     finished = list(verify_dirs[-1].glob("feature-*.json"))
     assert len(finished) == 1 and not (verify_dirs[-1] / "done.json").exists()
-    monkeypatch.setattr(evals.verify_stage, "run_sweep", real)
-    calls.clear()
     resumed = []
-    monkeypatch.setattr(evals.verify_stage, "run_sweep", lambda item, *a, **k: resumed.append(item) or real(item, *a, **k))
+    monkeypatch.setattr(evals.verify_stage, "run_sweeps",
+                        lambda items, *a, **k: resumed.extend(items) or real(items, *a, **k))
     result = runner.run()
     assert len(resumed) == 1  # only the unfinished feature was swept again
     assert {r.stage: r.cached for r in result.stages}["verify"] is False
     assert len({g["feature"] for g in runner.db.rows("generations", result.run_id)}) == 2
+
+
+def test_sweeps_of_one_model_run_as_one_eval_with_the_same_answers_as_alone(first_run, workspace, tmp_path):
+    """Grouped sweeps share generation batches: every answer must be what the feature's own sweep gives."""
+    import evals.verify_stage
+
+    spec_path = write_spec(tmp_path, verify={"max_features": 4})
+    spec = load_spec(spec_path)
+    runner = AuditRunner(spec, spec_path, workspace=workspace)
+    runner.run()
+    folder = sorted(workspace.glob("cache/verify-*"), key=lambda p: p.stat().st_mtime)[-1]
+    plan = json.loads((folder / "plan.json").read_text())
+    side = max("ab", key=lambda s: sum(item["own_model"] == s for item in plan))
+    items = [item for item in plan if item["own_model"] == side][:2]
+    assert len(items) == 2, "the test spec should sweep two features of one model"
+    args = (spec, runner.artefacts["train"] / "checkpoint", runner.loaded_model(side), tmp_path / "logs",
+            runner.coherence_meter(side, spec.verify.max_tokens))
+    together = evals.verify_stage.run_sweeps(items, *args)
+    alone = [evals.verify_stage.run_sweep(item, *args) for item in items]
+    for grouped, single in zip(together, alone, strict=True):
+        assert grouped["feature"] == single["feature"]
+        assert ({(g["rubric"], g["prompt"], g["alpha"]): g["answer"] for g in grouped["generations"]}
+                == {(g["rubric"], g["prompt"], g["alpha"]): g["answer"] for g in single["generations"]})
+        assert len({g["eval_log"] for g in grouped["generations"]}) == 1  # each feature keeps its own log
+    assert together[0]["eval_log"] != together[1]["eval_log"]
 
 
 def test_a_full_disk_names_the_disk_keeps_finished_stages_and_resumes(first_run, workspace, tmp_path, monkeypatch):
