@@ -623,11 +623,10 @@ class AuditRunner:
                 mine = [item for item in pending if item["own_model"] == side]
                 for start in range(0, len(mine), SWEEPS_PER_EVAL):
                     group = mine[start:start + SWEEPS_PER_EVAL]
-                    results = run_sweeps(group, self.spec, self.artefacts["train"] / "checkpoint",
-                                         self.loaded_model(side), folder / "logs",
-                                         self.coherence_meter(side, self.spec.verify.max_tokens))
-                    for item, result in zip(group, results, strict=True):
-                        _write_json(folder / f"feature-{item['feature']}.json", result)
+                    run_sweeps(group, self.spec, self.artefacts["train"] / "checkpoint", self.loaded_model(side),
+                               folder / "logs", self.coherence_meter(side, self.spec.verify.max_tokens),
+                               on_result=lambda item, result: _write_json(
+                                   folder / f"feature-{item['feature']}.json", result))
                     progress.advance(task, len(group))
         return {"features": len(plan)}
 

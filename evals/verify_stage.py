@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from inspect_ai import eval as inspect_eval
@@ -166,10 +167,10 @@ def _sweep_task(item: dict, rubrics: list[str], alphas: list[float], spec, meter
 
 
 def _graded_sweeps(items: list[dict], alphas: list[float], spec, crosscoder_path: Path, loaded_model, log_dir: Path,
-                   coherence_meter: CoherenceMeter | None, what: str, rubrics: list[str] | None = None) -> list:
+                   rubrics: list[str] | None = None, coherence_meter: CoherenceMeter | None = None) -> list:
     """Run the verify task of each feature ``item`` (all of one model) on its rubrics (or ``rubrics``)
     × ``alphas`` with the spec's generation and grading settings, as one Inspect eval of one task per
-    item; the finished Inspect logs in the order of ``items`` (``EvalFailed`` otherwise).
+    item; the Inspect logs in the order of ``items``, finished or not (see :func:`check_log`).
 
     The tasks run concurrently: their generation requests share the steered model's micro-batches and
     Inspect's fixed cost per eval is paid once (the demo's verify stage: 72-78 s with groups of five,
@@ -184,10 +185,7 @@ def _graded_sweeps(items: list[dict], alphas: list[float], spec, crosscoder_path
     grader, meter, roles = grading(spec.verify.grader, coherence_meter)
     tasks = [_sweep_task(item, rubrics if rubrics is not None else item["rubrics"], alphas, spec, meter, grader)
              for item in items]
-    logs = run_evals(tasks, log_dir, model=steered, model_roles=roles or None, max_tasks=len(tasks))
-    for log in logs:
-        check_log(log, what)
-    return logs
+    return run_evals(tasks, log_dir, model=steered, model_roles=roles or None, max_tasks=len(tasks))
 
 
 def _sweep_result(item: dict, log) -> dict:
@@ -216,13 +214,30 @@ def _sweep_result(item: dict, log) -> dict:
 
 
 def run_sweeps(items: list[dict], spec, crosscoder_path: Path, loaded_model, log_dir: Path,
-               coherence_meter: CoherenceMeter | None = None) -> list[dict]:
+               coherence_meter: CoherenceMeter | None = None,
+               on_result: Callable[[dict, dict], None] | None = None) -> list[dict]:
     """Sweep each feature of ``items`` (all of one model) on its rubrics, in one Inspect eval; per
-    item, rows for the generations, scores and effects tables."""
-    features = ", ".join(str(item["feature"]) for item in items)
+    item, rows for the generations, scores and effects tables.
+
+    ``on_result(item, result)`` is called for each sweep that finished, before ``EvalFailed`` is
+    raised for any that did not: one failed sweep does not cost the others of its group."""
     logs = _graded_sweeps(items, list(spec.verify.alphas), spec, crosscoder_path, loaded_model, log_dir,
-                          coherence_meter, f"verify of features {features}")
-    return [_sweep_result(item, log) for item, log in zip(items, logs, strict=True)]
+                          coherence_meter=coherence_meter)
+    results, failures = [], []
+    for item, log in zip(items, logs, strict=True):
+        try:
+            check_log(log, f"verify of feature {item['feature']}")
+        except EvalFailed as exc:
+            failures.append(str(exc))
+            continue
+        result = _sweep_result(item, log)
+        if on_result is not None:
+            on_result(item, result)
+        results.append(result)
+    if failures:
+        raise EvalFailed("; ".join(failures) + (f" ({len(results)} other sweeps of this group finished and are kept)"
+                                                if results else ""))
+    return results
 
 
 def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Path,
@@ -241,8 +256,9 @@ def run_baseline(side: str, spec, crosscoder_path: Path, loaded_model, log_dir: 
     like a sweep's: what the model does before any feature is touched, with no dictionary involved
     (rows for the ``baselines`` table)."""
     unsteered = {"feature": BASELINE_FEATURE, "own_model": side, "s_max": 0.0}
-    [log] = _graded_sweeps([unsteered], [0.0], spec, crosscoder_path, loaded_model, log_dir, coherence_meter,
-                           f"unsteered answers of model {side.upper()}", rubrics=list(spec.verify.rubrics))
+    [log] = _graded_sweeps([unsteered], [0.0], spec, crosscoder_path, loaded_model, log_dir,
+                           rubrics=list(spec.verify.rubrics), coherence_meter=coherence_meter)
+    check_log(log, f"unsteered answers of model {side.upper()}")
     rows = []
     for sample in log.samples or []:
         m = sample.metadata

@@ -375,3 +375,22 @@ def test_loading_a_model_builds_the_specs_missing_zoo_models_together_first(tmp_
     runner = AuditRunner(load_spec(spec_path), spec_path, workspace=tmp_path / "ws")
     assert runner.loaded_model("b") == ("loaded", "zoo:beta")
     assert calls == [["zoo:alpha", "zoo:beta"]]
+
+
+def test_a_failed_sweep_does_not_cost_the_finished_sweeps_of_its_group(first_run, workspace, tmp_path):
+    import evals.verify_stage
+
+    runner, _ = first_run
+    spec = runner.spec
+    folder = runner.artefacts["verify"]
+    item = json.loads((folder / "plan.json").read_text())[0]
+    broken = {**item, "feature": 10**6}  # no such feature: every steered request of its sweep fails
+    side = item["own_model"]
+    kept = []
+    with pytest.raises(evals.verify_stage.EvalFailed, match=r"feature 1000000.*1 other sweeps of this group finished"):
+        evals.verify_stage.run_sweeps([item, broken], spec, runner.artefacts["train"] / "checkpoint",
+                                      runner.loaded_model(side), tmp_path / "logs",
+                                      runner.coherence_meter(side, spec.verify.max_tokens),
+                                      on_result=lambda done, result: kept.append((done["feature"], result)))
+    assert [feature for feature, _ in kept] == [item["feature"]]
+    assert kept[0][1]["generations"] and kept[0][1]["effects"]
