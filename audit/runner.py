@@ -146,6 +146,18 @@ class RunResult:
     gate_failures: list[str]
 
 
+
+def _sweep_groups(items: list[dict], size: int) -> list[list[dict]]:
+    """``items`` (verify plan entries) in groups of at most ``size`` of one model each, in plan order
+    of each group's first item: the best-matching features are swept first whichever model they steer."""
+    by_side: dict[str, list[dict]] = {}
+    for item in items:
+        by_side.setdefault(item["own_model"], []).append(item)
+    groups = [mine[start:start + size] for mine in by_side.values() for start in range(0, len(mine), size)]
+    position = {id(item): i for i, item in enumerate(items)}
+    return sorted(groups, key=lambda group: position[id(group[0])])
+
+
 class AuditRunner:
     def __init__(self, spec: AuditSpec, spec_path: Path | None = None, workspace: Path = Path("runs"),
                  db_path: Path | None = None, device: str | None = None, console: Console | None = None,
@@ -619,15 +631,12 @@ class AuditRunner:
             # interrupted stage resumes from the first unfinished group.
             pending = [item for item in plan if not (folder / f"feature-{item['feature']}.json").is_file()]
             progress.advance(task, len(plan) - len(pending))
-            for side in ("a", "b"):
-                mine = [item for item in pending if item["own_model"] == side]
-                for start in range(0, len(mine), SWEEPS_PER_EVAL):
-                    group = mine[start:start + SWEEPS_PER_EVAL]
-                    run_sweeps(group, self.spec, self.artefacts["train"] / "checkpoint", self.loaded_model(side),
-                               folder / "logs", self.coherence_meter(side, self.spec.verify.max_tokens),
-                               on_result=lambda item, result: _write_json(
-                                   folder / f"feature-{item['feature']}.json", result))
-                    progress.advance(task, len(group))
+            for group in _sweep_groups(pending, SWEEPS_PER_EVAL):
+                side = group[0]["own_model"]
+                run_sweeps(group, self.spec, self.artefacts["train"] / "checkpoint", self.loaded_model(side),
+                           folder / "logs", self.coherence_meter(side, self.spec.verify.max_tokens),
+                           on_result=lambda item, result: _write_json(folder / f"feature-{item['feature']}.json", result))
+                progress.advance(task, len(group))
         return {"features": len(plan)}
 
     def verify_results(self) -> list[dict]:

@@ -138,16 +138,32 @@ def _fit(vectors: Tensor, levels: Tensor, shrinkage: float) -> _Discriminant:
     return _Discriminant(centre=centre, directions=directions, means=(means @ basis.T) @ directions)
 
 
+_THREADS_LOCK = threading.Lock()
+_one_thread_users = 0  # callers inside _one_thread(); the first saves torch's thread count, the last restores it
+_saved_threads = 1
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run tiny linear algebra on one thread: on a busy machine, thread hand-offs for matrices
-    of a few dozen rows cost far more than the arithmetic (measured: 36 s vs 1.5 s per fit)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    of a few dozen rows cost far more than the arithmetic (measured: 36 s vs 1.5 s per fit).
+
+    torch's thread count is global and graders of several sweeps run at once in their own threads:
+    the count is saved by the first caller in and restored by the last one out, so that an
+    overlapping caller never saves the 1 and leaves it behind."""
+    global _one_thread_users, _saved_threads
+    with _THREADS_LOCK:
+        if _one_thread_users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _one_thread_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        with _THREADS_LOCK:
+            _one_thread_users -= 1
+            if _one_thread_users == 0:
+                torch.set_num_threads(_saved_threads)
 
 
 def _expected_level(posterior: Tensor) -> Tensor:

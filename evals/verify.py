@@ -215,8 +215,9 @@ def rubric_scorer(grader: str = "offline", coherence_meter=None):
 @task
 def verify_task(features: list[dict], rubrics: list[str], alphas: list[float], grader: str = "offline",
                 coherence_meter=None, max_tokens: int = 64, temperature: float = 0.0,
-                samples_per_prompt: int = 1, max_prompts: int | None = None) -> Task:
+                samples_per_prompt: int = 1, max_prompts: int | None = None, name: str = "verify") -> Task:
+    """``name``: the task's name in its log (the stage names each feature's sweep, ``verify-f934``)."""
     samples = sweep_samples(features, rubrics, alphas, samples_per_prompt, max_prompts)
     return Task(dataset=MemoryDataset(samples, name="verify"),
                 solver=steered_generation(max_tokens=max_tokens, temperature=temperature),
-                scorer=rubric_scorer(grader=grader, coherence_meter=coherence_meter), name="verify")
+                scorer=rubric_scorer(grader=grader, coherence_meter=coherence_meter), name=name)

@@ -160,10 +160,18 @@ def grading(grader: str, coherence_meter: CoherenceMeter | None) -> tuple[str, C
     return "grader", None, {"grader": get_model(grader)}
 
 
+# The feature id of a baseline sweep's samples: nothing is steered at α = 0, so no feature is read.
+BASELINE_FEATURE = -1
+
+
 def _sweep_task(item: dict, rubrics: list[str], alphas: list[float], spec, meter: CoherenceMeter | None, grader: str):
     v = spec.verify
+    # each sweep's log named after its feature, so that `inspect view` tells a group's sweeps apart
+    name = (f"verify-unsteered-{item['own_model']}" if item["feature"] == BASELINE_FEATURE
+            else f"verify-f{item['feature']}")
     return verify_task([item], rubrics, alphas, grader=grader, coherence_meter=meter, max_tokens=v.max_tokens,
-                       temperature=v.temperature, samples_per_prompt=v.samples_per_prompt, max_prompts=v.max_prompts)
+                       temperature=v.temperature, samples_per_prompt=v.samples_per_prompt, max_prompts=v.max_prompts,
+                       name=name)
 
 
 def _graded_sweeps(items: list[dict], alphas: list[float], spec, crosscoder_path: Path, loaded_model, log_dir: Path,
@@ -235,8 +243,8 @@ def run_sweeps(items: list[dict], spec, crosscoder_path: Path, loaded_model, log
             on_result(item, result)
         results.append(result)
     if failures:
-        raise EvalFailed("; ".join(failures) + (f" ({len(results)} other sweeps of this group finished and are kept)"
-                                                if results else ""))
+        kept = f" ({len(results)} other sweep{'s' if len(results) > 1 else ''} of this group finished and kept)"
+        raise EvalFailed("; ".join(failures) + (kept if results else ""))
     return results
 
 
@@ -244,10 +252,6 @@ def run_sweep(item: dict, spec, crosscoder_path: Path, loaded_model, log_dir: Pa
               coherence_meter: CoherenceMeter | None = None) -> dict:
     """Sweep one feature on its rubrics; rows for the generations, scores and effects tables."""
     return run_sweeps([item], spec, crosscoder_path, loaded_model, log_dir, coherence_meter)[0]
-
-
-# The feature id of a baseline sweep's samples: nothing is steered at α = 0, so no feature is read.
-BASELINE_FEATURE = -1
 
 
 def run_baseline(side: str, spec, crosscoder_path: Path, loaded_model, log_dir: Path,

@@ -191,8 +191,10 @@ def test_sweeps_of_one_model_run_as_one_eval_with_the_same_answers_as_alone(firs
         assert grouped["feature"] == single["feature"]
         assert ({(g["rubric"], g["prompt"], g["alpha"]): g["answer"] for g in grouped["generations"]}
                 == {(g["rubric"], g["prompt"], g["alpha"]): g["answer"] for g in single["generations"]})
-        assert len({g["eval_log"] for g in grouped["generations"]}) == 1  # each feature keeps its own log
+    # each feature keeps its own log, named after it
     assert together[0]["eval_log"] != together[1]["eval_log"]
+    assert [f"verify-f{item['feature']}" in Path(r["eval_log"]).name for item, r in zip(items, together, strict=True)] \
+        == [True, True]
 
 
 def test_a_full_disk_names_the_disk_keeps_finished_stages_and_resumes(first_run, workspace, tmp_path, monkeypatch):
@@ -387,10 +389,21 @@ def test_a_failed_sweep_does_not_cost_the_finished_sweeps_of_its_group(first_run
     broken = {**item, "feature": 10**6}  # no such feature: every steered request of its sweep fails
     side = item["own_model"]
     kept = []
-    with pytest.raises(evals.verify_stage.EvalFailed, match=r"feature 1000000.*1 other sweeps of this group finished"):
+    with pytest.raises(evals.verify_stage.EvalFailed, match=r"feature 1000000.*1 other sweep of this group finished and kept"):
         evals.verify_stage.run_sweeps([item, broken], spec, runner.artefacts["train"] / "checkpoint",
                                       runner.loaded_model(side), tmp_path / "logs",
                                       runner.coherence_meter(side, spec.verify.max_tokens),
                                       on_result=lambda done, result: kept.append((done["feature"], result)))
     assert [feature for feature, _ in kept] == [item["feature"]]
     assert kept[0][1]["generations"] and kept[0][1]["effects"]
+
+
+def test_sweep_groups_hold_one_model_each_and_keep_the_plan_order():
+    from audit.runner import _sweep_groups
+
+    plan = [{"feature": f, "own_model": side} for f, side in
+            [(1, "b"), (2, "a"), (3, "b"), (4, "b"), (5, "a"), (6, "b")]]
+    groups = _sweep_groups(plan, 2)
+    assert [[item["feature"] for item in group] for group in groups] == [[1, 3], [2, 5], [4, 6]]
+    assert all(len({item["own_model"] for item in group}) == 1 for group in groups)
+    assert sorted(item["feature"] for group in groups for item in group) == [1, 2, 3, 4, 5, 6]

@@ -217,3 +217,43 @@ def test_a_rubric_file_that_reuses_a_shipped_name_is_graded_with_its_own_content
     (shipped, _), (own, _) = graders.grade_many([("zoo_sentiment", "Review the kettle.", review),
                                                  (str(edited), "Review the kettle.", review)])
     assert shipped >= 4 and own <= 2, (shipped, own)
+
+
+def test_overlapping_one_thread_sections_restore_the_thread_count():
+    """Graders of several sweeps run at once: the last one out restores torch's thread count."""
+    import threading
+
+    import torch
+
+    from evals.offline_grader import _one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    inside = []
+
+    def first():
+        with _one_thread():
+            inside.append(torch.get_num_threads())
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with _one_thread():
+            inside.append(torch.get_num_threads())
+            second_in.set()
+            first_out.wait(5)
+            inside.append(torch.get_num_threads())  # the first one left: still one thread here
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert inside == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
