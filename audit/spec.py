@@ -117,6 +117,9 @@ class ComputeSpec(_Strict):
         default="float32", description="the two models while harvesting, steering and grading")
     train_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="crosscoder weights")
     harvest_batch_docs: int = Field(default=16, gt=0, description="documents per forward pass on each rank")
+    train_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads while training the crosscoder (torch.set_num_threads); default: "
+        "torch's own. A small dictionary trains faster on one thread: hand-offs cost more than its arithmetic")
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(
         default=None, description="spread each model over all visible GPUs with accelerate (models too big for "
         "one device); with nproc 1 only")

@@ -407,3 +407,22 @@ def test_sweep_groups_hold_one_model_each_and_keep_the_plan_order():
     assert [[item["feature"] for item in group] for group in groups] == [[1, 3], [2, 5], [4, 6]]
     assert all(len({item["own_model"] for item in group}) == 1 for group in groups)
     assert sorted(item["feature"] for group in groups for item in group) == [1, 2, 3, 4, 5, 6]
+
+
+def test_training_runs_on_the_threads_the_spec_asks_for_and_restores_them(first_run, monkeypatch, tmp_path):
+    import torch
+
+    import crosscoder
+
+    runner, _ = first_run
+    seen = []
+    monkeypatch.setattr(crosscoder, "train_crosscoder", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    spec = runner.spec.model_copy(update={"compute": runner.spec.compute.model_copy(update={"train_threads": 1})})
+    monkeypatch.setattr(runner, "spec", spec)
+    runner._train_into(tmp_path, runner.store(), "cpu")
+    assert seen == [1] and torch.get_num_threads() == before
+    spec = runner.spec.model_copy(update={"compute": runner.spec.compute.model_copy(update={"train_threads": None})})
+    monkeypatch.setattr(runner, "spec", spec)
+    runner._train_into(tmp_path, runner.store(), "cpu")
+    assert seen == [1, before]
