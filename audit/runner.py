@@ -14,7 +14,6 @@ a stage found in the cache still gives this run its rows.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -22,7 +21,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -147,22 +146,6 @@ class RunResult:
     gate_failures: list[str]
 
 
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's CPU thread count set to ``threads`` inside the block (unchanged when None), then restored."""
-    import torch
-
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _sweep_groups(items: list[dict], size: int) -> list[list[dict]]:
@@ -510,7 +493,9 @@ class AuditRunner:
         from crosscoder import train_crosscoder
 
         kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute) | {"device": device}
-        with _torch_threads(self.spec.compute.train_threads):
+        from crosscoder.models import torch_threads
+
+        with torch_threads(self.spec.compute.train_threads):
             return train_crosscoder(self.spec.crosscoder.to_config(store.d_a, store.d_b), store,
                                     checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
 
