@@ -251,8 +251,11 @@ class AuditRunner:
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
             self.console.rule(f"[bold]{stage}[/bold]")
+            from crosscoder.models import torch_threads  # torch is imported by the stages, not by the CLI
+
             try:
-                summary = compute(folder) or {}
+                with torch_threads(self._stage_threads(stage)):
+                    summary = compute(folder) or {}
                 if done is not None:  # inside the try: writing the marker can hit a full disk too
                     _write_json(done, summary)
             except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
@@ -312,6 +315,15 @@ class AuditRunner:
     # ---- validate -------------------------------------------------------------------------------
     def _hash_validate(self) -> str:
         return self.spec.content_hash()
+
+    def _stage_threads(self, stage: str) -> int | None:
+        """torch's CPU threads while ``stage`` runs (None: torch's own): ``compute.train_threads`` for
+        training, ``compute.eval_threads`` for the stages that run the models and graders under Inspect."""
+        if stage == "train":
+            return self.spec.compute.train_threads
+        if stage in ("screen", "verify", "transfer"):
+            return self.spec.compute.eval_threads
+        return None
 
     def _compute_validate(self, _folder) -> dict:
         from .checks import missing_api_keys, spec_problems
@@ -493,10 +505,7 @@ class AuditRunner:
         from crosscoder import train_crosscoder
 
         kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute) | {"device": device}
-        from crosscoder.models import torch_threads
-
-        with torch_threads(self.spec.compute.train_threads):
-            return train_crosscoder(self.spec.crosscoder.to_config(store.d_a, store.d_b), store,
+        return train_crosscoder(self.spec.crosscoder.to_config(store.d_a, store.d_b), store,
                                     checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
 
     # ---- analyse --------------------------------------------------------------------------------

@@ -117,9 +117,15 @@ class ComputeSpec(_Strict):
         default="float32", description="the two models while harvesting, steering and grading")
     train_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="crosscoder weights")
     harvest_batch_docs: int = Field(default=16, gt=0, description="documents per forward pass on each rank")
+    # Small models and dictionaries run faster on fewer threads than cores: thread hand-offs cost more
+    # than their arithmetic, and the Inspect stages already run generation, grading and the event loop
+    # side by side.
     train_threads: int | None = Field(
-        default=None, ge=1, description="CPU threads while training the crosscoder (torch.set_num_threads); default: "
-        "torch's own. A small dictionary trains faster on one thread: hand-offs cost more than its arithmetic")
+        default=None, ge=1, description="CPU threads while training the crosscoder (torch.set_num_threads); "
+        "default: torch's own")
+    eval_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads while the screen, verify and transfer stages run the models "
+        "and graders; default: torch's own")
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(
         default=None, description="spread each model over all visible GPUs with accelerate (models too big for "
         "one device); with nproc 1 only")

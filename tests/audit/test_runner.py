@@ -409,20 +409,24 @@ def test_sweep_groups_hold_one_model_each_and_keep_the_plan_order():
     assert sorted(item["feature"] for group in groups for item in group) == [1, 2, 3, 4, 5, 6]
 
 
-def test_training_runs_on_the_threads_the_spec_asks_for_and_restores_them(first_run, monkeypatch, tmp_path):
+def test_stages_run_on_the_threads_the_spec_asks_for_and_restore_them(first_run, monkeypatch):
     import torch
 
-    import crosscoder
+    from crosscoder.models import torch_threads
 
     runner, _ = first_run
-    seen = []
-    monkeypatch.setattr(crosscoder, "train_crosscoder", lambda *a, **k: seen.append(torch.get_num_threads()))
+    compute = runner.spec.compute.model_copy(update={"train_threads": 1, "eval_threads": 2})
+    monkeypatch.setattr(runner, "spec", runner.spec.model_copy(update={"compute": compute}))
+    assert [runner._stage_threads(s) for s in ("harvest", "train", "analyse", "screen", "verify", "transfer")] \
+        == [None, 1, None, 2, 2, 2]
+    # the runner wraps each stage's work in its thread count (validate: a stage with no artefact)
     before = torch.get_num_threads()
-    spec = runner.spec.model_copy(update={"compute": runner.spec.compute.model_copy(update={"train_threads": 1})})
-    monkeypatch.setattr(runner, "spec", spec)
-    runner._train_into(tmp_path, runner.store(), "cpu")
+    seen = []
+    real_validate = runner._compute_validate
+    monkeypatch.setattr(runner, "_stage_threads", lambda stage: 1)
+    monkeypatch.setattr(runner, "_compute_validate", lambda folder: seen.append(torch.get_num_threads())
+                        or real_validate(folder))
+    runner.run(only="validate")
     assert seen == [1] and torch.get_num_threads() == before
-    spec = runner.spec.model_copy(update={"compute": runner.spec.compute.model_copy(update={"train_threads": None})})
-    monkeypatch.setattr(runner, "spec", spec)
-    runner._train_into(tmp_path, runner.store(), "cpu")
-    assert seen == [1, before]
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
