@@ -71,7 +71,9 @@ def shared_words(examples: list[str], n: int = 6) -> list[str]:
     for text in examples:
         words = {w for w in re.findall(r"[A-Za-z][A-Za-z'-]+", _clean(text).lower()) if w not in _STOPWORDS}
         counts.update(words)
-    return [w for w, c in counts.most_common() if c >= 2][:n]
+    # ties in alphabetical order: a set's order changes with each process's string hashing
+    ranked = sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))
+    return [w for w, c in ranked if c >= 2][:n]
 
 
 class TopicFlagger:

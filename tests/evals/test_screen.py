@@ -79,6 +79,10 @@ def test_offline_explainer_shows_whitespace_tokens_as_symbols_and_keeps_promoted
 
 def test_shared_words_and_offline_detector():
     assert shared_words(["The red fox.", "A red hen.", "Blue sky."]) == ["red"]
+    # ties in a fixed order, whatever the process's string hashing (explanations must be reproducible)
+    examples = ["kiln toaster write review", "toaster kiln review write", "write review kiln toaster"]
+    assert shared_words(examples) == ["kiln", "review", "toaster", "write"]
+    assert shared_words(examples, n=2) == ["kiln", "review"]
     explanation = "Fires on 'boils', 'floats' in passages mentioning water."
     yes = offline_detection(f"Feature description: {explanation}\n\nPassage:\nWater boils at one hundred degrees.")
     no = offline_detection(f"Feature description: {explanation}\n\nPassage:\nThe Lisk Tower is tall.")
