@@ -247,7 +247,7 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
             effects_a = {e["rubric"]: e["effect"] for e in fa["effects"]}
             effects_b = {e["rubric"]: e["effect"] for e in fb["effects"]}
             changes = {r: (effects_b.get(r) or 0.0) - (effects_a.get(r) or 0.0)
-                       for r in set(effects_a) & set(effects_b)}
+                       for r in sorted(set(effects_a) & set(effects_b))}  # sorted: a set's order varies by process
             result["changed"].append({"side": side, "feature_a": fa["feature"], "feature_b": fb["feature"],
                                       "match_score": round(score, 3), "explanation_a": fa["explanation"],
                                       "explanation_b": fb["explanation"], "safety_a": fa["safety_critical"],
