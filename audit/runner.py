@@ -146,8 +146,6 @@ class RunResult:
     gate_failures: list[str]
 
 
-
-
 def _sweep_groups(items: list[dict], size: int) -> list[list[dict]]:
     """``items`` (verify plan entries) in groups of at most ``size`` of one model each, in plan order
     of each group's first item: the best-matching features are swept first whichever model they steer."""
@@ -506,7 +504,7 @@ class AuditRunner:
 
         kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute) | {"device": device}
         return train_crosscoder(self.spec.crosscoder.to_config(store.d_a, store.d_b), store,
-                                    checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
+                                checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
 
     # ---- analyse --------------------------------------------------------------------------------
     def _hash_analyse(self) -> str:
