@@ -7,6 +7,11 @@
 ``audit run SPEC --nproc N`` starts this itself on one machine; on several machines, start it on
 each with torchrun's multi-node flags (see docs/runbook.md). Every rank writes into the
 workspace's stage cache (a folder all nodes share); the database is written by ``audit run``.
+
+    python -m audit.launch transfer runs/demo/<run id>/spec.resolved.json --workspace runs
+
+is the transfer stage in one process, without torchrun: ``audit run`` starts it so once the
+crosscoder is trained when the spec sets ``compute.overlap_transfer``.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from rich.console import Console
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m audit.launch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("harvest", "train"))
+    parser.add_argument("stage", choices=("harvest", "train", "transfer"))
     parser.add_argument("spec", type=Path)
     parser.add_argument("--workspace", type=Path, default=Path("runs"))
     parser.add_argument("--device", default=None, help="cuda, cpu … (default: the spec's compute.device)")
+    parser.add_argument("--force", action="store_true", help="transfer: start afresh, not from finished work")
     args = parser.parse_args(argv)
+    if args.stage == "transfer":
+        return _transfer(args)
 
     from crosscoder.distributed import init_from_env, shutdown
     from crosscoder.models import default_device
@@ -48,6 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {sync.rank}: {exc}", file=sys.stderr)
         return 1
     shutdown()
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from .runner import AuditRunner, StageError
+    from .spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+        runner = AuditRunner(spec, args.spec, workspace=args.workspace, device=args.device,
+                             console=Console(stderr=True))
+        folder = runner.run_detached("transfer", force=args.force)
+    except (SpecError, StageError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"transfer: done ({folder})", file=sys.stderr)
     return 0
 
 

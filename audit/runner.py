@@ -146,6 +146,33 @@ class RunResult:
     gate_failures: list[str]
 
 
+@dataclass
+class BackgroundStage:
+    """A stage running in a second process (see ``AuditRunner._start_background``)."""
+
+    stage: str
+    process: Any  # subprocess.Popen
+    log_path: Path
+    started: float
+
+    def log_tail(self, lines: int) -> list[str]:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+
+    def stop(self) -> None:
+        """Stop the process if it still runs (what it finished stays in the cache for the next run)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - it would not stop: make it
+                self.process.kill()
+                self.process.wait()
+
+
 def _sweep_groups(items: list[dict], size: int) -> list[list[dict]]:
     """``items`` (verify plan entries) in groups of at most ``size`` of one model each, in plan order
     of each group's first item: the best-matching features are swept first whichever model they steer."""
@@ -208,12 +235,23 @@ class AuditRunner:
         first = STAGES.index(start) if start else 0
         self._missing = []  # a runner may run several times (e.g. --only harvest, then --only train)
         results = []
-        for index, stage in enumerate(STAGES):
-            selected = (only is None or stage == only) and index >= first
-            rerun = force and selected
-            result = self._stage(stage, run=selected, force=rerun)
-            if result is not None:
-                results.append(result)
+        background: BackgroundStage | None = None
+        try:
+            for index, stage in enumerate(STAGES):
+                selected = (only is None or stage == only) and index >= first
+                rerun = force and selected
+                if background is not None and stage == background.stage:
+                    result = self._finish_background(background)
+                    background = None
+                else:
+                    result = self._stage(stage, run=selected, force=rerun)
+                if result is not None:
+                    results.append(result)
+                if stage == "train" and only is None and self._overlap_transfer(first, force):
+                    background = self._start_background("transfer", force)
+        finally:
+            if background is not None:  # a stage before it failed or was interrupted: its finished work stays
+                background.stop()
         gate_failures = self.check_gates()
         self._register_run(status="finished")
         reports = [p for p in (self.run_dir / "report.html", self.run_dir / "report.md") if p.is_file()]
@@ -222,9 +260,10 @@ class AuditRunner:
                                                   for r in results})
         return RunResult(self.run_id, self.run_dir, results, reports, gate_failures)
 
-    def _stage(self, stage: str, run: bool, force: bool) -> StageResult | None:
+    def _stage(self, stage: str, run: bool, force: bool, made_elsewhere: float | None = None) -> StageResult | None:
         """Run (or find in the cache) one stage. Stages not selected still resolve their artefact
-        from the cache when it exists, because later stages need it."""
+        from the cache when it exists, because later stages need it. ``made_elsewhere``: the seconds a
+        second process of this run took to make the artefact (recorded as done, not cached)."""
         compute: Callable[[Path], dict] = getattr(self, f"_compute_{stage}")
         input_hash = getattr(self, f"_hash_{stage}")()
         self.hashes[stage] = input_hash
@@ -244,7 +283,7 @@ class AuditRunner:
             if needed:
                 raise StageError(stage, f"needs the {', '.join(needed)} stage(s), which are not in the cache for "
                                  "these settings; run without --only/--from first")
-            if force and folder is not None and folder.exists() and stage not in ("harvest", "train"):
+            if force and folder is not None and folder.exists():
                 shutil.rmtree(folder)
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -284,11 +323,100 @@ class AuditRunner:
             loader = getattr(self, f"_load_{stage}", None)
             if loader is not None and (run or cached):
                 loader(folder, summary)
+        if cached and made_elsewhere is not None:
+            cached, seconds = False, made_elsewhere
         self._record_stage(stage, input_hash, folder, "cached" if cached else "done", seconds,
                            json.dumps(summary, default=str)[:2000])
         if cached and run:
             self.console.print(f"[dim]{stage}: cached ({folder})[/dim]", highlight=False)
         return StageResult(stage, input_hash, folder, cached, seconds, summary)
+
+    # ---- a stage in a second process --------------------------------------------------------------
+    def _overlap_transfer(self, first: int, force: bool) -> bool:
+        """Whether to start the transfer stage in a second process now that the crosscoder is trained:
+        the spec asks for it, the stage has work to do, and so has one of the stages it would overlap
+        (analyse, screen, verify: when all three come from the cache there is nothing to overlap)."""
+        if not (self.spec.compute.overlap_transfer and self.spec.transfer.traits) or "train" not in self.artefacts:
+            return False
+        if first > STAGES.index("verify") or not (self.artefacts["train"] / "done.json").is_file():
+            return False
+        if force:
+            return True
+        # The hashes are what the stages will compute (each is built from the one before it).
+        for stage in ("analyse", "screen", "verify"):
+            self.hashes[stage] = getattr(self, f"_hash_{stage}")()
+        self.hashes["transfer"] = self._hash_transfer()
+
+        def done(stage: str) -> bool:
+            return (self._stage_folder(stage, self.hashes[stage]) / "done.json").is_file()
+
+        return not done("transfer") and not all(done(stage) for stage in ("analyse", "screen", "verify"))
+
+    def _start_background(self, stage: str, force: bool) -> BackgroundStage:
+        """Start ``python -m audit.launch STAGE`` for this spec and workspace in a second process; its
+        output goes to a log file in the run folder."""
+        import subprocess
+        import sys
+
+        command = [sys.executable, "-m", "audit.launch", stage, str(self.run_dir / "spec.resolved.json"),
+                   "--workspace", str(self.workspace)]
+        if self.device:
+            command += ["--device", self.device]
+        if force:
+            command.append("--force")
+        log_path = self.run_dir / f"{stage}.log"
+        with log_path.open("w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONPATH": _python_path()})
+        self.console.print(f"[dim]{stage}: started in a second process while the next stages run (its log: "
+                           f"{log_path})[/dim]", highlight=False)
+        return BackgroundStage(stage, process, log_path, time.perf_counter())
+
+    def _finish_background(self, background: BackgroundStage) -> StageResult | None:
+        """Wait for the stage started in a second process, then take its artefact from the cache like any
+        stage's. If that process failed, say so and run the stage here: it resumes from what the
+        other process finished."""
+        stage = background.stage
+        self.console.rule(f"[bold]{stage}[/bold]")
+        with self.console.status(f"{stage}: waiting for the second process (its log: {background.log_path})"):
+            code = background.process.wait()
+        seconds = time.perf_counter() - background.started
+        if code == 0:
+            result = self._stage(stage, run=True, force=False, made_elsewhere=seconds)
+            summary = result.summary if result is not None else {}
+            self.console.print(f"{stage}: done in the second process in {seconds:.0f} s "
+                               f"({summary.get('holds', 0)} of {summary.get('transfers', '?')} transfers hold)",
+                               highlight=False)
+            return result
+        tail = " | ".join(background.log_tail(3))
+        self.console.print(f"[yellow]{stage}: the second process failed (exit code {code}: {tail}); running the stage "
+                           f"here, from where it stopped (its log: {background.log_path})[/yellow]", highlight=False)
+        return self._stage(stage, run=True, force=False)
+
+    def run_detached(self, stage: str, force: bool = False) -> Path:
+        """Make ``stage``'s artefact in this process without touching the database: the transfer stage,
+        which ``audit run`` starts in a second process (``compute.overlap_transfer``) once the crosscoder
+        is trained; the ``audit run`` that started it then finds the artefact done and loads its rows."""
+        from crosscoder.models import torch_threads
+
+        if stage != "transfer":
+            raise StageError(stage, "only the transfer stage runs in a second process")
+        self.hashes["harvest"] = self._hash_harvest()
+        self.hashes["train"] = self._hash_train()
+        for earlier in ("harvest", "train"):
+            folder = self._stage_folder(earlier, self.hashes[earlier])
+            if not (folder / "done.json").is_file():
+                raise StageError(stage, f"the {earlier} stage is not finished for these settings ({folder}); run "
+                                 "`audit run` first")
+            self.artefacts[earlier] = folder
+        folder = self._stage_folder(stage, self._hash_transfer())
+        if force and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch_threads(self._stage_threads(stage)):
+            summary = self._compute_transfer(folder)
+        _write_json(folder / "done.json", summary)
+        return folder
 
     def _record_stage(self, stage, input_hash, folder, status, seconds, message) -> None:
         self.db.replace_rows("stages", self.run_id, [{
@@ -698,7 +826,7 @@ class AuditRunner:
         specific = sum(bool(r.get("specific")) for r in moved)
         self.console.print(f"{held} of {len(moved)} transfers hold; the trait is specific (unrelated pushes leave it "
                            f"flat) in {specific} of {len(moved)} targets", highlight=False)
-        return {"traits": len(traits), "holds": held, "specific": specific}
+        return {"traits": len(traits), "transfers": len(moved), "holds": held, "specific": specific}
 
     def _load_transfer(self, folder: Path, summary: dict) -> None:
         path = folder / "transfer.json"

@@ -126,6 +126,10 @@ class ComputeSpec(_Strict):
     eval_threads: int | None = Field(
         default=None, ge=1, description="CPU threads while the screen, verify and transfer stages run the models "
         "and graders; default: torch's own")
+    overlap_transfer: bool = Field(
+        default=False, description="run the transfer stage in a second process, started once the crosscoder is "
+        "trained, while analyse, screen and verify run in this one: faster where those leave a core idle (the "
+        "zoo on a CPU), but the second process loads both models again")
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(
         default=None, description="spread each model over all visible GPUs with accelerate (models too big for "
         "one device); with nproc 1 only")

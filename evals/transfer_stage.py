@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from evals.effects import trait_is_specific, transfer_holds
 from evals.prompts import load_prompt_set
 from evals.rubrics import load_rubric
 from evals.transfer import draw_key, run_arms
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _eval_prompts(trait) -> list[str]:
@@ -94,8 +101,8 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
                 "curve": arm["curve"], "draws": arm["draws"], "generations": arm["generations"],
                 "extraction": extraction,
             })
-        out.write_text(json.dumps(job_rows, default=float))
+        _write_atomically(out, json.dumps(job_rows, default=float))  # a stopped process leaves no half file
         rows += job_rows
         progress(done + 1, len(jobs))
-    (folder / "transfer.json").write_text(json.dumps(rows, default=float))
+    _write_atomically(folder / "transfer.json", json.dumps(rows, default=float))
     return rows

@@ -32,7 +32,7 @@ SMALL = {
 def write_spec(folder: Path, **overrides) -> Path:
     spec = json.loads(json.dumps(SMALL))
     for section, values in overrides.items():
-        spec[section].update(values)
+        spec.setdefault(section, {}).update(values)
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -430,3 +430,75 @@ def test_stages_run_on_the_threads_the_spec_asks_for_and_restore_them(first_run,
     assert seen == [1] and torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_force_retrains_from_scratch_rather_than_resuming_the_finished_checkpoint(tmp_path, monkeypatch):
+    import crosscoder
+
+    spec_path = write_spec(tmp_path)
+    runner = AuditRunner(load_spec(spec_path), spec_path, workspace=tmp_path / "ws")
+    runner.run(only="harvest")
+    runner.run(only="train")
+    real = crosscoder.train_crosscoder
+    found = []
+
+    def spy(*args, checkpoint_dir, **kwargs):
+        found.append(sorted(p.name for p in Path(checkpoint_dir).glob("*")) if Path(checkpoint_dir).exists() else [])
+        return real(*args, checkpoint_dir=checkpoint_dir, **kwargs)
+
+    monkeypatch.setattr(crosscoder, "train_crosscoder", spy)
+    result = runner.run(only="train", force=True)
+    assert found == [[]]  # nothing left to resume from: the stage trained afresh
+    assert [(r.stage, r.cached) for r in result.stages] == [("harvest", True), ("train", False)]
+    assert (runner.artefacts["train"] / "done.json").is_file()
+
+
+def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run, workspace, tmp_path):
+    runner, first = first_run
+    spec_path = write_spec(tmp_path, compute={"overlap_transfer": True}, verify={"alphas": [-1.5, 0, 1.5]},
+                           transfer={"alphas": [-1.5, 0, 1.5]})
+    result = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+    stages = {r.stage: r for r in result.stages}
+    assert not stages["transfer"].cached and stages["transfer"].seconds > 0
+    assert stages["transfer"].summary["transfers"] == 1
+    log = (result.run_dir / "transfer.log").read_text()
+    assert "transfer: done" in log
+    rows = runner.db.rows("transfers", result.run_id)
+    assert {r["arm"] for r in rows} == {"source", "transferred", "random_transferred", "unrelated"}
+    assert {point["alpha"] for point in json.loads(rows[0]["curve"])} == {-1.5, 0.0, 1.5}
+    status = {s["stage"]: s["status"] for s in runner.db.rows("stages", result.run_id)}
+    assert status["transfer"] == "done"
+
+
+def test_no_second_process_when_nothing_would_run_beside_it(first_run, workspace, tmp_path):
+    runner, first = first_run
+    # only the transfer settings differ from the first run: analyse, screen and verify come from the cache
+    spec_path = write_spec(tmp_path, compute={"overlap_transfer": True}, transfer={"alphas": [-0.5, 0, 0.5]})
+    result = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+    assert not (result.run_dir / "transfer.log").exists()
+    assert {r.stage: r.cached for r in result.stages}["transfer"] is False
+
+
+def test_a_failed_second_process_leaves_the_stage_to_the_run_itself(first_run, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from audit.runner import BackgroundStage
+
+    runner, _ = first_run
+    log_path = tmp_path / "transfer.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-c", "import sys; print('out of memory'); sys.exit(3)"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    ran_here = []
+    real = runner._stage
+    runner._stage = lambda stage, run, force, made_elsewhere=None: ran_here.append((stage, made_elsewhere)) or \
+        real(stage, run, force, made_elsewhere)
+    try:
+        result = runner._finish_background(BackgroundStage("transfer", process, log_path, time.perf_counter()))
+    finally:
+        del runner._stage
+    assert process.returncode == 3 and ran_here == [("transfer", None)]
+    assert result.stage == "transfer" and result.cached  # the first run's transfer, found in the cache
+    assert BackgroundStage("transfer", process, log_path, 0.0).log_tail(1) == ["out of memory"]

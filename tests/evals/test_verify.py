@@ -52,11 +52,11 @@ def scripted_grader():
 
 
 def test_llm_graded_sweep_keeps_unparsed_grades_as_missing(tiny_model_dirs, scripted_grader, tmp_path):
-    from inspect_ai import eval as inspect_eval
     from inspect_ai.model import get_model
 
     from crosscoder import Crosscoder, CrosscoderConfig
     from evals.verify import verify_task
+    from evals.verify_stage import run_eval
 
     cfg = CrosscoderConfig(architecture="dfc", d_a=32, d_b=48, dict_size=10, k=2, exclusive_fraction=0.2,
                            norm_scale_a=1.0, norm_scale_b=1.0)
@@ -66,10 +66,11 @@ def test_llm_graded_sweep_keeps_unparsed_grades_as_missing(tiny_model_dirs, scri
     cc.save(tmp_path / "cc")
     task = verify_task([{"feature": 9, "own_model": "b", "s_max": 1.0}], ["zoo_state_narrative"], [0.0, 1.0],
                        grader="grader", max_tokens=6, max_prompts=2)
-    log = inspect_eval(task, model=get_model(f"steered/{tiny_model_dirs['qwen']}", crosscoder=str(tmp_path / "cc"),
-                       side="b", layer=1), model_roles={"grader": get_model(scripted_grader)},
-                       log_dir=str(tmp_path), display="none")[0]
+    log = run_eval(task, tmp_path, model=get_model(f"steered/{tiny_model_dirs['qwen']}", crosscoder=str(tmp_path / "cc"),
+                   side="b", layer=1), model_roles={"grader": get_model(scripted_grader)})
     assert log.status == "success" and len(log.samples) == (2 + 2 + 1) * 2
+    # the log still names the package and version that provide the task (looked up once per process)
+    assert "crosscoder-audit" in log.eval.packages
     for sample in log.samples:
         score = sample.scores["rubric_scorer"]
         assert score.value["behaviour"] == 4.0 and math.isnan(score.value["coherence"])
@@ -77,3 +78,18 @@ def test_llm_graded_sweep_keeps_unparsed_grades_as_missing(tiny_model_dirs, scri
     metrics = {s.name: s.metrics for s in log.results.scores}
     assert metrics["behaviour"]["mean_graded"].value == pytest.approx(4.0)
     assert math.isnan(metrics["coherence"]["mean_graded"].value)
+
+
+def test_distribution_scan_is_done_once_and_gives_the_same_answer():
+    from importlib.metadata import packages_distributions
+
+    from inspect_ai._util import package
+
+    from evals.verify_stage import _scan_distributions_once
+
+    _scan_distributions_once()
+    _scan_distributions_once()  # a second call must not wrap the cache again
+    cached = package.packages_distributions
+    assert cached.cache_info is not None and not hasattr(cached.__wrapped__, "cache_info")
+    assert cached() == packages_distributions() and cached() is cached()
+    assert "crosscoder-audit" in cached()["evals"]
