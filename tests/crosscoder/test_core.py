@@ -79,11 +79,34 @@ def test_batch_topk_keeps_exactly_n_times_k_and_the_largest():
 
 
 def test_batch_topk_is_exact_when_one_row_dominates():
-    # Row 0 holds every large score: the per-row shortcut must fall back to the flat top-k.
+    # Row 0 holds every large score (in training: a template pair sampled many times over).
     scores = torch.rand(64, 512) * 0.1
     scores[0] += 10.0
     entries = batch_topk(scores, 64 * 4)
     assert entries.rows.numel() == 256 and bool((entries.rows == 0).all())
+
+
+@pytest.mark.parametrize("layout", ["random", "sample-heavy", "sample-light", "duplicated rows"])
+def test_the_sampled_cut_keeps_what_a_flat_topk_keeps(layout):
+    from crosscoder.sparse import _SAMPLE_STRIDE, _top_flat_indices
+
+    torch.manual_seed(0)
+    scores = torch.rand(128, 300)
+    flat = scores.view(-1)
+    if layout == "sample-heavy":  # the strided sample sees only large scores: its guess is too high
+        flat[::_SAMPLE_STRIDE] += 10.0
+    elif layout == "sample-light":  # the sample misses every large score: its guess is too low
+        flat += 10.0
+        flat[::_SAMPLE_STRIDE] -= 10.0
+    elif layout == "duplicated rows":  # ties at the cut
+        scores[64:] = scores[:64]
+    count = 128 * 8
+    picked = _top_flat_indices(scores, count)
+    reference = torch.topk(flat, count).indices
+    assert picked.numel() == count and picked.unique().numel() == count
+    assert torch.equal(flat[picked].sort().values, flat[reference].sort().values)
+    if layout != "duplicated rows":
+        assert set(picked.tolist()) == set(reference.tolist())
 
 
 def test_batch_topk_never_keeps_zero_scores():
