@@ -46,6 +46,8 @@ EVAL_PAIRS = 20_000
 #: Verify sweeps run together in one Inspect eval (one model): larger generation batches, and an
 #: interrupted stage loses at most one group.
 SWEEPS_PER_EVAL = 5
+#: How much lower the CPU priority of a stage run in a second process is (``os.nice``).
+BACKGROUND_NICENESS = 10
 
 
 _DISK_FULL_TEXTS = ("no space left on device", "os error 28", "disk full", "not enough space on the disk")
@@ -367,7 +369,8 @@ class AuditRunner:
         log_path = self.run_dir / f"{stage}.log"
         with log_path.open("w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONPATH": _python_path()})
+                                       env={**os.environ, "PYTHONPATH": _python_path()},
+                                       preexec_fn=_lower_priority if hasattr(os, "nice") else None)
         self.console.print(f"[dim]{stage}: started in a second process while the next stages run (its log: "
                            f"{log_path})[/dim]", highlight=False)
         return BackgroundStage(stage, process, log_path, time.perf_counter())
@@ -921,6 +924,12 @@ class _progress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+def _lower_priority() -> None:
+    """In a stage's second process: yield the CPU to the run's own process, whose stages are the ones
+    the run waits for (the second process has until they finish)."""
+    os.nice(BACKGROUND_NICENESS)
 
 
 def _python_path() -> str:

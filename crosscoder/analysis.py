@@ -414,6 +414,7 @@ def _active_positions(model, store, index, own_of, ids, docs, batch_size) -> dic
         return out
     wanted = torch.tensor(sorted(docs))
     device = model.W_enc_AD.device
+    own_is_a = torch.tensor([own_of[feature] == "a" for feature in ids], dtype=torch.bool)
     for shard_index in range(store.n_shards):
         shard = store.load_shard(shard_index, ("a", "b", "doc", "pos_a", "pos_b"))
         keep = torch.isin(shard["doc"], wanted)
@@ -425,10 +426,11 @@ def _active_positions(model, store, index, own_of, ids, docs, batch_size) -> dic
             rows = slice(start, start + batch_size)
             f = model.encode(xa[rows].to(device, torch.float32), xb[rows].to(device, torch.float32))
             f = f[:, index.to(device)].cpu()
-            for r, c in zip(*torch.nonzero(f > 0, as_tuple=True), strict=True):
-                r, c = int(r) + start, int(c)
-                pos = int(pos_a[r] if own_of[ids[c]] == "a" else pos_b[r])
-                out.setdefault((c, int(doc[r])), set()).add(pos)
+            r, c = torch.nonzero(f > 0, as_tuple=True)
+            r = r + start
+            pos = torch.where(own_is_a[c], pos_a[r], pos_b[r])  # the position in the feature's own model
+            for slot, d, p in zip(c.tolist(), doc[r].tolist(), pos.tolist(), strict=True):
+                out.setdefault((slot, d), set()).add(p)
     return out
 
 

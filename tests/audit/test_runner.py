@@ -502,3 +502,15 @@ def test_a_failed_second_process_leaves_the_stage_to_the_run_itself(first_run, t
     assert process.returncode == 3 and ran_here == [("transfer", None)]
     assert result.stage == "transfer" and result.cached  # the first run's transfer, found in the cache
     assert BackgroundStage("transfer", process, log_path, 0.0).log_tail(1) == ["out of memory"]
+
+
+def test_the_second_process_runs_at_a_lower_priority():
+    import os
+    import subprocess
+    import sys
+
+    from audit.runner import BACKGROUND_NICENESS
+
+    code = "import os; from audit.runner import _lower_priority; _lower_priority(); print(os.nice(0))"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(child.stdout) == min(19, os.nice(0) + BACKGROUND_NICENESS)
