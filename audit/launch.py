@@ -10,8 +10,8 @@ workspace's stage cache (a folder all nodes share); the database is written by `
 
     python -m audit.launch transfer runs/demo/<run id>/spec.resolved.json --workspace runs
 
-is the transfer stage in one process, without torchrun: ``audit run`` starts it so once the
-crosscoder is trained when the spec sets ``compute.overlap_transfer``.
+is the transfer stage in one process, without torchrun: ``audit run`` starts it so (with
+``--wait-for-training`` while it trains the crosscoder) when the spec sets ``compute.overlap_transfer``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace", type=Path, default=Path("runs"))
     parser.add_argument("--device", default=None, help="cuda, cpu … (default: the spec's compute.device)")
     parser.add_argument("--force", action="store_true", help="transfer: start afresh, not from finished work")
+    parser.add_argument("--wait-for-training", action="store_true",
+                        help="transfer: the process that started this one is training the crosscoder; wait for it")
     args = parser.parse_args(argv)
     if args.stage == "transfer":
         return _transfer(args)
@@ -67,7 +69,7 @@ def _transfer(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
         runner = AuditRunner(spec, args.spec, workspace=args.workspace, device=args.device,
                              console=Console(stderr=True))
-        folder = runner.run_detached("transfer", force=args.force)
+        folder = runner.run_detached("transfer", force=args.force, wait_for_training=args.wait_for_training)
     except (SpecError, StageError) as exc:
         print(exc, file=sys.stderr)
         return 1

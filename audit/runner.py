@@ -215,6 +215,7 @@ class AuditRunner:
         self._loaded_models: dict[str, Any] = {}
         self._meters: dict[tuple[str, int], Any] = {}
         self._missing: list[str] = []  # earlier stages neither run nor cached in this invocation
+        self._await_training: int | None = None  # see run_detached: the pid of the process training
 
     def _stage_folder(self, stage: str, input_hash: str) -> Path:
         return self.cache / f"{stage}-{input_hash}"
@@ -249,8 +250,8 @@ class AuditRunner:
                     result = self._stage(stage, run=selected, force=rerun)
                 if result is not None:
                     results.append(result)
-                if stage == "train" and only is None and self._overlap_transfer(first, force):
-                    background = self._start_background("transfer", force)
+                if background is None and only is None and stage == self._transfer_start(first, force):
+                    background = self._start_background("transfer", force, wait_for_training=stage != "train")
         finally:
             if background is not None:  # a stage before it failed or was interrupted: its finished work stays
                 background.stop()
@@ -334,27 +335,35 @@ class AuditRunner:
         return StageResult(stage, input_hash, folder, cached, seconds, summary)
 
     # ---- a stage in a second process --------------------------------------------------------------
-    def _overlap_transfer(self, first: int, force: bool) -> bool:
-        """Whether to start the transfer stage in a second process now that the crosscoder is trained:
-        the spec asks for it, the stage has work to do, and so has one of the stages it would overlap
-        (analyse, screen, verify: when all three come from the cache there is nothing to overlap)."""
-        if not (self.spec.compute.overlap_transfer and self.spec.transfer.traits) or "train" not in self.artefacts:
-            return False
-        if first > STAGES.index("verify") or not (self.artefacts["train"] / "done.json").is_file():
-            return False
-        if force:
-            return True
+    def _transfer_start(self, first: int, force: bool) -> str | None:
+        """The stage after which to start the transfer stage in a second process (None: run it in turn).
+
+        Only when the spec asks for it, the stage has work to do, and so has a stage it would overlap:
+        training (a transfer's extraction and source-model arms need no crosscoder; its process waits
+        for the training before the rest), analyse, screen or verify. It starts after the harvest, or
+        after the training when ``--force`` retrains (the old checkpoint is deleted then).
+        """
+        if not (self.spec.compute.overlap_transfer and self.spec.transfer.traits) or first > STAGES.index("verify"):
+            return None
         # The hashes are what the stages will compute (each is built from the one before it).
-        for stage in ("analyse", "screen", "verify"):
-            self.hashes[stage] = getattr(self, f"_hash_{stage}")()
-        self.hashes["transfer"] = self._hash_transfer()
+        self.hashes["harvest"] = self._hash_harvest()
+        self.hashes["train"] = self._hash_train()
 
         def done(stage: str) -> bool:
             return (self._stage_folder(stage, self.hashes[stage]) / "done.json").is_file()
 
-        return not done("transfer") and not all(done(stage) for stage in ("analyse", "screen", "verify"))
+        train_runs = first <= STAGES.index("train") and (force or not done("train"))
+        if not train_runs and not done("train"):
+            return None  # the run stops at the missing training (--from after it): nothing to overlap
+        if force:
+            return "train" if train_runs else "harvest"
+        for stage in ("analyse", "screen", "verify", "transfer"):
+            self.hashes[stage] = getattr(self, f"_hash_{stage}")()
+        if done("transfer") or not (train_runs or not all(done(s) for s in ("analyse", "screen", "verify"))):
+            return None
+        return "harvest"
 
-    def _start_background(self, stage: str, force: bool) -> BackgroundStage:
+    def _start_background(self, stage: str, force: bool, wait_for_training: bool = False) -> BackgroundStage:
         """Start ``python -m audit.launch STAGE`` for this spec and workspace in a second process; its
         output goes to a log file in the run folder."""
         import subprocess
@@ -366,6 +375,8 @@ class AuditRunner:
             command += ["--device", self.device]
         if force:
             command.append("--force")
+        if wait_for_training:
+            command.append("--wait-for-training")
         log_path = self.run_dir / f"{stage}.log"
         with log_path.open("w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -396,10 +407,12 @@ class AuditRunner:
                            f"here, from where it stopped (its log: {background.log_path})[/yellow]", highlight=False)
         return self._stage(stage, run=True, force=False)
 
-    def run_detached(self, stage: str, force: bool = False) -> Path:
+    def run_detached(self, stage: str, force: bool = False, wait_for_training: bool = False) -> Path:
         """Make ``stage``'s artefact in this process without touching the database: the transfer stage,
-        which ``audit run`` starts in a second process (``compute.overlap_transfer``) once the crosscoder
-        is trained; the ``audit run`` that started it then finds the artefact done and loads its rows."""
+        which ``audit run`` starts in a second process (``compute.overlap_transfer``); the ``audit run``
+        that started it then finds the artefact done and loads its rows. ``wait_for_training``: the
+        crosscoder is being trained by the process that started this one; the work that needs no
+        crosscoder is done first, then this process waits for the training to finish."""
         from crosscoder.models import torch_threads
 
         if stage != "transfer":
@@ -408,7 +421,7 @@ class AuditRunner:
         self.hashes["train"] = self._hash_train()
         for earlier in ("harvest", "train"):
             folder = self._stage_folder(earlier, self.hashes[earlier])
-            if not (folder / "done.json").is_file():
+            if not (folder / "done.json").is_file() and not (earlier == "train" and wait_for_training):
                 raise StageError(stage, f"the {earlier} stage is not finished for these settings ({folder}); run "
                                  "`audit run` first")
             self.artefacts[earlier] = folder
@@ -416,10 +429,24 @@ class AuditRunner:
         if force and folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if wait_for_training:
+            self._await_training = os.getppid()
         with torch_threads(self._stage_threads(stage)):
             summary = self._compute_transfer(folder)
         _write_json(folder / "done.json", summary)
         return folder
+
+    def _wait_for_training(self, parent: int, poll_s: float = 0.5) -> None:
+        """Wait until the train stage's artefact is finished, as long as ``parent`` (the process
+        training it) lives."""
+        done = self.artefacts["train"] / "done.json"
+        if done.is_file():
+            return
+        self.console.print(f"waiting for the crosscoder ({done.parent})", highlight=False)
+        while not done.is_file():
+            if os.getppid() != parent:
+                raise StageError("transfer", "the audit run that trains the crosscoder has stopped; rerun it")
+            time.sleep(poll_s)
 
     def _record_stage(self, stage, input_hash, folder, status, seconds, message) -> None:
         self.db.replace_rows("stages", self.run_id, [{
@@ -577,6 +604,9 @@ class AuditRunner:
     def crosscoder(self):
         from crosscoder import Crosscoder
         from crosscoder.models import default_device
+
+        if self._await_training is not None:  # a second process started while the crosscoder trains
+            self._wait_for_training(self._await_training)
 
         return Crosscoder.load(self.artefacts["train"] / "checkpoint", device=self.device or default_device())
 

@@ -77,7 +77,7 @@ def transfer_task(arms: dict[str, list[str]], vectors_file: Path, prompts: list[
                 scorer=rubric_scorer(grader=grader, coherence_meter=coherence_meter), name="transfer")
 
 
-def run_arms(model_entry, side: str, crosscoder_path: Path, vectors_path: Path, arms: dict[str, list[str]],
+def run_arms(model_entry, side: str, crosscoder_path: Path | None, vectors_path: Path, arms: dict[str, list[str]],
              prompts: list[str], rubric: str, transfer_spec, grader: str, loaded_model, log_dir: Path,
              coherence_meter: CoherenceMeter | None = None) -> list[dict]:
     """Sweep ``arms`` (arm → its vector names) on one model; per-arm curves pooled over the arm's

@@ -23,6 +23,10 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _entry(spec, side: str):
+    return spec.model_a if side == "a" else spec.model_b
+
+
 def _eval_prompts(trait) -> list[str]:
     if trait.eval_prompts:
         return list(trait.eval_prompts)
@@ -39,23 +43,41 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
     spec = runner.spec
     t = spec.transfer
     grader = t.grader or spec.verify.grader
-    crosscoder = runner.crosscoder()
     jobs = [(name, direction) for name in t.traits for direction in t.directions]
     rows: list[dict] = []
     persona: dict[tuple[str, str], object] = {}
-    for done, (name, direction) in enumerate(jobs):
+    # First what needs no crosscoder, for every unfinished job: the extraction and the source model's
+    # arm, which steers with the extracted vector itself (a transfer started in a second process does
+    # this while the crosscoder trains); then the crosscoder's part.
+    source_side: dict[tuple[str, str], tuple] = {}
+    for name, direction in jobs:
         trait = load_trait(name)
         stem = f"{trait.name}-{direction}"  # the trait's own name: a trait given as a path stays in the cache
+        if (folder / f"{stem}.json").is_file():
+            continue
+        source = "a" if direction == "a_to_b" else "b"
+        if (name, source) not in persona:
+            persona[(name, source)] = extract_persona_vector(runner.loaded_model(source), trait,
+                                                             max_new_tokens=t.max_tokens, max_questions=t.max_questions)
+        extracted = persona[(name, source)]
+        source_path = folder / f"{stem}-source.safetensors"
+        save_file({"source": extracted.vector.contiguous()}, str(source_path))
+        prompts = _eval_prompts(trait)[:t.max_prompts]
+        arms = run_arms(_entry(spec, source), source, None, source_path, {"source": ["source"]}, prompts,
+                        trait.rubric, t, grader, runner.loaded_model(source), folder / "logs",
+                        runner.coherence_meter(source, t.max_tokens))
+        source_side[(name, direction)] = (extracted, prompts, arms)
+    crosscoder = runner.crosscoder() if source_side else None
+    for done, (name, direction) in enumerate(jobs):
+        trait = load_trait(name)
+        stem = f"{trait.name}-{direction}"
         out = folder / f"{stem}.json"
         if out.is_file():
             rows += json.loads(out.read_text())
             progress(done + 1, len(jobs))
             continue
         source, target = ("a", "b") if direction == "a_to_b" else ("b", "a")
-        if (name, source) not in persona:
-            persona[(name, source)] = extract_persona_vector(runner.loaded_model(source), trait,
-                                                             max_new_tokens=t.max_tokens, max_questions=t.max_questions)
-        extracted = persona[(name, source)]
+        extracted, prompts, arms = source_side[(name, direction)]
         moved = transfer_vector(crosscoder, extracted.vector, source, k=t.k, min_cosine=t.min_cosine, signed=t.signed)
         # Control draws: draw 0 keeps the seeds a single-draw control used (seed + 1, seed + 2).
         random_moved = [transfer_vector(crosscoder, random_direction_like(extracted.vector, t.seed + 1 + 2 * i),
@@ -65,23 +87,16 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
         for i, random_info in enumerate(random_moved):
             target_vectors[draw_key("random_transferred", i)] = random_info.vector.contiguous()
             target_vectors[draw_key("unrelated", i)] = random_direction_like(moved.vector, t.seed + 2 + 2 * i).contiguous()
-        source_path = folder / f"{stem}-source.safetensors"
         target_path = folder / f"{stem}-target.safetensors"
-        save_file({"source": extracted.vector.contiguous()}, str(source_path))
         save_file(target_vectors, str(target_path))
-        prompts = _eval_prompts(trait)[:t.max_prompts]
-        entries = {"a": spec.model_a, "b": spec.model_b}
         checkpoint = runner.artefacts["train"] / "checkpoint"
         draws = range(t.control_draws)
         target_arms = {"transferred": ["transferred"],
                        "random_transferred": [draw_key("random_transferred", i) for i in draws],
                        "unrelated": [draw_key("unrelated", i) for i in draws]}
-        arms = run_arms(entries[source], source, checkpoint, source_path, {"source": ["source"]}, prompts,
-                        trait.rubric, t, grader, runner.loaded_model(source), folder / "logs",
-                        runner.coherence_meter(source, t.max_tokens))
-        arms += run_arms(entries[target], target, checkpoint, target_path, target_arms, prompts, trait.rubric, t,
-                         grader, runner.loaded_model(target), folder / "logs",
-                         runner.coherence_meter(target, t.max_tokens))
+        arms = arms + run_arms(_entry(spec, target), target, checkpoint, target_path, target_arms, prompts,
+                               trait.rubric, t, grader, runner.loaded_model(target), folder / "logs",
+                               runner.coherence_meter(target, t.max_tokens))
         by_arm = {a["arm"]: a for a in arms}
         holds, specific = transfer_holds(by_arm), trait_is_specific(by_arm)
         extraction = {"n_answers": extracted.n_answers, "answer_tokens": list(extracted.answer_tokens),

@@ -157,11 +157,12 @@ def _item(feature: dict, screened: dict, rubrics: list[str], match: list[dict]) 
             "rubrics": rubrics, "rubric_match": match}
 
 
-def steered_model(entry, side: str, crosscoder_path: Path, loaded_model):
-    """The Inspect model serving ``loaded_model`` (registered, so it is never loaded twice)."""
+def steered_model(entry, side: str, crosscoder_path: Path | None, loaded_model):
+    """The Inspect model serving ``loaded_model`` (registered, so it is never loaded twice); without a
+    crosscoder it steers with vectors only."""
     key = share_loaded_model(f"{side}:{entry.id}:{entry.layer}:{id(loaded_model)}", loaded_model)
-    return get_model(f"steered/{entry.id}", crosscoder=str(crosscoder_path), side=side, layer=entry.layer,
-                     shared=key)
+    return get_model(f"steered/{entry.id}", crosscoder=None if crosscoder_path is None else str(crosscoder_path),
+                     side=side, layer=entry.layer, shared=key)
 
 
 def grading(grader: str, coherence_meter: CoherenceMeter | None) -> tuple[str, CoherenceMeter | None, dict]:

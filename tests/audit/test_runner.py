@@ -455,10 +455,12 @@ def test_force_retrains_from_scratch_rather_than_resuming_the_finished_checkpoin
 
 def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run, workspace, tmp_path):
     runner, first = first_run
-    spec_path = write_spec(tmp_path, compute={"overlap_transfer": True}, verify={"alphas": [-1.5, 0, 1.5]},
+    # another crosscoder seed: the second process starts after the harvest and waits for the training
+    spec_path = write_spec(tmp_path, compute={"overlap_transfer": True}, crosscoder={"seed": 1},
                            transfer={"alphas": [-1.5, 0, 1.5]})
     result = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
     stages = {r.stage: r for r in result.stages}
+    assert not stages["train"].cached
     assert not stages["transfer"].cached and stages["transfer"].seconds > 0
     assert stages["transfer"].summary["transfers"] == 1
     log = (result.run_dir / "transfer.log").read_text()
@@ -514,3 +516,18 @@ def test_the_second_process_runs_at_a_lower_priority():
     code = "import os; from audit.runner import _lower_priority; _lower_priority(); print(os.nice(0))"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(child.stdout) == min(19, os.nice(0) + BACKGROUND_NICENESS)
+
+
+def test_a_transfer_waiting_for_the_training_stops_when_its_parent_has_gone(first_run, tmp_path):
+    import os
+    import threading
+
+    runner, _ = first_run
+    waiting = AuditRunner(runner.spec, workspace=tmp_path / "ws")
+    waiting.artefacts["train"] = tmp_path / "train"
+    waiting.artefacts["train"].mkdir()
+    with pytest.raises(StageError, match="has stopped"):
+        waiting._wait_for_training(parent=os.getppid() + 1, poll_s=0.01)  # not our parent: it has gone
+    threading.Timer(0.2, lambda: (tmp_path / "train" / "done.json").write_text("{}")).start()
+    waiting._wait_for_training(parent=os.getppid(), poll_s=0.01)  # returns once the training is done
+    assert (tmp_path / "train" / "done.json").is_file()
