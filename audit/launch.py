@@ -17,6 +17,7 @@ is the transfer stage in one process, without torchrun: ``audit run`` starts it 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="transfer: start afresh, not from finished work")
     parser.add_argument("--wait-for-training", action="store_true",
                         help="transfer: the process that started this one is training the crosscoder; wait for it")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="transfer: the processes the harvest ran on (part of its cache key; default: the spec's)")
+    parser.add_argument("--expect", type=Path, default=None,
+                        help="transfer: the artefact folder the starting run expects; stop if this one differs")
     args = parser.parse_args(argv)
     if args.stage == "transfer":
         return _transfer(args)
@@ -61,15 +66,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def lower_priority() -> None:
+    """Yield the CPU to the ``audit run`` that started this process: the run waits on its own stages,
+    and this one has until they finish (a no-op where the OS has no ``nice``)."""
+    from .runner import BACKGROUND_NICENESS
+
+    if hasattr(os, "nice"):
+        os.nice(BACKGROUND_NICENESS)
+
+
 def _transfer(args: argparse.Namespace) -> int:
     from .runner import AuditRunner, StageError
     from .spec import SpecError, load_spec
 
+    lower_priority()
+    print(f"transfer: pid {os.getpid()}, niceness {os.nice(0) if hasattr(os, 'nice') else 'n/a'}", file=sys.stderr)
     try:
         spec = load_spec(args.spec)
         runner = AuditRunner(spec, args.spec, workspace=args.workspace, device=args.device,
-                             console=Console(stderr=True))
-        folder = runner.run_detached("transfer", force=args.force, wait_for_training=args.wait_for_training)
+                             console=Console(stderr=True), nproc=args.nproc)
+        folder = runner.run_detached("transfer", force=args.force, wait_for_training=args.wait_for_training,
+                                     expect=args.expect)
     except (SpecError, StageError) as exc:
         print(exc, file=sys.stderr)
         return 1

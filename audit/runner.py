@@ -239,6 +239,7 @@ class AuditRunner:
         self._missing = []  # a runner may run several times (e.g. --only harvest, then --only train)
         results = []
         background: BackgroundStage | None = None
+        transfer_after: str | None = None  # the stage after which the transfer starts in a second process
         try:
             for index, stage in enumerate(STAGES):
                 selected = (only is None or stage == only) and index >= first
@@ -250,7 +251,9 @@ class AuditRunner:
                     result = self._stage(stage, run=selected, force=rerun)
                 if result is not None:
                     results.append(result)
-                if background is None and only is None and stage == self._transfer_start(first, force):
+                if stage == "harvest" and only is None:
+                    transfer_after = self._transfer_start(first, force)
+                if background is None and stage == transfer_after:
                     background = self._start_background("transfer", force, wait_for_training=stage != "train")
         finally:
             if background is not None:  # a stage before it failed or was interrupted: its finished work stays
@@ -345,43 +348,46 @@ class AuditRunner:
         """
         if not (self.spec.compute.overlap_transfer and self.spec.transfer.traits) or first > STAGES.index("verify"):
             return None
-        # The hashes are what the stages will compute (each is built from the one before it).
-        self.hashes["harvest"] = self._hash_harvest()
-        self.hashes["train"] = self._hash_train()
+        try:  # the hashes are what the stages will compute (each is built from the one before it)
+            for stage in ("harvest", "train", "analyse", "screen", "verify", "transfer"):
+                self.hashes[stage] = getattr(self, f"_hash_{stage}")()
+        except Exception:  # noqa: BLE001 - e.g. a missing rubric file: the stage that reads it says so
+            return None
 
         def done(stage: str) -> bool:
             return (self._stage_folder(stage, self.hashes[stage]) / "done.json").is_file()
 
+        if not done("harvest"):
+            return None  # the run stops at the missing harvest (--from after it)
         train_runs = first <= STAGES.index("train") and (force or not done("train"))
         if not train_runs and not done("train"):
             return None  # the run stops at the missing training (--from after it): nothing to overlap
         if force:
             return "train" if train_runs else "harvest"
-        for stage in ("analyse", "screen", "verify", "transfer"):
-            self.hashes[stage] = getattr(self, f"_hash_{stage}")()
         if done("transfer") or not (train_runs or not all(done(s) for s in ("analyse", "screen", "verify"))):
             return None
         return "harvest"
 
     def _start_background(self, stage: str, force: bool, wait_for_training: bool = False) -> BackgroundStage:
-        """Start ``python -m audit.launch STAGE`` for this spec and workspace in a second process; its
-        output goes to a log file in the run folder."""
+        """Start ``python -m audit.launch STAGE`` for this spec and workspace in a second process (which
+        lowers its own CPU priority); its output goes to a log file in the run folder."""
         import subprocess
         import sys
 
+        folder = self._stage_folder(stage, self.hashes[stage])
+        if force and folder.exists():  # here, not there: if that process fails, this one must not find it done
+            shutil.rmtree(folder)
+        # The folder it must fill: a process that computes another one (other settings) stops at once.
         command = [sys.executable, "-m", "audit.launch", stage, str(self.run_dir / "spec.resolved.json"),
-                   "--workspace", str(self.workspace)]
+                   "--workspace", str(self.workspace), "--nproc", str(self.nproc), "--expect", str(folder)]
         if self.device:
             command += ["--device", self.device]
-        if force:
-            command.append("--force")
         if wait_for_training:
             command.append("--wait-for-training")
         log_path = self.run_dir / f"{stage}.log"
         with log_path.open("w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONPATH": _python_path()},
-                                       preexec_fn=_lower_priority if hasattr(os, "nice") else None)
+                                       env={**os.environ, "PYTHONPATH": _python_path()})
         self.console.print(f"[dim]{stage}: started in a second process while the next stages run (its log: "
                            f"{log_path})[/dim]", highlight=False)
         return BackgroundStage(stage, process, log_path, time.perf_counter())
@@ -392,9 +398,15 @@ class AuditRunner:
         other process finished."""
         stage = background.stage
         self.console.rule(f"[bold]{stage}[/bold]")
-        with self.console.status(f"{stage}: waiting for the second process (its log: {background.log_path})"):
-            code = background.process.wait()
-        seconds = time.perf_counter() - background.started
+        try:
+            with self.console.status(f"{stage}: waiting for the second process (its log: {background.log_path})"):
+                code = background.process.wait()
+        except BaseException as exc:  # Ctrl-C: the row says where the run stopped (the caller stops the process)
+            self._record_stage(stage, self.hashes[stage], None, "failed", time.perf_counter() - background.started,
+                               f"{type(exc).__name__} while waiting for the second process")
+            self._register_run(status=f"failed at {stage}")
+            raise
+        seconds = time.perf_counter() - background.started  # that process's wall time, its waits included
         if code == 0:
             result = self._stage(stage, run=True, force=False, made_elsewhere=seconds)
             summary = result.summary if result is not None else {}
@@ -407,12 +419,14 @@ class AuditRunner:
                            f"here, from where it stopped (its log: {background.log_path})[/yellow]", highlight=False)
         return self._stage(stage, run=True, force=False)
 
-    def run_detached(self, stage: str, force: bool = False, wait_for_training: bool = False) -> Path:
+    def run_detached(self, stage: str, force: bool = False, wait_for_training: bool = False,
+                     expect: Path | None = None) -> Path:
         """Make ``stage``'s artefact in this process without touching the database: the transfer stage,
         which ``audit run`` starts in a second process (``compute.overlap_transfer``); the ``audit run``
         that started it then finds the artefact done and loads its rows. ``wait_for_training``: the
         crosscoder is being trained by the process that started this one; the work that needs no
-        crosscoder is done first, then this process waits for the training to finish."""
+        crosscoder is done first, then this process waits for the training to finish. ``expect``: the
+        artefact folder the starting process will look in; another one here is an error."""
         from crosscoder.models import torch_threads
 
         if stage != "transfer":
@@ -426,6 +440,9 @@ class AuditRunner:
                                  "`audit run` first")
             self.artefacts[earlier] = folder
         folder = self._stage_folder(stage, self._hash_transfer())
+        if expect is not None and folder.resolve() != Path(expect).resolve():
+            raise StageError(stage, f"this process would write {folder}, but the run that started it expects {expect}: "
+                             "their settings differ (another --nproc, or the code changed in between)")
         if force and folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -954,12 +971,6 @@ class _progress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
-
-
-def _lower_priority() -> None:
-    """In a stage's second process: yield the CPU to the run's own process, whose stages are the ones
-    the run waits for (the second process has until they finish)."""
-    os.nice(BACKGROUND_NICENESS)
 
 
 def _python_path() -> str:

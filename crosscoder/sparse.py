@@ -78,7 +78,7 @@ def _top_flat_indices(scores_nD: Tensor, count: int) -> Tensor:
     rank = 2 * count * sample.numel() // total  # about twice ``count`` entries are expected to pass
     if 0 < rank < sample.numel():
         guess = torch.topk(sample, rank, sorted=False).values.min()
-        kept = torch.nonzero(flat >= guess).squeeze(1)
+        kept = torch.nonzero(~(flat < guess)).squeeze(1)  # not `>=`: a NaN must stay, as top-k ranks it first
         if kept.numel() >= count:
             return kept[torch.topk(flat[kept], count, sorted=False).indices]
     return torch.topk(flat, count, sorted=False).indices

@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from crosscoder.persona import extract_persona_vector, load_trait
+from crosscoder.persona import PersonaVector, extract_persona_vector, load_trait
 from crosscoder.transfer import random_direction_like, transfer_vector
 from evals.effects import trait_is_specific, transfer_holds
 from evals.prompts import load_prompt_set
@@ -48,7 +48,8 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
     persona: dict[tuple[str, str], object] = {}
     # First what needs no crosscoder, for every unfinished job: the extraction and the source model's
     # arm, which steers with the extracted vector itself (a transfer started in a second process does
-    # this while the crosscoder trains); then the crosscoder's part.
+    # this while the crosscoder trains); each job's source side is kept in its own files, so a rerun
+    # resumes it. Then the crosscoder's part.
     source_side: dict[tuple[str, str], tuple] = {}
     for name, direction in jobs:
         trait = load_trait(name)
@@ -56,16 +57,26 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
         if (folder / f"{stem}.json").is_file():
             continue
         source = "a" if direction == "a_to_b" else "b"
+        prompts = _eval_prompts(trait)[:t.max_prompts]
+        source_path = folder / f"{stem}-source.safetensors"
+        kept = folder / f"{stem}-source.json"
+        if kept.is_file() and source_path.is_file():
+            saved = json.loads(kept.read_text())
+            extracted = PersonaVector(trait.name, load_file(str(source_path))["source"], saved["n_answers"],
+                                      tuple(saved["answer_tokens"]), saved["examples"])
+            source_side[(name, direction)] = (extracted, prompts, saved["arms"])
+            continue
         if (name, source) not in persona:
             persona[(name, source)] = extract_persona_vector(runner.loaded_model(source), trait,
                                                              max_new_tokens=t.max_tokens, max_questions=t.max_questions)
         extracted = persona[(name, source)]
-        source_path = folder / f"{stem}-source.safetensors"
         save_file({"source": extracted.vector.contiguous()}, str(source_path))
-        prompts = _eval_prompts(trait)[:t.max_prompts]
         arms = run_arms(_entry(spec, source), source, None, source_path, {"source": ["source"]}, prompts,
                         trait.rubric, t, grader, runner.loaded_model(source), folder / "logs",
                         runner.coherence_meter(source, t.max_tokens))
+        _write_atomically(kept, json.dumps({"n_answers": extracted.n_answers,
+                                            "answer_tokens": list(extracted.answer_tokens),
+                                            "examples": extracted.examples, "arms": arms}, default=float))
         source_side[(name, direction)] = (extracted, prompts, arms)
     crosscoder = runner.crosscoder() if source_side else None
     for done, (name, direction) in enumerate(jobs):

@@ -458,13 +458,17 @@ def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run
     # another crosscoder seed: the second process starts after the harvest and waits for the training
     spec_path = write_spec(tmp_path, compute={"overlap_transfer": True}, crosscoder={"seed": 1},
                            transfer={"alphas": [-1.5, 0, 1.5]})
-    result = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run()
+    runner_b = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace)
+    here = []
+    runner_b._compute_transfer = lambda folder: here.append(folder) or {}  # the run must not compute it itself
+    result = runner_b.run()
     stages = {r.stage: r for r in result.stages}
-    assert not stages["train"].cached
+    assert not stages["train"].cached and here == []
     assert not stages["transfer"].cached and stages["transfer"].seconds > 0
     assert stages["transfer"].summary["transfers"] == 1
     log = (result.run_dir / "transfer.log").read_text()
-    assert "transfer: done" in log
+    assert f"transfer: done ({stages['transfer'].artefact})" in log.replace("\n", "")
+    assert f"niceness {min(19, __import__('os').nice(0) + 10)}" in log
     rows = runner.db.rows("transfers", result.run_id)
     assert {r["arm"] for r in rows} == {"source", "transferred", "random_transferred", "unrelated"}
     assert {point["alpha"] for point in json.loads(rows[0]["curve"])} == {-1.5, 0.0, 1.5}
@@ -506,16 +510,25 @@ def test_a_failed_second_process_leaves_the_stage_to_the_run_itself(first_run, t
     assert BackgroundStage("transfer", process, log_path, 0.0).log_tail(1) == ["out of memory"]
 
 
-def test_the_second_process_runs_at_a_lower_priority():
+@pytest.mark.skipif(not hasattr(__import__("os"), "nice"), reason="no process priorities on this OS")
+def test_the_second_process_lowers_its_own_priority():
     import os
     import subprocess
     import sys
 
     from audit.runner import BACKGROUND_NICENESS
 
-    code = "import os; from audit.runner import _lower_priority; _lower_priority(); print(os.nice(0))"
+    code = "import os; from audit.launch import lower_priority; lower_priority(); print(os.nice(0))"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(child.stdout) == min(19, os.nice(0) + BACKGROUND_NICENESS)
+
+
+def test_a_second_process_with_other_settings_stops_before_any_work(first_run, workspace, tmp_path):
+    runner, _ = first_run
+    other = AuditRunner(runner.spec, workspace=workspace)
+    with pytest.raises(StageError, match="expects .*settings differ"):
+        other.run_detached("transfer", expect=tmp_path / "cache" / "transfer-0000")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_transfer_waiting_for_the_training_stops_when_its_parent_has_gone(first_run, tmp_path):
@@ -531,3 +544,24 @@ def test_a_transfer_waiting_for_the_training_stops_when_its_parent_has_gone(firs
     threading.Timer(0.2, lambda: (tmp_path / "train" / "done.json").write_text("{}")).start()
     waiting._wait_for_training(parent=os.getppid(), poll_s=0.01)  # returns once the training is done
     assert (tmp_path / "train" / "done.json").is_file()
+
+
+def test_an_interrupted_transfer_keeps_its_source_side_and_resumes_from_it(first_run, tmp_path, monkeypatch):
+    import evals.transfer_stage as transfer_stage
+
+    runner, _ = first_run
+    real_crosscoder = runner.crosscoder
+
+    def interrupted():
+        raise KeyboardInterrupt  # as if stopped while waiting for the training
+
+    monkeypatch.setattr(runner, "crosscoder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        transfer_stage.run_transfer(runner, tmp_path, lambda done, total: None)
+    assert (tmp_path / "zoo_sentiment-a_to_b-source.json").is_file()
+    monkeypatch.setattr(runner, "crosscoder", real_crosscoder)
+    monkeypatch.setattr(transfer_stage, "extract_persona_vector", lambda *a, **k: pytest.fail("extracted again"))
+    rows = transfer_stage.run_transfer(runner, tmp_path, lambda done, total: None)
+    assert {r["arm"] for r in rows} == {"source", "transferred", "random_transferred", "unrelated"}
+    source = next(r for r in rows if r["arm"] == "source")
+    assert source["extraction"]["n_answers"] > 0 and source["generations"]

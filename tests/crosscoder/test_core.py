@@ -86,7 +86,7 @@ def test_batch_topk_is_exact_when_one_row_dominates():
     assert entries.rows.numel() == 256 and bool((entries.rows == 0).all())
 
 
-@pytest.mark.parametrize("layout", ["random", "sample-heavy", "sample-light", "duplicated rows"])
+@pytest.mark.parametrize("layout", ["random", "sample-heavy", "sample-light", "duplicated rows", "NaN"])
 def test_the_sampled_cut_keeps_what_a_flat_topk_keeps(layout):
     from crosscoder.sparse import _SAMPLE_STRIDE, _top_flat_indices
 
@@ -100,11 +100,16 @@ def test_the_sampled_cut_keeps_what_a_flat_topk_keeps(layout):
         flat[::_SAMPLE_STRIDE] -= 10.0
     elif layout == "duplicated rows":  # ties at the cut
         scores[64:] = scores[:64]
+    elif layout == "NaN":  # a diverging step: top-k ranks NaN first, and so must the cut (off the sample here)
+        flat[1] = float("nan")
     count = 128 * 8
     picked = _top_flat_indices(scores, count)
     reference = torch.topk(flat, count).indices
     assert picked.numel() == count and picked.unique().numel() == count
-    assert torch.equal(flat[picked].sort().values, flat[reference].sort().values)
+    if layout == "NaN":
+        assert 1 in set(picked.tolist())
+    else:
+        assert torch.equal(flat[picked].sort().values, flat[reference].sort().values)
     if layout != "duplicated rows":
         assert set(picked.tolist()) == set(reference.tolist())
 
