@@ -41,6 +41,9 @@ from .spec import AuditSpec, harvest_settings
 from .store import AuditStore, process_host
 
 STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "transfer", "report")
+#: The earlier stages whose artefacts a stage reads, where that is not all of them: a transfer moves a
+#: direction through the crosscoder and needs nothing of analyse, screen or verify.
+STAGE_INPUTS = {"transfer": ("harvest", "train")}
 RUNNER_VERSION = "1"
 EVAL_PAIRS = 20_000
 #: Verify sweeps run together in one Inspect eval (one model): larger generation batches, and an
@@ -285,7 +288,8 @@ class AuditRunner:
             self._missing.append(stage)
             return None
         else:
-            needed = [s for s in self._missing if s not in ("validate", "models")]
+            inputs = STAGE_INPUTS.get(stage)  # None: every stage before it
+            needed = [s for s in self._missing if s not in ("validate", "models") and (inputs is None or s in inputs)]
             if needed:
                 raise StageError(stage, f"needs the {', '.join(needed)} stage(s), which are not in the cache for "
                                  "these settings; run without --only/--from first")

@@ -565,3 +565,15 @@ def test_an_interrupted_transfer_keeps_its_source_side_and_resumes_from_it(first
     assert {r["arm"] for r in rows} == {"source", "transferred", "random_transferred", "unrelated"}
     source = next(r for r in rows if r["arm"] == "source")
     assert source["extraction"]["n_answers"] > 0 and source["generations"]
+
+
+def test_only_transfer_needs_the_training_not_the_verify_stage(first_run, workspace, tmp_path):
+    # verify's settings changed (not in the cache) and so did the transfer's: --only transfer still runs
+    spec_path = write_spec(tmp_path, verify={"alphas": [-0.25, 0, 0.25]}, transfer={"alphas": [-0.75, 0, 0.75]})
+    runner = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace)
+    result = runner.run(only="transfer")
+    assert [(r.stage, r.cached) for r in result.stages if r.stage in ("train", "transfer")] == \
+        [("train", True), ("transfer", False)]
+    assert {json.loads(r["curve"])[0]["alpha"] for r in runner.db.rows("transfers", result.run_id)} == {-0.75}
+    with pytest.raises(StageError, match="needs the verify stage"):
+        runner.run(only="report")
