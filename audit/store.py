@@ -193,8 +193,7 @@ class AuditStore:
             try:
                 con.execute(f"DELETE FROM {table} WHERE {' AND '.join(conditions)}", params)
                 if values:
-                    placeholders = ", ".join("?" for _ in columns)
-                    con.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", values)
+                    _insert(con, table, columns, values)
                 con.execute("COMMIT")
             except Exception:
                 con.execute("ROLLBACK")
@@ -229,6 +228,30 @@ class AuditStore:
 
 def _columns(table: str) -> list[str]:
     return [part.strip().split()[0] for part in TABLES[table].split(",") if part.strip()]
+
+
+# Below this many rows a parameterised insert is as fast; above it, DuckDB binds parameters row by row
+# (6,000 contexts: ~5 s) while an Arrow table goes in as one scan (~0.2 s).
+_BULK_ROWS = 64
+
+
+def _insert(con, table: str, columns: list[str], values: list[list[Any]]) -> None:
+    names = ", ".join(columns)
+    if len(values) >= _BULK_ROWS:
+        import pyarrow as pa
+
+        try:
+            incoming = pa.table({col: [row[i] for row in values] for i, col in enumerate(columns)})
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed Python types: let DuckDB cast each value
+            incoming = None
+        if incoming is not None:
+            con.register("_incoming_rows", incoming)
+            try:
+                con.execute(f"INSERT INTO {table} ({names}) SELECT * FROM _incoming_rows")
+            finally:
+                con.unregister("_incoming_rows")
+            return
+    con.executemany(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})", values)
 
 
 def _cell(value: Any) -> Any:

@@ -29,6 +29,41 @@ def test_replace_rows_is_idempotent_and_scoped_to_the_run(tmp_path):
         assert con.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)]
 
 
+def test_bulk_writes_store_what_row_by_row_writes_store(tmp_path, monkeypatch):
+    import datetime
+
+    import audit.store
+
+    rows = [{"feature": i, "partition": "ab"[i % 2], "frequency": i if i % 3 else i + 0.5,  # ints and floats mixed
+             "exclusivity": float("nan") if i % 5 == 0 else i / 7, "is_artefact": i % 4 == 0,
+             "top_tokens": [["tok", i]], "s_max": None, "artefact_reasons": None if i % 2 else "chat"}
+            for i in range(3 * audit.store._BULK_ROWS)]
+    stages = [{"stage": f"s{i}", "finished_at": datetime.datetime(2026, 1, 1, 0, 0, i % 60), "seconds": i}
+              for i in range(audit.store._BULK_ROWS)]
+    bulk = AuditStore(tmp_path / "bulk.duckdb")
+    bulk.replace_rows("features", "r1", rows)
+    bulk.replace_rows("stages", "r1", stages)
+    monkeypatch.setattr(audit.store, "_BULK_ROWS", 10**9)
+    single = AuditStore(tmp_path / "single.duckdb")
+    single.replace_rows("features", "r1", rows)
+    single.replace_rows("stages", "r1", stages)
+    for table, order in (("features", "feature"), ("stages", "stage")):
+        assert bulk.rows(table, "r1", order=order) == single.rows(table, "r1", order=order)
+    assert bulk.rows("features", "r1", order="feature")[0]["exclusivity"] is None  # NaN is NULL either way
+
+
+def test_a_bulk_write_of_mixed_types_falls_back_to_casting_each_value(tmp_path):
+    import audit.store
+
+    db = AuditStore(tmp_path / "a.duckdb")
+    rows = [{"feature": i, "rank": 1, "text": "x" if i % 2 else 7} for i in range(audit.store._BULK_ROWS)]
+    db.replace_rows("contexts", "r1", rows)  # DuckDB casts 7 to '7' as it always did
+    assert {r["text"] for r in db.rows("contexts", "r1")} == {"x", "7"}
+    with pytest.raises(duckdb.Error):
+        db.replace_rows("contexts", "r1", [{"feature": "not a number", "rank": 1, "text": "bad"}] * 100)
+    assert len(db.rows("contexts", "r1")) == audit.store._BULK_ROWS  # the failed write changed nothing
+
+
 def test_a_failed_write_keeps_the_previous_rows(tmp_path):
     db = AuditStore(tmp_path / "a.duckdb")
     db.replace_rows("contexts", "r1", [{"feature": 1, "rank": 1, "text": "kept"}])
