@@ -126,6 +126,10 @@ def run(
         errors.print(f"finished stages are kept in {runner.cache}; fix the problem and rerun the same command "
                      f"(stages: {', '.join(STAGES)})", highlight=False, markup=False)
         raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+        errors.print(f"interrupted: finished work is kept in {runner.cache}; rerun the same command to resume",
+                     highlight=False, markup=False)
+        raise typer.Exit(code=130) from None
     view = Table(title=f"run {result.run_id}")
     for column in ("stage", "status", "seconds", "artefact"):
         view.add_column(column)
