@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import typer
@@ -126,10 +125,6 @@ def run(
         errors.print(f"finished stages are kept in {runner.cache}; fix the problem and rerun the same command "
                      f"(stages: {', '.join(STAGES)})", highlight=False, markup=False)
         raise typer.Exit(code=1) from None
-    except KeyboardInterrupt:  # typer would turn it into a silent exit 130
-        errors.print(f"interrupted: finished work is kept in {runner.cache}; rerun the same command to resume",
-                     highlight=False, markup=False)
-        raise typer.Exit(code=130) from None
     view = Table(title=f"run {result.run_id}")
     for column in ("stage", "status", "seconds", "artefact"):
         view.add_column(column)
@@ -480,9 +475,10 @@ def bench_align(
 def main() -> None:
     try:
         app()
-    except KeyboardInterrupt:
-        errors.print("interrupted: finished artefacts are kept; rerun the same command to resume")
-        sys.exit(130)
+    except SystemExit as exc:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
+        if exc.code == 130:
+            errors.print("interrupted: finished work is kept; rerun the same command to resume")
+        raise
 
 
 if __name__ == "__main__":

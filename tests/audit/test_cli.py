@@ -69,14 +69,20 @@ def test_a_run_whose_process_is_gone_is_shown_as_interrupted(tmp_path):
     assert listed.exit_code == 0 and "interrupted" in listed.output
 
 
-def test_an_interrupted_run_says_that_its_work_is_kept(tmp_path, monkeypatch):
+def test_an_interrupted_command_says_that_its_work_is_kept(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    import audit.cli
     import audit.runner
 
     def interrupted(self, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C mid-stage
 
     monkeypatch.setattr(audit.runner.AuditRunner, "run", interrupted)
-    result = CliRunner().invoke(app, ["run", "specs/demo.yaml", "--workspace", str(tmp_path)])
-    assert result.exit_code == 130
-    assert "interrupted: finished work is kept in" in words(result.output)
-    assert "rerun the same command to resume" in words(result.output)
+    monkeypatch.setattr(sys, "argv", ["audit", "run", "specs/demo.yaml", "--workspace", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        audit.cli.main()
+    assert exit_info.value.code == 130
+    assert "interrupted: finished work is kept; rerun the same command to resume" in words(capsys.readouterr().err)
