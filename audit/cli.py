@@ -129,7 +129,8 @@ def run(
     for column in ("stage", "status", "seconds", "artefact"):
         view.add_column(column)
     for r in result.stages:
-        view.add_row(r.stage, "cached" if r.cached else "done", f"{r.seconds:.1f}", str(r.artefact or ""))
+        status = "cached" if r.cached else "done alongside" if r.alongside else "done"  # alongside: a 2nd process
+        view.add_row(r.stage, status, f"{r.seconds:.1f}", str(r.artefact or ""))
     console.print(view)
     for path in result.report_paths:
         console.print(f"report: {path}", highlight=False)

@@ -140,6 +140,7 @@ class StageResult:
     cached: bool
     seconds: float
     summary: dict = field(default_factory=dict)
+    alongside: bool = False  # made by a second process while this one ran other stages
 
 
 @dataclass
@@ -333,13 +334,14 @@ class AuditRunner:
             loader = getattr(self, f"_load_{stage}", None)
             if loader is not None and (run or cached):
                 loader(folder, summary)
-        if cached and made_elsewhere is not None:
+        alongside = cached and made_elsewhere is not None
+        if alongside:
             cached, seconds = False, made_elsewhere
         self._record_stage(stage, input_hash, folder, "cached" if cached else "done", seconds,
                            json.dumps(summary, default=str)[:2000])
         if cached and run:
             self.console.print(f"[dim]{stage}: cached ({folder})[/dim]", highlight=False)
-        return StageResult(stage, input_hash, folder, cached, seconds, summary)
+        return StageResult(stage, input_hash, folder, cached, seconds, summary, alongside)
 
     # ---- a stage in a second process --------------------------------------------------------------
     def _transfer_start(self, first: int, force: bool) -> str | None:

@@ -464,7 +464,8 @@ def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run
     result = runner_b.run()
     stages = {r.stage: r for r in result.stages}
     assert not stages["train"].cached and here == []
-    assert not stages["transfer"].cached and stages["transfer"].seconds > 0
+    assert not stages["transfer"].cached and stages["transfer"].seconds > 0 and stages["transfer"].alongside
+    assert not any(r.alongside for r in result.stages if r.stage != "transfer")
     assert stages["transfer"].summary["transfers"] == 1
     log = (result.run_dir / "transfer.log").read_text()
     assert f"transfer: done ({stages['transfer'].artefact})" in log.replace("\n", "")
