@@ -266,7 +266,8 @@ class AuditRunner:
         self._register_run(status="finished")
         reports = [p for p in (self.run_dir / "report.html", self.run_dir / "report.md") if p.is_file()]
         _write_json(self.run_dir / "stages.json", {r.stage: {"hash": r.input_hash, "artefact": str(r.artefact),
-                                                            "cached": r.cached, "seconds": round(r.seconds, 2)}
+                                                            "cached": r.cached, "seconds": round(r.seconds, 2),
+                                                            "alongside": r.alongside}
                                                   for r in results})
         return RunResult(self.run_id, self.run_dir, results, reports, gate_failures)
 

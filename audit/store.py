@@ -246,10 +246,10 @@ def _insert(con, table: str, columns: list[str], values: list[list[Any]]) -> Non
             incoming = None
         if incoming is not None:
             con.register("_incoming_rows", incoming)
-            try:
-                con.execute(f"INSERT INTO {table} ({names}) SELECT * FROM _incoming_rows")
-            finally:
-                con.unregister("_incoming_rows")
+            # Not in a `finally`: after a failed insert the transaction is aborted and unregistering would
+            # raise an error of its own in place of the real one (the connection is closed anyway).
+            con.execute(f"INSERT INTO {table} ({names}) SELECT * FROM _incoming_rows")
+            con.unregister("_incoming_rows")
             return
     con.executemany(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})", values)
 

@@ -466,6 +466,8 @@ def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run
     assert not stages["train"].cached and here == []
     assert not stages["transfer"].cached and stages["transfer"].seconds > 0 and stages["transfer"].alongside
     assert not any(r.alongside for r in result.stages if r.stage != "transfer")
+    index = json.loads((result.run_dir / "stages.json").read_text())
+    assert index["transfer"]["alongside"] and not index["verify"]["alongside"]
     assert stages["transfer"].summary["transfers"] == 1
     log = (result.run_dir / "transfer.log").read_text()
     assert f"transfer: done ({stages['transfer'].artefact})" in log.replace("\n", "")
