@@ -703,7 +703,7 @@ class AuditRunner:
         if side not in self._loaded_models:
             from crosscoder.models import load_model
 
-            entry = self.spec.model_a if side == "a" else self.spec.model_b
+            entry = self.spec.model_entry(side)
             self._build_zoo_models()
             self._loaded_models[side] = load_model(entry.id, entry.layer, entry.revision, self.spec.compute.model_dtype,
                                                    self.device, entry.trust_remote_code, field=f"model_{side}",

@@ -127,9 +127,9 @@ class ComputeSpec(_Strict):
         default=None, ge=1, description="CPU threads while the screen, verify and transfer stages run the models "
         "and graders; default: torch's own")
     overlap_transfer: bool = Field(
-        default=False, description="run the transfer stage in a second process, started once the crosscoder is "
-        "trained, while analyse, screen and verify run in this one: faster where those leave a core idle (the "
-        "zoo on a CPU), but the second process loads both models again")
+        default=False, description="run the transfer stage in a second process, started after the harvest, while "
+        "training, analyse, screen and verify run in this one: faster where those leave a core idle (the zoo on "
+        "a CPU), but the second process loads both models again")
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(
         default=None, description="spread each model over all visible GPUs with accelerate (models too big for "
         "one device); with nproc 1 only")
@@ -287,6 +287,10 @@ class AuditSpec(_Strict):
             raise ValueError(f"crosscoder.train.batch_size ({self.crosscoder.train.batch_size}) must be a multiple "
                              f"of compute.nproc ({self.compute.nproc}): each rank takes an equal share")
         return self
+
+    def model_entry(self, side: str) -> ModelSpec:
+        """The spec of model ``side`` ("a" or "b")."""
+        return self.model_a if side == "a" else self.model_b
 
     def content_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), for keying stage artefacts.

@@ -21,6 +21,7 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -446,7 +447,9 @@ def check_url(url: str) -> None:
         raise CheckpointError(str(exc)) from exc
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: Any, indent: int | None = 2, default=None) -> None:
+    """``payload`` as JSON at ``path``, written to a temporary file first: a stopped process leaves the old
+    file or the new one, never half of one. ``default``: as ``json.dumps`` takes it."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(payload, indent=indent, sort_keys=True, default=default))
     os.replace(tmp, path)

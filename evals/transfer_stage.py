@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from crosscoder.model import write_json_atomic
 from crosscoder.persona import PersonaVector, extract_persona_vector, load_trait
 from crosscoder.transfer import random_direction_like, transfer_vector
 from evals.effects import trait_is_specific, transfer_holds
 from evals.prompts import load_prompt_set
 from evals.rubrics import load_rubric
 from evals.transfer import draw_key, run_arms
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _entry(spec, side: str):
-    return spec.model_a if side == "a" else spec.model_b
 
 
 def _eval_prompts(trait) -> list[str]:
@@ -71,12 +61,11 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
                                                              max_new_tokens=t.max_tokens, max_questions=t.max_questions)
         extracted = persona[(name, source)]
         save_file({"source": extracted.vector.contiguous()}, str(source_path))
-        arms = run_arms(_entry(spec, source), source, None, source_path, {"source": ["source"]}, prompts,
+        arms = run_arms(spec.model_entry(source), source, None, source_path, {"source": ["source"]}, prompts,
                         trait.rubric, t, grader, runner.loaded_model(source), folder / "logs",
                         runner.coherence_meter(source, t.max_tokens))
-        _write_atomically(kept, json.dumps({"n_answers": extracted.n_answers,
-                                            "answer_tokens": list(extracted.answer_tokens),
-                                            "examples": extracted.examples, "arms": arms}, default=float))
+        write_json_atomic(kept, {"n_answers": extracted.n_answers, "answer_tokens": list(extracted.answer_tokens),
+                                 "examples": extracted.examples, "arms": arms}, indent=None, default=float)
         source_side[(name, direction)] = (extracted, prompts, arms)
     crosscoder = runner.crosscoder() if source_side else None
     for done, (name, direction) in enumerate(jobs):
@@ -105,7 +94,7 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
         target_arms = {"transferred": ["transferred"],
                        "random_transferred": [draw_key("random_transferred", i) for i in draws],
                        "unrelated": [draw_key("unrelated", i) for i in draws]}
-        arms = arms + run_arms(_entry(spec, target), target, checkpoint, target_path, target_arms, prompts,
+        arms = arms + run_arms(spec.model_entry(target), target, checkpoint, target_path, target_arms, prompts,
                                trait.rubric, t, grader, runner.loaded_model(target), folder / "logs",
                                runner.coherence_meter(target, t.max_tokens))
         by_arm = {a["arm"]: a for a in arms}
@@ -127,8 +116,8 @@ def run_transfer(runner, folder: Path, progress: Callable[[int, int], None]) -> 
                 "curve": arm["curve"], "draws": arm["draws"], "generations": arm["generations"],
                 "extraction": extraction,
             })
-        _write_atomically(out, json.dumps(job_rows, default=float))  # a stopped process leaves no half file
+        write_json_atomic(out, job_rows, indent=None, default=float)  # a stopped process leaves no half file
         rows += job_rows
         progress(done + 1, len(jobs))
-    _write_atomically(folder / "transfer.json", json.dumps(rows, default=float))
+    write_json_atomic(folder / "transfer.json", rows, indent=None, default=float)
     return rows

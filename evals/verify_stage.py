@@ -206,8 +206,8 @@ def _graded_sweeps(items: list[dict], alphas: list[float], spec, crosscoder_path
     sides = {item["own_model"] for item in items}
     if len(sides) != 1:
         raise ValueError(f"one eval steers one model; these features belong to models {sorted(sides)}")
-    entry = spec.model_a if items[0]["own_model"] == "a" else spec.model_b
-    steered = steered_model(entry, items[0]["own_model"], crosscoder_path, loaded_model)
+    side = items[0]["own_model"]
+    steered = steered_model(spec.model_entry(side), side, crosscoder_path, loaded_model)
     grader, meter, roles = grading(spec.verify.grader, coherence_meter)
     tasks = [_sweep_task(item, rubrics if rubrics is not None else item["rubrics"], alphas, spec, meter, grader)
              for item in items]
