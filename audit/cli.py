@@ -188,7 +188,7 @@ def _print_diff(result: dict) -> None:
             effect = f" (largest effect {f['best_effect']:.2f})" if f["best_effect"] is not None else ""
             console.print(Text(f"{title}: model {f['side'].upper()} feature {f['feature']}: "
                                f"{f['explanation'] or 'unexplained'}{effect}"))
-    concepts = Table(title="verified concepts")
+    concepts = Table(title="concepts: verified effects, and unsteered answers that moved")
     for column in ("side", "rubric", "status", "old run", "new run", "unsteered"):
         concepts.add_column(column, overflow="fold")  # rubric names are what users grep for: never cut
     for c in result.get("concepts", []):

@@ -81,6 +81,30 @@ def missing_artefacts(db: AuditStore, run_ids: Sequence[str]) -> list[str]:
     return out
 
 
+def platform_warnings(db: AuditStore, run_a: str, run_b: str) -> list[str]:
+    """A warning when the two runs' harvests or crosscoders were computed on different platforms
+    (``crosscoder.numerics``): then features can be new or vanished from rounding alone."""
+    from crosscoder.numerics import describe_platform
+
+    out = []
+    for stage in ("harvest", "train"):
+        found = [db.query("SELECT platform FROM stages WHERE run_id = ? AND stage = ?", [run_id, stage])
+                 for run_id in (run_a, run_b)]
+        records = [json.loads(rows[0]["platform"]) if rows and rows[0]["platform"] else None for rows in found]
+        if records[0] == records[1]:
+            continue
+        if None in records:
+            missing = (run_a, run_b)[records.index(None)]
+            out.append(f"run {missing}: where its {stage} stage was computed is not recorded (made by an older "
+                       f"version), so this diff cannot tell whether the two runs' arithmetic agrees")
+            continue
+        out.append(f"the two runs' {stage} stages were computed on different platforms ({describe_platform(records[0])} "
+                   f"vs {describe_platform(records[1])}): each rounds differently, and training turns that into "
+                   "another dictionary, so some new and vanished features may come from the arithmetic alone; "
+                   "rerun both on one machine to tell")
+    return out
+
+
 def _model_key(spec: dict, side: str) -> tuple:
     entry = spec[f"model_{side}"]
     return entry["id"], entry.get("revision"), entry["layer"]
@@ -252,7 +276,7 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
                                       "match_score": round(score, 3), "explanation_a": fa["explanation"],
                                       "explanation_b": fb["explanation"], "safety_a": fa["safety_critical"],
                                       "safety_b": fb["safety_critical"], "effect_changes": changes})
-    result["warnings"] = missing_artefacts(db, [run_a, run_b])
+    result["warnings"] = missing_artefacts(db, [run_a, run_b]) + platform_warnings(db, run_a, run_b)
     result["concepts"] = compare_concepts(db, run_a, run_b, spec_a, spec_b)
     result["gate_failures"] = diff_gate_failures(result, gates)
     db.insert_diff(f"{run_a}__{run_b}", run_a, run_b, result)
@@ -340,7 +364,23 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
             status = "vanished" if before else "new"
         out.append({"side": side, "rubric": rubric, "status": status, "baseline_old": baseline_old,
                     "baseline_new": baseline_new, "old": _concept_brief(before), "new": _concept_brief(after)})
+    # What the changed model does, whatever the dictionaries found: a rubric verified in neither run
+    # whose unsteered answers moved by a point or more (a dictionary is a draw; the answers are not).
+    covered = {(row["side"], row["rubric"]) for row in out}
+    for (model, rubric), baseline_old in sorted(base_old.items()):
+        baseline_new = base_new.get((model, rubric))
+        if model in unchanged or baseline_new is None or (model, rubric) in covered:
+            continue
+        if abs(baseline_new - baseline_old) >= MIN_EFFECT:
+            out.append({"side": model, "rubric": rubric, "baseline_old": baseline_old, "baseline_new": baseline_new,
+                        "status": UNSTEERED_VANISHED if baseline_new < baseline_old else UNSTEERED_NEW,
+                        "old": None, "new": None})
     return out
+
+
+#: Concept statuses read from the unsteered answers alone (no feature verified in either run).
+UNSTEERED_VANISHED = "vanished (unsteered answers)"
+UNSTEERED_NEW = "new (unsteered answers)"
 
 
 def _concept_brief(row: dict | None) -> dict | None:
@@ -390,6 +430,18 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
                 failures.append(f"gate {rule.rule}: {_side_name(concept['side'])} has a verified effect on "
                                 f"{concept['rubric']} {where} (feature {carrier['feature']}, effect "
                                 f"{carrier['effect']:+.2f}{unsteered})")
+        elif rule.rule == "behaviour_change":
+            for concept in result.get("concepts", []):
+                before, after = concept["baseline_old"], concept["baseline_new"]
+                if concept["side"] not in ("a", "b") or concept["status"] == "model unchanged" or None in (before, after):
+                    continue
+                row = {"partition": concept["side"], "rubric": concept["rubric"],  # no feature: nothing cleared
+                       "safety_critical": None}
+                if abs(after - before) < max(rule.min_effect, 1e-9) or not rule_matches(rule, row):
+                    continue
+                failures.append(f"gate behaviour_change: {_side_name(concept['side'])}'s unsteered answers on "
+                                f"{concept['rubric']}'s topic prompts moved {before:.2f} → {after:.2f} "
+                                f"({after - before:+.2f}; {concept['status']})")
         elif rule.rule == "effect_change":
             for c in result["changed"]:
                 for rubric, delta in c["effect_changes"].items():
@@ -412,7 +464,8 @@ def render_diff_markdown(result: dict) -> str:
     lines += ["## Verified concepts", "",
               "Per rubric and partition: the largest verified steering effect in each run, whichever feature "
               "carries it, and the steered model's unsteered score on the rubric's topic prompts (its baseline, "
-              "old → new).", "",
+              "old → new). Rows marked \"(unsteered answers)\" were verified in neither run: a changed model's "
+              "own answers moved by a point or more.", "",
               "| partition | rubric | status | old run | new run | baseline |", "|---|---|---|---|---|---|"]
     for c in result.get("concepts", []):
         lines.append(f"| {_side_name(c['side'])} | {c['rubric']} | {c['status']} | {_concept_cell(c['old'])} | "

@@ -306,6 +306,7 @@ class AuditRunner:
                 with torch_threads(self._stage_threads(stage)):
                     summary = compute(folder) or {}
                 if done is not None:  # inside the try: writing the marker can hit a full disk too
+                    summary = {**summary, "platform": self._platform()}
                     _write_json(done, summary)
             except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
                 message = f"{type(exc).__name__}: {exc}"[:2000]
@@ -339,7 +340,8 @@ class AuditRunner:
         if alongside:
             cached, seconds = False, made_elsewhere
         self._record_stage(stage, input_hash, folder, "cached" if cached else "done", seconds,
-                           json.dumps(summary, default=str)[:2000])
+                           json.dumps({k: v for k, v in summary.items() if k != "platform"}, default=str)[:2000],
+                           platform=summary.get("platform"))
         if cached and run:
             self.console.print(f"[dim]{stage}: cached ({folder})[/dim]", highlight=False)
         return StageResult(stage, input_hash, folder, cached, seconds, summary, alongside)
@@ -457,7 +459,7 @@ class AuditRunner:
             self._await_training = os.getppid()
         with torch_threads(self._stage_threads(stage)):
             summary = self._compute_transfer(folder)
-        _write_json(folder / "done.json", summary)
+        _write_json(folder / "done.json", {**summary, "platform": self._platform()})
         return folder
 
     def _wait_for_training(self, parent: int, poll_s: float = 0.5) -> None:
@@ -472,12 +474,19 @@ class AuditRunner:
                 raise StageError("transfer", "the audit run that trains the crosscoder has stopped; rerun it")
             time.sleep(poll_s)
 
-    def _record_stage(self, stage, input_hash, folder, status, seconds, message) -> None:
+    def _record_stage(self, stage, input_hash, folder, status, seconds, message, platform: dict | None = None) -> None:
         self.db.replace_rows("stages", self.run_id, [{
             # absolute: `audit diff` and `audit report` may run from another directory
             "stage": stage, "input_hash": input_hash, "artefact": str(folder.resolve()) if folder else None,
-            "status": status, "seconds": seconds, "finished_at": datetime.now(), "message": message}],
+            "status": status, "seconds": seconds, "finished_at": datetime.now(), "message": message,
+            "platform": json.dumps(platform) if platform else None}],
             where={"stage": stage})
+
+    def _platform(self) -> dict:
+        """Where this process computes (see ``crosscoder.numerics``): kept with each artefact it makes."""
+        from crosscoder.numerics import numerics_platform
+
+        return numerics_platform(self.device)  # --device overrides the spec's
 
     def _register_run(self, status: str) -> None:
         spec = self.spec

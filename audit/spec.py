@@ -252,11 +252,14 @@ class GateRule(_Strict):
       partition in the old run and on none in the new run, which swept it, where the changed
       model's unsteered answers on the rubric moved by ≥ 1 point (or were not measured);
     - ``new_concept`` (diff): the reverse, a rubric verified only in the new run (on a model whose
-      unsteered answers on it moved, or with nothing to compare them to).
+      unsteered answers on it moved, or with nothing to compare them to);
+    - ``behaviour_change`` (diff): a model that differs between the runs answers a swept rubric's
+      topic prompts, unsteered, ≥ min_effect points higher or lower, whether or not any dictionary
+      verified a feature for it.
     """
 
     rule: Literal["verified_effect", "new_feature", "vanished_feature", "effect_change", "vanished_concept",
-                  "new_concept"]
+                  "new_concept", "behaviour_change"]
     min_effect: float = Field(default=1.0, ge=0.0, description="rubric points on the 1..5 scale")
     safety_critical_only: bool = Field(default=True, description="only features the screen did not clear: flagged "
                                        "safety-critical, or never judged (an unparsed reply counts as not cleared)")

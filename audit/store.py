@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -35,7 +35,7 @@ TABLES: dict[str, str] = {
         crosscoder_path VARCHAR, report_path VARCHAR, pid INTEGER, host VARCHAR""",
     "stages": """
         run_id VARCHAR, stage VARCHAR, input_hash VARCHAR, artefact VARCHAR, status VARCHAR,
-        seconds DOUBLE, finished_at TIMESTAMP, message VARCHAR""",
+        seconds DOUBLE, finished_at TIMESTAMP, message VARCHAR, platform VARCHAR""",
     "crosscoder_metrics": """
         run_id VARCHAR, architecture VARCHAR, dict_size INTEGER, k INTEGER, n_a_only INTEGER,
         n_shared INTEGER, n_b_only INTEGER, fve_a DOUBLE, fve_b DOUBLE, mean_l0 DOUBLE,
@@ -88,6 +88,8 @@ MIGRATIONS: dict[int, list[str]] = {
     5: [],
     # 6: which process is writing a run (a run killed with -9 stays "running": `audit runs` checks it).
     6: ["ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER", "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR"],
+    # 7: where each stage's artefact was computed (``crosscoder.numerics``): another CPU rounds differently.
+    7: ["ALTER TABLE stages ADD COLUMN IF NOT EXISTS platform VARCHAR"],
 }
 
 

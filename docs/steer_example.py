@@ -4,8 +4,10 @@
         -M crosscoder=runs/cache/train-<hash>/checkpoint --max-tokens 48 \
         --extra-body '{"steer": {"feature": 934, "alpha": -1.5, "s_max": 5.87}}'
 
-Feature and ``s_max`` are those of the demo's B-exclusive state-narrative feature (``audit show RUN
-934`` prints them); the crosscoder is the demo's train stage folder. Without ``--extra-body`` the
+Feature and ``s_max`` are those of the B-exclusive state-narrative feature of the demo's dictionary on
+the first reference machine; another machine's dictionary can number its features differently and
+steer them to other effects (the README's "Reproducibility"): take the feature and its ``s_max``
+from your own report or ``audit show RUN FEATURE``. The crosscoder is the demo's train stage folder. Without ``--extra-body`` the
 model answers unsteered.
 """
 

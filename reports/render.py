@@ -286,9 +286,11 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         for v in row["verified_features"]:
             v["exclusivity"] = by_id.get(v["feature"], {}).get("exclusivity")
             v["is_artefact"] = bool(by_id.get(v["feature"], {}).get("is_artefact"))
+    platforms = computed_on(db, run_id)
     verified_artefacts = sorted({e["feature"] for e in effects if e["verified"]
                                  and by_id.get(e["feature"], {}).get("is_artefact")})
     return {
+        "platforms": platforms,
         "verified_artefacts": verified_artefacts,
         "baselines": baselines, "baseline_plot": baseline_plot(baselines),
         "known_answer": known, "found": [k for k in known if k["found"]],
@@ -307,6 +309,23 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "n_safety_offline": sum(bool(e["safety_critical"]) and (e["explainer"] or "").startswith("offline")
                                 for e in explanations.values()),
     }
+
+
+def computed_on(db, run_id: str) -> list[dict]:
+    """Where the run's stages were computed, one entry per platform with the stages it made, in
+    stage order (a cached stage: where its artefact was made; one made before platforms were
+    recorded: "not recorded")."""
+    from audit.runner import STAGES
+    from crosscoder.numerics import describe_platform
+
+    grouped: dict[str, list[str]] = {}
+    # stages with an artefact: those made before platforms were recorded say so
+    rows = db.query("SELECT stage, platform FROM stages WHERE run_id = ? AND artefact IS NOT NULL "
+                    "AND status IN ('done', 'cached')", [run_id])
+    for row in sorted(rows, key=lambda r: STAGES.index(r["stage"]) if r["stage"] in STAGES else len(STAGES)):
+        record = json.loads(row["platform"]) if row["platform"] else None
+        grouped.setdefault(describe_platform(record), []).append(row["stage"])
+    return [{"description": description, "stages": stages} for description, stages in grouped.items()]
 
 
 def why_not(effect: dict) -> list[str]:

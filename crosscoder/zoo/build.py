@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..numerics import kernel_identity, numerics_platform
 from . import world
 
 BUILD_FORMAT = "1"
@@ -149,7 +150,9 @@ def get_spec(name: str | ZooModelSpec) -> ZooModelSpec:
 def build_key(spec: ZooModelSpec) -> str:
     """``<name>-<hash>``: the hash covers every setting that shapes the result, and the code version."""
     settings = {k: v for k, v in spec.settings().items() if k != "description"}
-    payload = json.dumps({"spec": settings, "code": code_version()}, sort_keys=True)
+    # The CPU and its kernels too: another CPU rounds differently and trains other weights (the
+    # generated data does not depend on them, so its versions leave them out).
+    payload = json.dumps({"spec": settings, "code": code_version(), "kernels": kernel_identity()}, sort_keys=True)
     return f"{spec.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
@@ -498,6 +501,7 @@ def build_model(spec: ZooModelSpec, out_dir: Path, progress=None, threads: int |
         "key": build_key(spec),
         "format": BUILD_FORMAT,
         "code_version": code_version(),
+        "built_on": numerics_platform("cpu"),
         "spec": spec.settings(),
         "architecture": type(model).__name__,
         "n_params": sum(p.numel() for p in model.parameters()),

@@ -222,3 +222,61 @@ def test_the_verify_stages_unsteered_answers_decide_over_a_sweeps_alpha_zero_poi
                                               for kind, value in (("topic", score), ("control", 1.0))])
     concept = diff_runs(db, "v1", "v2")["concepts"][0]
     assert (concept["status"], concept["baseline_old"], concept["baseline_new"]) == ("not isolated", 4.5, 4.25)
+
+
+def test_runs_computed_on_different_platforms_get_a_warning(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**BOAST, "id": 3}])
+    add_run(db, "v2", "zoo:beta", [{**BOAST, "id": 4}])
+    amd = {"torch": "2.13.0", "machine": "x86_64", "cpu": "AMD EPYC", "cpu_kernels": "AVX2", "blas": "MKL"}
+    for run_id, train in (("v1", amd), ("v2", {**amd, "cpu": "Intel Xeon", "cpu_kernels": "AVX512"})):
+        db.replace_rows("stages", run_id, [{"stage": "harvest", "platform": json.dumps(amd)},
+                                           {"stage": "train", "platform": json.dumps(train)}])
+    warnings = [w for w in diff_runs(db, "v1", "v2")["warnings"] if "platforms" in w]
+    assert len(warnings) == 1  # the harvests agree; the trainings do not
+    assert "train stages were computed on different platforms (AMD EPYC (x86_64)" in warnings[0]
+    assert "vs Intel Xeon (x86_64), torch 2.13.0, CPU kernels AVX512, BLAS MKL)" in warnings[0]
+    assert "platforms" in render_diff_markdown(diff_runs(db, "v1", "v2"))
+    assert not [w for w in diff_runs(db, "v1", "v1")["warnings"] if "platforms" in w]
+    db.replace_rows("stages", "v2", [{"stage": "harvest", "platform": json.dumps(amd)}, {"stage": "train"}])
+    warnings = [w for w in diff_runs(db, "v1", "v2")["warnings"] if "computed" in w]
+    assert warnings == ["run v2: where its train stage was computed is not recorded (made by an older version), so "
+                        "this diff cannot tell whether the two runs' arithmetic agrees"]
+
+
+def _baseline_rows(model: str, rubric: str, scores: list[float]) -> list[dict]:
+    return [{"model": model, "rubric": rubric, "kind": "topic", "prompt": f"q{i}", "seed": 0, "behaviour": s,
+             "coherence": 5.0} for i, s in enumerate(scores)]
+
+
+def test_a_behaviour_the_changed_model_dropped_is_reported_even_when_no_dictionary_verified_it(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [])
+    add_run(db, "v2", "zoo:beta-v2", [])
+    for run_id, narrative in (("v1", [5, 4.5, 4.5]), ("v2", [1, 1, 1.3])):
+        db.replace_rows("baselines", run_id, _baseline_rows("b", "zoo_state_narrative", narrative)
+                        + _baseline_rows("b", "zoo_imbrel_expedition", [4.5, 4.5, 4.4])  # moved < 1 point
+                        + _baseline_rows("a", "zoo_exceptionalism", [5, 5, 5] if run_id == "v1" else [1, 1, 1]))
+    gates = [GateRule(rule="vanished_concept"), GateRule(rule="behaviour_change")]
+    result = diff_runs(db, "v1", "v2", gates)
+    # alpha is the same model in both runs: its rows say nothing about a change, whatever they show
+    assert [(c["side"], c["rubric"], c["status"]) for c in result["concepts"]] == [
+        ("b", "zoo_state_narrative", "vanished (unsteered answers)")]
+    assert result["gate_failures"] == ["gate behaviour_change: model B's unsteered answers on zoo_state_narrative's "
+                                       "topic prompts moved 4.67 → 1.10 (-3.57; vanished (unsteered answers))"]
+    assert "| model B | zoo_state_narrative | vanished (unsteered answers) | not verified | not verified | 4.67 → 1.10 |" \
+        in render_diff_markdown(result)
+    reverse = diff_runs(db, "v2", "v1", [GateRule(rule="behaviour_change", min_effect=4.0)])
+    assert [c["status"] for c in reverse["concepts"]] == ["new (unsteered answers)"]
+    assert reverse["gate_failures"] == []  # 3.57 points is under this rule's 4
+
+
+def test_behaviour_change_also_covers_verified_concepts_of_a_changed_model(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**NARRATIVE, "id": 500}])
+    add_run(db, "v2", "zoo:beta-v2", [{**NARRATIVE, "id": 501}])  # verified in both runs...
+    db.replace_rows("baselines", "v1", _baseline_rows("b", "zoo_state_narrative", [5, 5]))
+    db.replace_rows("baselines", "v2", _baseline_rows("b", "zoo_state_narrative", [3, 3]))  # ...but answered otherwise
+    result = diff_runs(db, "v1", "v2", [GateRule(rule="behaviour_change")])
+    assert [c["status"] for c in result["concepts"]] == ["kept"]
+    assert len(result["gate_failures"]) == 1 and "moved 5.00 → 3.00 (-2.00; kept)" in result["gate_failures"][0]

@@ -270,3 +270,29 @@ def test_numbers_that_round_to_zero_carry_no_minus_sign():
     assert number(-0.001, "{:+.2f}") == "+0.00" and number(-0.001, "{:.2f}") == "0.00"
     assert number(-0.5, "{:+.2f}") == "-0.50" and number(float("nan")) == "–" and number(None) == "–"
     assert number(float("inf"), "{:.2f}") == "–" and number(float("-inf"), "{:+.2f}") == "–"
+
+
+def test_the_report_says_where_each_stage_was_computed(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    here = {"torch": "2.13.0", "machine": "x86_64", "cpu": "AMD EPYC <b>", "cpu_kernels": "AVX2", "blas": "MKL"}
+    elsewhere = {**here, "cpu": "Intel Xeon", "cpu_kernels": "AVX512"}
+    db.replace_rows("stages", "r1", [
+        {"stage": "verify", "status": "done", "artefact": "v", "platform": json.dumps(here)},
+        {"stage": "harvest", "status": "cached", "artefact": "h", "platform": json.dumps(elsewhere)},
+        {"stage": "train", "status": "done", "artefact": "t", "platform": json.dumps(here)},
+        {"stage": "analyse", "status": "cached", "artefact": "a", "platform": None},  # made by an older version
+        {"stage": "screen", "status": "failed", "artefact": "s", "platform": None},  # nothing made: not listed
+        {"stage": "validate", "status": "done", "platform": None}])  # nothing computed: not listed
+    assert [p["stages"] for p in gather(db, "r1")["platforms"]] == [["harvest"], ["train", "verify"], ["analyse"]]
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    html = html_path.read_text()
+    assert "Computed on Intel Xeon (x86_64), torch 2.13.0, CPU kernels AVX512, BLAS MKL (harvest)" in html
+    assert "AMD EPYC &lt;b&gt; (x86_64)" in html and "(train, verify)" in html  # escaped like any recorded text
+    assert "This run's stages ran on\ndifferent platforms" in html
+    assert "Computed on a platform the version that made it did not record (analyse)" in html
+    md = md_path.read_text()
+    assert ("Computed on Intel Xeon \\(x86_64\\), torch 2.13.0, CPU kernels AVX512, BLAS MKL (harvest); AMD EPYC "
+            "\\<b\\> \\(x86_64\\), torch 2.13.0, CPU kernels AVX2, BLAS MKL (train, verify); a platform the version that "
+            "made it did not record (analyse). The stages ran") in md
+    assert "another dictionary.\n\n| FVE A |" in md

@@ -11,6 +11,7 @@ import yaml
 from audit.runner import STAGES, AuditRunner, StageError
 from audit.spec import load_spec
 from audit.store import AuditStore
+from crosscoder.numerics import numerics_platform
 
 SMALL = {
     "name": "tiny-demo",
@@ -68,6 +69,14 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     scores = db.rows("scores", result.run_id)
     generations = db.rows("generations", result.run_id)
     assert generations and len(scores) == 2 * len(generations)
+    # every stage that computes says where, in its artefact and in the store (the stage summary without it)
+    platforms = {s["stage"]: s["platform"] for s in db.rows("stages", result.run_id)}
+    assert platforms["validate"] is None and platforms["report"] is None
+    here = numerics_platform(runner.spec.compute.device)
+    for stage in ("models", "harvest", "train", "analyse", "screen", "verify", "transfer"):
+        assert json.loads(platforms[stage]) == here, stage
+        assert json.loads((runner.artefacts[stage] / "done.json").read_text())["platform"] == here
+    assert all("platform" not in (s["message"] or "") for s in db.rows("stages", result.run_id))
     assert {s["dimension"] for s in scores} == {"behaviour", "coherence"}
     assert all(s["grader"].startswith("offline") for s in scores)
     effects = db.rows("effects", result.run_id)
@@ -217,10 +226,10 @@ def test_a_full_disk_names_the_disk_keeps_finished_stages_and_resumes(first_run,
     # The store on the same full disk: recording the failure fails too, and the real error still surfaces.
     record = AuditRunner._record_stage
 
-    def store_full(self, stage, input_hash, folder, status, seconds, message):
+    def store_full(self, stage, input_hash, folder, status, seconds, message, platform=None):
         if status == "failed":
             raise OSError(errno.ENOSPC, "No space left on device", "audit.duckdb.wal")
-        return record(self, stage, input_hash, folder, status, seconds, message)
+        return record(self, stage, input_hash, folder, status, seconds, message, platform)
 
     monkeypatch.setattr(AuditRunner, "_record_stage", store_full)
     with pytest.raises(StageError, match=r"(?s)explanations\.json.*is full.*could not be recorded in .*audit\.duckdb"):
@@ -477,6 +486,9 @@ def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run
     assert {point["alpha"] for point in json.loads(rows[0]["curve"])} == {-1.5, 0.0, 1.5}
     status = {s["stage"]: s["status"] for s in runner.db.rows("stages", result.run_id)}
     assert status["transfer"] == "done"
+    made_by_child = json.loads((stages["transfer"].artefact / "done.json").read_text())["platform"]
+    assert made_by_child["torch"] and {s["stage"]: s["platform"] for s in runner.db.rows("stages", result.run_id)}[
+        "transfer"] == json.dumps(made_by_child)
 
 
 def test_no_second_process_when_nothing_would_run_beside_it(first_run, workspace, tmp_path):
