@@ -183,18 +183,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def _num_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def default_threads() -> int:
     """Torch threads for one build: ``$CROSSCODER_ZOO_THREADS``, else 1.
 
@@ -450,6 +438,8 @@ def build_model(spec: ZooModelSpec, out_dir: Path, progress=None, threads: int |
     import torch
     from transformers.utils import logging as hf_logging
 
+    from ..models import torch_threads
+
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -477,7 +467,7 @@ def build_model(spec: ZooModelSpec, out_dir: Path, progress=None, threads: int |
     advance(info="training")
 
     t = time.perf_counter()
-    with _num_threads(threads):
+    with torch_threads(threads):
         torch.manual_seed(spec.seed)
         model = make_model(spec, tokenizer)
 
