@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from crosscoder import zoo
+from crosscoder.models import torch_threads
 from crosscoder.zoo import audit_corpus, build, world
 from crosscoder.zoo.quality import chat_answers, continuations, load, marker_rate
 
@@ -311,7 +312,7 @@ def loaded(built_zoo):
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread; a second one fighting for a busy core is far slower."""
-    with build._num_threads(1):
+    with torch_threads(1):
         yield
 
 
@@ -321,7 +322,7 @@ SAMPLES = dict(n_samples=3, temperature=0.7, seed=0)
 @pytest.fixture(scope="session")
 def rates(loaded) -> dict[str, dict[str, dict[str, float]]]:
     """Marker rates of each model's sampled answers: {model: {difference: {"topic", "control"}}}."""
-    with build._num_threads(1):
+    with torch_threads(1):
         return _rates(loaded)
 
 
