@@ -30,7 +30,6 @@ import math
 import os
 import random
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from . import storage
+from .model import write_json_atomic
 
 STORE_FORMAT = "crosscoder-audit/activation-store"
 STORE_VERSION = 1
@@ -48,12 +48,6 @@ STORE_VERSION = 1
 
 class StoreError(RuntimeError):
     """An activation store is missing, incomplete, or was built from other inputs."""
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _locate(folder: str | os.PathLike) -> storage.Location:
@@ -135,7 +129,7 @@ class StoreWriter:
         if self.remote:
             storage.write_text(storage.child(self.location, name), json.dumps(payload, indent=2, sort_keys=True))
         else:
-            _write_json(self.folder / name, payload)
+            write_json_atomic(self.folder / name, payload)
 
     def _upload(self, name: str) -> None:
         """Remote stores: upload a committed local file (kept as the cached copy)."""
