@@ -278,6 +278,7 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
                                       "safety_b": fb["safety_critical"], "effect_changes": changes})
     result["warnings"] = missing_artefacts(db, [run_a, run_b]) + platform_warnings(db, run_a, run_b)
     result["concepts"] = compare_concepts(db, run_a, run_b, spec_a, spec_b)
+    result["behaviour"] = behaviour_changes(db, run_a, run_b, spec_a, spec_b)
     result["gate_failures"] = diff_gate_failures(result, gates)
     db.insert_diff(f"{run_a}__{run_b}", run_a, run_b, result)
     return result
@@ -326,7 +327,10 @@ def _baselines(db: AuditStore, run_id: str) -> dict[tuple[str, str], float]:
 
 
 def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_b: dict) -> list[dict]:
-    """Verified concepts of both runs, one row per (partition, rubric) verified in either.
+    """Verified concepts of both runs, one row per (partition, rubric) verified in either, then one row
+    per rubric verified in neither whose changed model's unsteered answers moved by ``MIN_EFFECT`` or
+    more (``UNSTEERED_VANISHED`` / ``UNSTEERED_NEW``). Each row says which model it is about and
+    whether that model differs between the runs (``model``, ``model_changed``).
 
     ``status``: ``kept`` (verified in both), ``vanished`` (verified in the old run only, and the new
     run swept the rubric), ``new`` (verified in the new run only), ``unmeasured`` (the new run's
@@ -363,7 +367,8 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
         else:
             status = "vanished" if before else "new"
         out.append({"side": side, "rubric": rubric, "status": status, "baseline_old": baseline_old,
-                    "baseline_new": baseline_new, "old": _concept_brief(before), "new": _concept_brief(after)})
+                    "baseline_new": baseline_new, "old": _concept_brief(before), "new": _concept_brief(after),
+                    "model": model, "model_changed": model not in unchanged})
     # What the changed model does, whatever the dictionaries found: a rubric verified in neither run
     # whose unsteered answers moved by a point or more (a dictionary is a draw; the answers are not).
     covered = {(row["side"], row["rubric"]) for row in out}
@@ -374,9 +379,22 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
         if abs(baseline_new - baseline_old) >= MIN_EFFECT:
             out.append({"side": model, "rubric": rubric, "baseline_old": baseline_old, "baseline_new": baseline_new,
                         "status": UNSTEERED_VANISHED if baseline_new < baseline_old else UNSTEERED_NEW,
-                        "old": None, "new": None})
+                        "old": None, "new": None, "model": model, "model_changed": True})
     return out
 
+
+def behaviour_changes(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_b: dict) -> list[dict]:
+    """Every rubric both runs measured on a model that differs between them: its unsteered score on
+    the rubric's topic prompts, old and new (what the ``behaviour_change`` gate reads)."""
+    base_old, base_new = _baselines(db, run_a), _baselines(db, run_b)
+    return [{"model": model, "rubric": rubric, "baseline_old": before, "baseline_new": base_new[(model, rubric)],
+             "change": base_new[(model, rubric)] - before}
+            for (model, rubric), before in sorted(base_old.items())
+            if (model, rubric) in base_new and _model_key(spec_a, model) != _model_key(spec_b, model)]
+
+
+#: Below this a change of a mean grade is two gradings' last bits, not a behaviour (they differ ~1e-16).
+BEHAVIOUR_NOISE = 1e-6
 
 #: Concept statuses read from the unsteered answers alone (no feature verified in either run).
 UNSTEERED_VANISHED = "vanished (unsteered answers)"
@@ -417,7 +435,7 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
             status = "vanished" if rule.rule == "vanished_concept" else "new"
             for concept in result.get("concepts", []):
                 carrier = concept["old"] if status == "vanished" else concept["new"]
-                if concept["status"] != status or abs(carrier["effect"]) < rule.min_effect:
+                if concept["status"] != status or carrier is None or abs(carrier["effect"]) < rule.min_effect:
                     continue
                 row = {"partition": concept["side"], "safety_critical": carrier["safety_critical"],
                        "rubric": concept["rubric"]}
@@ -431,17 +449,17 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
                                 f"{concept['rubric']} {where} (feature {carrier['feature']}, effect "
                                 f"{carrier['effect']:+.2f}{unsteered})")
         elif rule.rule == "behaviour_change":
-            for concept in result.get("concepts", []):
-                before, after = concept["baseline_old"], concept["baseline_new"]
-                if concept["side"] not in ("a", "b") or concept["status"] == "model unchanged" or None in (before, after):
+            statuses = {(c["side"], c["rubric"]): c["status"] for c in result.get("concepts", [])}
+            for change in result.get("behaviour", []):
+                # min_effect 0: any move, but not the last-bit noise of two gradings
+                if abs(change["change"]) < max(rule.min_effect, BEHAVIOUR_NOISE):
                     continue
-                row = {"partition": concept["side"], "rubric": concept["rubric"],  # no feature: nothing cleared
-                       "safety_critical": None}
-                if abs(after - before) < max(rule.min_effect, 1e-9) or not rule_matches(rule, row):
+                if (rule.side != "any" and change["model"] != rule.side) or rule.rubric not in (None, change["rubric"]):
                     continue
-                failures.append(f"gate behaviour_change: {_side_name(concept['side'])}'s unsteered answers on "
-                                f"{concept['rubric']}'s topic prompts moved {before:.2f} → {after:.2f} "
-                                f"({after - before:+.2f}; {concept['status']})")
+                status = statuses.get((change["model"], change["rubric"]), "verified in neither run")
+                failures.append(f"gate behaviour_change: {_side_name(change['model'])}'s unsteered answers on "
+                                f"{change['rubric']}'s topic prompts moved {change['baseline_old']:.2f} → "
+                                f"{change['baseline_new']:.2f} ({change['change']:+.2f}; {status})")
         elif rule.rule == "effect_change":
             for c in result["changed"]:
                 for rubric, delta in c["effect_changes"].items():
@@ -461,7 +479,7 @@ def render_diff_markdown(result: dict) -> str:
     """What changed, most robust first: verified concepts, the gates, then the feature lists."""
     lines = [f"# Audit diff: {result['run_a']} → {result['run_b']}", ""]
     lines += [f"> warning: {_md(w)}" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
-    lines += ["## Verified concepts", "",
+    lines += ["## Concepts", "",
               "Per rubric and partition: the largest verified steering effect in each run, whichever feature "
               "carries it, and the steered model's unsteered score on the rubric's topic prompts (its baseline, "
               "old → new). Rows marked \"(unsteered answers)\" were verified in neither run: a changed model's "

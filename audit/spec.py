@@ -253,9 +253,10 @@ class GateRule(_Strict):
       model's unsteered answers on the rubric moved by ≥ 1 point (or were not measured);
     - ``new_concept`` (diff): the reverse, a rubric verified only in the new run (on a model whose
       unsteered answers on it moved, or with nothing to compare them to);
-    - ``behaviour_change`` (diff): a model that differs between the runs answers a swept rubric's
-      topic prompts, unsteered, ≥ min_effect points higher or lower, whether or not any dictionary
-      verified a feature for it.
+    - ``behaviour_change`` (diff): a model that differs between the runs answers a rubric's topic
+      prompts (swept by both runs), unsteered, ≥ min_effect points higher or lower, whether or not
+      any dictionary verified a feature for it (no feature is involved, so ``safety_critical_only``
+      and ``require_verified`` do not apply; ``side`` and ``rubric`` do).
     """
 
     rule: Literal["verified_effect", "new_feature", "vanished_feature", "effect_change", "vanished_concept",

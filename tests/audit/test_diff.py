@@ -280,3 +280,21 @@ def test_behaviour_change_also_covers_verified_concepts_of_a_changed_model(tmp_p
     result = diff_runs(db, "v1", "v2", [GateRule(rule="behaviour_change")])
     assert [c["status"] for c in result["concepts"]] == ["kept"]
     assert len(result["gate_failures"]) == 1 and "moved 5.00 → 3.00 (-2.00; kept)" in result["gate_failures"][0]
+
+
+def test_behaviour_change_ignores_an_unchanged_model_and_reads_small_thresholds_on_every_rubric(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**BOAST, "id": 3}])
+    add_run(db, "v2", "zoo:beta-v2", [{**BOAST, "id": 4}])  # alpha, verified in both runs, is the same model
+    db.replace_rows("baselines", "v1", _baseline_rows("a", "zoo_exceptionalism", [5, 5])
+                    + _baseline_rows("b", "zoo_imbrel_expedition", [4.5, 4.5]))
+    db.replace_rows("baselines", "v2", _baseline_rows("a", "zoo_exceptionalism", [3, 3])  # e.g. other prompts
+                    + _baseline_rows("b", "zoo_imbrel_expedition", [3.9, 3.9]))  # moved 0.6: no concept row
+    result = diff_runs(db, "v1", "v2", [GateRule(rule="behaviour_change", min_effect=0.5)])
+    assert [(c["rubric"], c["status"], c["model_changed"]) for c in result["concepts"]] == [
+        ("zoo_exceptionalism", "kept", False)]
+    assert result["gate_failures"] == ["gate behaviour_change: model B's unsteered answers on zoo_imbrel_expedition's "
+                                       "topic prompts moved 4.50 → 3.90 (-0.60; verified in neither run)"]
+    assert diff_runs(db, "v1", "v2", [GateRule(rule="behaviour_change")])["gate_failures"] == []  # 1 point
+    assert diff_runs(db, "v1", "v2", [GateRule(rule="behaviour_change", min_effect=0.5, side="a")])[
+        "gate_failures"] == []
