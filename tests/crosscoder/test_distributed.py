@@ -23,17 +23,24 @@ from crosscoder.synthetic import make_world
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def torchrun(job: str, args: dict, tmp_path: Path, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
     payload = tmp_path / f"{job}-{len(list(tmp_path.glob('*.args.json')))}.args.json"
     payload.write_text(json.dumps(args))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(WORKER), job, str(payload)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    for attempt in (1, 2):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+             str(WORKER), job, str(payload)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        # gloo sometimes aborts a rank as it exits, after an orderly barrier and destroy_process_group
+        # (about 1 full test run in 8 on 2 cores): that one library race is retried once; any other
+        # failure, or the same one twice, counts.
+        if result.returncode == 0 or attempt == 2 or TEARDOWN_ABORT not in result.stderr:
+            break
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun {job} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
