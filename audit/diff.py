@@ -277,8 +277,7 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
                                       "explanation_b": fb["explanation"], "safety_a": fa["safety_critical"],
                                       "safety_b": fb["safety_critical"], "effect_changes": changes})
     result["warnings"] = missing_artefacts(db, [run_a, run_b]) + platform_warnings(db, run_a, run_b)
-    result["concepts"] = compare_concepts(db, run_a, run_b, spec_a, spec_b)
-    result["behaviour"] = behaviour_changes(db, run_a, run_b, spec_a, spec_b)
+    result["concepts"], result["behaviour"] = compare_concepts(db, run_a, run_b, spec_a, spec_b)
     result["gate_failures"] = diff_gate_failures(result, gates)
     db.insert_diff(f"{run_a}__{run_b}", run_a, run_b, result)
     return result
@@ -326,11 +325,13 @@ def _baselines(db: AuditStore, run_id: str) -> dict[tuple[str, str], float]:
     return {(r["own_model"], r["rubric"]): r["baseline"] for r in rows}
 
 
-def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_b: dict) -> list[dict]:
-    """Verified concepts of both runs, one row per (partition, rubric) verified in either, then one row
-    per rubric verified in neither whose changed model's unsteered answers moved by ``MIN_EFFECT`` or
-    more (``UNSTEERED_VANISHED`` / ``UNSTEERED_NEW``). Each row says which model it is about and
-    whether that model differs between the runs (``model``, ``model_changed``).
+def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_b: dict) -> tuple[list[dict], list[dict]]:
+    """The concept rows and the behaviour changes (``behaviour_changes``) of two runs.
+
+    Concept rows: verified concepts of both runs, one row per (partition, rubric) verified in
+    either, then one row per rubric verified in neither whose changed model's unsteered answers
+    moved by ``MIN_EFFECT`` or more (``UNSTEERED_VANISHED`` / ``UNSTEERED_NEW``). Each row says which
+    model it is about and whether that model differs between the runs (``model``, ``model_changed``).
 
     ``status``: ``kept`` (verified in both), ``vanished`` (verified in the old run only, and the new
     run swept the rubric), ``new`` (verified in the new run only), ``unmeasured`` (the new run's
@@ -372,25 +373,23 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
     # What the changed model does, whatever the dictionaries found: a rubric verified in neither run
     # whose unsteered answers moved by a point or more (a dictionary is a draw; the answers are not).
     covered = {(row["side"], row["rubric"]) for row in out}
-    for (model, rubric), baseline_old in sorted(base_old.items()):
-        baseline_new = base_new.get((model, rubric))
-        if model in unchanged or baseline_new is None or (model, rubric) in covered:
-            continue
-        if abs(baseline_new - baseline_old) >= MIN_EFFECT:
-            out.append({"side": model, "rubric": rubric, "baseline_old": baseline_old, "baseline_new": baseline_new,
-                        "status": UNSTEERED_VANISHED if baseline_new < baseline_old else UNSTEERED_NEW,
-                        "old": None, "new": None, "model": model, "model_changed": True})
-    return out
+    changes = behaviour_changes(base_old, base_new, unchanged)
+    for change in changes:
+        if (change["model"], change["rubric"]) not in covered and abs(change["change"]) >= MIN_EFFECT:
+            out.append({"side": change["model"], "rubric": change["rubric"], "baseline_old": change["baseline_old"],
+                        "baseline_new": change["baseline_new"],
+                        "status": UNSTEERED_VANISHED if change["change"] < 0 else UNSTEERED_NEW,
+                        "old": None, "new": None, "model": change["model"], "model_changed": True})
+    return out, changes
 
 
-def behaviour_changes(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_b: dict) -> list[dict]:
-    """Every rubric both runs measured on a model that differs between them: its unsteered score on
-    the rubric's topic prompts, old and new (what the ``behaviour_change`` gate reads)."""
-    base_old, base_new = _baselines(db, run_a), _baselines(db, run_b)
+def behaviour_changes(base_old: dict, base_new: dict, unchanged: set[str]) -> list[dict]:
+    """Every rubric both runs measured (``_baselines``) on a model not in ``unchanged``: its unsteered
+    score on the rubric's topic prompts, old and new (what the ``behaviour_change`` gate reads)."""
     return [{"model": model, "rubric": rubric, "baseline_old": before, "baseline_new": base_new[(model, rubric)],
              "change": base_new[(model, rubric)] - before}
             for (model, rubric), before in sorted(base_old.items())
-            if (model, rubric) in base_new and _model_key(spec_a, model) != _model_key(spec_b, model)]
+            if (model, rubric) in base_new and model not in unchanged]
 
 
 #: Below this a change of a mean grade is two gradings' last bits, not a behaviour (they differ ~1e-16).
