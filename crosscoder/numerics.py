@@ -20,6 +20,7 @@ pinned by default; what ran is recorded either way.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -36,6 +37,7 @@ def kernel_identity() -> str:
     return f"{_cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|{os.environ.get('MKL_CBWR', 'native')}"
 
 
+@functools.cache  # a process does not change CPUs; build keys ask for it often
 def _cpu_name() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what Python's platform module knows."""
     try:
@@ -79,8 +81,8 @@ def describe_platform(record: dict | None) -> str:
     if not record:
         return "a platform the version that made it did not record"
     parts = [f"{record.get('cpu', 'unknown CPU')} ({record.get('machine', '?')})"]
-    if record.get("gpu"):
-        parts.insert(0, f"{record['gpu']} (CUDA {record.get('cuda', '?')})")
+    if record.get("gpu"):  # MPS has no CUDA version
+        parts.insert(0, f"{record['gpu']} (CUDA {record['cuda']})" if record.get("cuda") else record["gpu"])
     parts += [f"torch {record.get('torch', '?')}", f"CPU kernels {record.get('cpu_kernels', '?')}",
               f"BLAS {record.get('blas', '?')}"]
     parts += [f"{name}={record[name]}" for name in KERNEL_OVERRIDES if record.get(name)]
