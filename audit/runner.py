@@ -40,10 +40,10 @@ from rich.progress import (
 from .spec import AuditSpec, harvest_settings
 from .store import AuditStore, process_host
 
-STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "transfer", "report")
+STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "stability", "transfer", "report")
 #: The earlier stages whose artefacts a stage reads, where that is not all of them: a transfer moves a
 #: direction through the crosscoder and needs nothing of analyse, screen or verify.
-STAGE_INPUTS = {"transfer": ("harvest", "train")}
+STAGE_INPUTS = {"stability": ("harvest", "train"), "transfer": ("harvest", "train")}
 RUNNER_VERSION = "1"
 EVAL_PAIRS = 20_000
 #: Verify sweeps run together in one Inspect eval (one model): larger generation batches, and an
@@ -104,6 +104,7 @@ STAGE_CODE = {  # the source files whose change should rerun a stage (its own lo
     "screen": ("evals/screen.py", "evals/screen_stage.py", "evals/offline.py", "evals/verify_stage.py"),
     "verify": ("evals/verify.py", "evals/verify_stage.py", "evals/effects.py", "evals/coherence.py",
                "evals/offline_grader.py", "evals/provider.py", "crosscoder/steering.py"),
+    "stability": ("crosscoder/stability.py", "crosscoder/metrics.py", "crosscoder/analysis.py"),
     "transfer": ("evals/transfer.py", "evals/transfer_stage.py", "crosscoder/transfer.py", "crosscoder/persona.py",
                  "evals/verify.py", "evals/verify_stage.py", "evals/effects.py", "evals/coherence.py",
                  "evals/offline_grader.py", "evals/provider.py", "crosscoder/steering.py"),
@@ -352,13 +353,14 @@ class AuditRunner:
 
         Only when the spec asks for it, the stage has work to do, and so has a stage it would overlap:
         training (a transfer's extraction and source-model arms need no crosscoder; its process waits
-        for the training before the rest), analyse, screen or verify. It starts after the harvest, or
-        after the training when ``--force`` retrains (the old checkpoint is deleted then).
+        for the training before the rest), analyse, screen, verify or the stability stage's trainings. It
+        starts after the harvest, or after the training when ``--force`` retrains (the old checkpoint is
+        deleted then).
         """
-        if not (self.spec.compute.overlap_transfer and self.spec.transfer.traits) or first > STAGES.index("verify"):
+        if not (self.spec.compute.overlap_transfer and self.spec.transfer.traits) or first > STAGES.index("stability"):
             return None
         try:  # the hashes are what the stages will compute (each is built from the one before it)
-            for stage in ("harvest", "train", "analyse", "screen", "verify", "transfer"):
+            for stage in ("harvest", "train", "analyse", "screen", "verify", "stability", "transfer"):
                 self.hashes[stage] = getattr(self, f"_hash_{stage}")()
         except Exception:  # noqa: BLE001 - e.g. a missing rubric file: the stage that reads it says so
             return None
@@ -373,7 +375,7 @@ class AuditRunner:
             return None  # the run stops at the missing training (--from after it): nothing to overlap
         if force:
             return "train" if train_runs else "harvest"
-        if done("transfer") or not (train_runs or not all(done(s) for s in ("analyse", "screen", "verify"))):
+        if done("transfer") or not (train_runs or not all(done(s) for s in ("analyse", "screen", "verify", "stability"))):
             return None
         return "harvest"
 
@@ -508,7 +510,7 @@ class AuditRunner:
     def _stage_threads(self, stage: str) -> int | None:
         """torch's CPU threads while ``stage`` runs (None: torch's own): ``compute.train_threads`` for
         training, ``compute.eval_threads`` for the stages that run the models and graders under Inspect."""
-        if stage == "train":
+        if stage in ("train", "stability"):
             return self.spec.compute.train_threads
         if stage in ("screen", "verify", "transfer"):
             return self.spec.compute.eval_threads
@@ -606,23 +608,34 @@ class AuditRunner:
         return ActivationStore(self.artefacts["harvest"] / "store")
 
     # ---- train ----------------------------------------------------------------------------------
-    def _hash_train(self) -> str:
+    def _crosscoder_spec(self, seed: int | None = None):
+        """The spec's crosscoder settings, or the same with another seed (the stability stage's)."""
+        settings = self.spec.crosscoder
+        return settings if seed is None else settings.model_copy(update={"seed": seed})
+
+    def _hash_train(self, seed: int | None = None) -> str:
         # Where and how often to checkpoint, and on how many ranks, does not change the result.
-        settings = self.spec.crosscoder.model_dump(mode="json", exclude={"train": {"checkpoint_every"}})
+        settings = self._crosscoder_spec(seed).model_dump(mode="json", exclude={"train": {"checkpoint_every"}})
         return _hash(self.hashes["harvest"], settings, self.spec.compute.train_dtype, RUNNER_VERSION,
                      _code_hash("train"))
 
     def _compute_train(self, folder: Path) -> dict:
+        return self._train_and_evaluate(folder, distributed=self.nproc > 1)
+
+    def _train_and_evaluate(self, folder: Path, seed: int | None = None, distributed: bool = False,
+                            stage: str = "train") -> dict:
+        """Train the spec's crosscoder (with ``seed`` in place of its own, when given) into ``folder``,
+        evaluate it on held-out pairs and write ``metrics.json``; its summary."""
         from crosscoder import TrainingDivergedError
         from crosscoder.metrics import evaluate
 
         store = self.store()
         try:
-            if self.nproc > 1:
+            if distributed:
                 self._launch("train")  # the ranks train; the call below then loads the finished model
-            model = self._train_into(folder, store, self.device)
+            model = self._train_into(folder, store, self.device, self._crosscoder_spec(seed))
         except TrainingDivergedError as exc:
-            raise StageError("train", f"{exc}\nthe last good checkpoint in {folder} is kept; lower crosscoder.lr "
+            raise StageError(stage, f"{exc}\nthe last good checkpoint in {folder} is kept; lower crosscoder.lr "
                              "or check the data, then rerun") from None
         x_a, x_b = store.sample(EVAL_PAIRS, seed=1)
         evaluation = evaluate(model.cpu() if str(model.W_enc_AD.device) != "cpu" else model, x_a, x_b)
@@ -692,12 +705,14 @@ class AuditRunner:
         self._train_into(self._stage_folder("train", self._hash_train()), self.store(),
                          rank_device(self.device or "cpu", current()))
 
-    def _train_into(self, folder: Path, store, device):
-        """Train this spec's crosscoder in ``folder/checkpoint`` (resuming, or loading it when finished)."""
+    def _train_into(self, folder: Path, store, device, settings=None):
+        """Train this spec's crosscoder (or ``settings``) in ``folder/checkpoint`` (resuming, or loading
+        it when finished)."""
         from crosscoder import train_crosscoder
 
-        kwargs = self.spec.crosscoder.train.train_kwargs(self.spec.compute) | {"device": device}
-        return train_crosscoder(self.spec.crosscoder.to_config(store.d_a, store.d_b), store,
+        settings = settings or self.spec.crosscoder
+        kwargs = settings.train.train_kwargs(self.spec.compute) | {"device": device}
+        return train_crosscoder(settings.to_config(store.d_a, store.d_b), store,
                                 checkpoint_dir=folder / "checkpoint", progress=True, **kwargs)
 
     # ---- analyse --------------------------------------------------------------------------------
@@ -867,6 +882,56 @@ class AuditRunner:
         self.db.replace_rows("scores", self.run_id, [s for r in results for s in r["scores"]])
         self.db.replace_rows("effects", self.run_id, [e for r in results for e in r["effects"]])
 
+    # ---- stability ------------------------------------------------------------------------------
+    def _hash_stability(self) -> str:
+        s = self.spec.stability
+        seeds = [self._hash_train(seed) for seed in s.seeds]  # each other dictionary, as the train stage keys it
+        return _hash(self.hashes["train"], seeds, s.threshold, self.spec.screen.top_n_standard,
+                     self.spec.screen.relative_norm_cut, RUNNER_VERSION, _code_hash("stability"))
+
+    def _compute_stability(self, folder: Path) -> dict:
+        """Train the crosscoder again with each of ``stability.seeds`` (each into the folder the train
+        stage would use for that seed, so a run with ``crosscoder.seed`` set to it finds it done, and an
+        interrupted training resumes) and say where each flagged exclusive feature recurs."""
+        from crosscoder import Crosscoder
+        from crosscoder.analysis import flagged_features
+        from crosscoder.stability import feature_recurrence, recurrence_summary
+
+        s = self.spec.stability
+        dictionaries, others = [], {}
+        for position, seed in enumerate(s.seeds, start=1):
+            seed_folder = self._stage_folder("train", self._hash_train(seed))
+            done = seed_folder / "done.json"
+            if not done.is_file():
+                self.console.print(f"stability: training the crosscoder with seed {seed} ({position} of "
+                                   f"{len(s.seeds)}) into {seed_folder}", highlight=False)
+                seed_folder.mkdir(parents=True, exist_ok=True)
+                summary = self._train_and_evaluate(seed_folder, seed=seed, stage="stability")
+                _write_json(done, {**summary, "platform": self._platform()})
+            metrics = json.loads((seed_folder / "metrics.json").read_text())
+            dictionaries.append({"seed": seed, "artefact": str(seed_folder.resolve()),
+                                 **{k: metrics[k] for k in ("fve_a", "fve_b", "mean_l0", "dead_fraction")}})
+            others[seed] = Crosscoder.load(seed_folder / "checkpoint", device="cpu")
+        main = Crosscoder.load(self.artefacts["train"] / "checkpoint", device="cpu")
+        flagged = flagged_features(main, self.spec.screen.top_n_standard, self.spec.screen.relative_norm_cut)
+        rows = feature_recurrence(main, flagged, others, s.threshold, self.spec.screen.relative_norm_cut)
+        summary = recurrence_summary(rows, list(s.seeds))
+        _write_json(folder / "stability.json", {"seeds": list(s.seeds), "threshold": s.threshold,
+                                                "dictionaries": dictionaries, "rows": rows, "summary": summary})
+        for side, counts in summary.items():
+            if s.seeds and counts["features"]:
+                self.console.print(
+                    f"{side.upper()}-exclusive: {counts['exclusive_in_all']} of {counts['features']} recur as "
+                    f"{side.upper()}-exclusive features in every other dictionary ({counts['exclusive_in_any']} in "
+                    f"at least one); {counts['shared_somewhere']} reappear under another partition; "
+                    f"{counts['absent_everywhere']} nowhere (decoder cosine ≥ {s.threshold})", highlight=False)
+        return {"seeds": len(s.seeds), **{f"{side}_{k}": v for side, c in summary.items() for k, v in c.items()}}
+
+    def _load_stability(self, folder: Path, summary: dict) -> None:
+        payload = json.loads((folder / "stability.json").read_text())
+        self.db.replace_rows("seed_dictionaries", self.run_id, payload["dictionaries"])
+        self.db.replace_rows("recurrence", self.run_id, payload["rows"])
+
     # ---- transfer -------------------------------------------------------------------------------
     def _hash_transfer(self) -> str:
         t = self.spec.transfer
@@ -901,7 +966,7 @@ class AuditRunner:
 
     # ---- report ---------------------------------------------------------------------------------
     def _hash_report(self) -> str:
-        return _hash(self.hashes["verify"], self.hashes["transfer"])
+        return _hash(self.hashes["verify"], self.hashes["stability"], self.hashes["transfer"])
 
     def _compute_report(self, _folder) -> dict:
         from reports.render import render_run

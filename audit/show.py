@@ -55,6 +55,11 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
     if reasons:
         console.print(Text("Likely artefact: " + "; ".join(reasons), style="yellow"))
     console.print(Text("Promoted tokens: " + ", ".join(json.loads(f["promoted_tokens"] or "[]"))))
+    recurrence = db.query("SELECT * FROM recurrence WHERE run_id = ? AND feature = ? ORDER BY seed", [run_id, feature])
+    if recurrence:
+        from reports.render import recurrence_details
+
+        console.print(Text("Other seeds: " + "; ".join(recurrence_details(recurrence))))
     for c in db.query("SELECT * FROM contexts WHERE run_id = ? AND feature = ? ORDER BY rank LIMIT 10", [run_id, feature]):
         line = Text(f"[{_num(c['activation'])}] ", style="dim")
         line.append_text(marked_text(c["text"]))

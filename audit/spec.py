@@ -213,6 +213,24 @@ class VerifySpec(_Strict):
     _alphas_have_zero = field_validator("alphas")(_alpha_grid)
 
 
+class StabilitySpec(_Strict):
+    """Seed stability (METHOD §5): train the same crosscoder again with each of ``seeds`` and say, per
+    flagged exclusive feature, whether its decoder direction recurs there, as an exclusive feature of
+    the same model or under the shared partition."""
+
+    seeds: list[int] = Field(default_factory=list, description="crosscoder seeds to train besides crosscoder.seed "
+                             "(each one more training of the same cost)")
+    threshold: float = Field(default=0.9, gt=0, le=1, description="decoder cosine at which two features are the same")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seed(s) {repeated} listed more than once")
+        return seeds
+
+
 class TransferSpec(_Strict):
     """Transfer stage: persona vectors moved between the models through the shared dictionary."""
 
@@ -281,6 +299,7 @@ class AuditSpec(_Strict):
     screen: ScreenSpec = ScreenSpec()
     verify: VerifySpec = VerifySpec()
     transfer: TransferSpec = TransferSpec()
+    stability: StabilitySpec = StabilitySpec()
     report: ReportSpec = ReportSpec()
     gates: list[GateRule] = Field(default_factory=list)
     compute: ComputeSpec = ComputeSpec()
@@ -290,6 +309,13 @@ class AuditSpec(_Strict):
         if self.crosscoder.train.batch_size % self.compute.nproc:
             raise ValueError(f"crosscoder.train.batch_size ({self.crosscoder.train.batch_size}) must be a multiple "
                              f"of compute.nproc ({self.compute.nproc}): each rank takes an equal share")
+        return self
+
+    @model_validator(mode="after")
+    def _other_seeds(self) -> AuditSpec:
+        if self.crosscoder.seed in self.stability.seeds:
+            raise ValueError(f"stability.seeds lists {self.crosscoder.seed}, the seed of the audited dictionary "
+                             "(crosscoder.seed): list only the other seeds to compare it with")
         return self
 
     def model_entry(self, side: str) -> ModelSpec:

@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -70,6 +70,13 @@ TABLES: dict[str, str] = {
         run_id VARCHAR, trait VARCHAR, direction VARCHAR, arm VARCHAR, spearman DOUBLE, effect DOUBLE,
         holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, cosines VARCHAR, max_decoder_cosine DOUBLE,
         curve VARCHAR, generations VARCHAR, extraction VARCHAR, draws VARCHAR, specific BOOLEAN""",
+    "seed_dictionaries": """
+        run_id VARCHAR, seed INTEGER, fve_a DOUBLE, fve_b DOUBLE, mean_l0 DOUBLE, dead_fraction DOUBLE,
+        artefact VARCHAR""",
+    "recurrence": """
+        run_id VARCHAR, feature INTEGER, own_model VARCHAR, seed INTEGER, status VARCHAR,
+        exclusive_feature INTEGER, exclusive_cosine DOUBLE, nearest_feature INTEGER, nearest_cosine DOUBLE,
+        nearest_partition VARCHAR""",
     "diffs": """
         diff_id VARCHAR PRIMARY KEY, run_a VARCHAR, run_b VARCHAR, created_at TIMESTAMP,
         summary VARCHAR""",
@@ -90,6 +97,9 @@ MIGRATIONS: dict[int, list[str]] = {
     6: ["ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER", "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR"],
     # 7: where each stage's artefact was computed (``crosscoder.numerics``): another CPU rounds differently.
     7: ["ALTER TABLE stages ADD COLUMN IF NOT EXISTS platform VARCHAR"],
+    # 8: seed stability (METHOD §5): the other seeds' dictionaries and where each flagged exclusive
+    # feature recurs in them (new tables, created by ``_ensure_schema``).
+    8: [],
 }
 
 

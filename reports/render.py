@@ -98,6 +98,69 @@ def exclusivity_plot(features: list[dict]) -> str | None:
     return _png(fig)
 
 
+def recurrence_plot(rows: list[dict]) -> str | None:
+    """Per flagged exclusive feature and other seed, the decoder cosine of its closest counterpart
+    there: exclusive to the same model, and of any partition."""
+    if not rows:
+        return None
+    same = [r["exclusive_cosine"] for r in rows if not _nan(r["exclusive_cosine"])]
+    anywhere = [r["nearest_cosine"] for r in rows if not _nan(r["nearest_cosine"])]
+    fig, ax = _figure()
+    bins = [i / 40 for i in range(-4, 41)]
+    ax.hist(anywhere, bins=bins, color="#b0b0b0", label="closest feature, any partition")
+    ax.hist(same, bins=bins, color="#4a8a5a", alpha=0.8, label="closest feature exclusive to the same model")
+    threshold = rows[0].get("threshold")
+    if threshold is not None:
+        ax.axvline(threshold, color="#c0392b", linestyle="--", linewidth=1)
+    ax.set_xlim(min([0.0, *same, *anywhere]), 1.0)
+    ax.set_xlabel("decoder cosine of the closest feature in another seed's dictionary")
+    ax.set_ylabel("exclusive features × seeds")
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+RECURRENCE_WORDS = {"exclusive": "exclusive", "shared": "shared", "other-exclusive": "the other model's",
+                    "absent": "absent"}
+
+
+def recurrence_label(rows: list[dict]) -> str:
+    """A short verdict over the other seeds, e.g. "exclusive 1/2, shared 1/2" ("" when not measured)."""
+    if not rows:
+        return ""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if counts.get("absent") == len(rows):
+        closest = max((r["nearest_cosine"] for r in rows if not _nan(r["nearest_cosine"])), default=None)
+        return (f"in none of {len(rows)} other seed{'s' if len(rows) > 1 else ''}"
+                + (f" (closest cosine {closest:.2f})" if closest is not None else ""))
+    return ", ".join(f"{RECURRENCE_WORDS.get(status, status)} {counts[status]}/{len(rows)}"
+                     for status in RECURRENCE_WORDS if status in counts and status != "absent")
+
+
+def recurrence_details(rows: list[dict]) -> list[str]:
+    """One phrase per other seed: where this feature's direction is in that dictionary."""
+    out = []
+    for r in rows:
+        side = (r["own_model"] or "?").upper()
+        same = (f"closest {side}-exclusive: {r['exclusive_feature']} ({r['exclusive_cosine']:.2f})"
+                if not _nan(r["exclusive_cosine"]) else f"no {side}-exclusive features")
+        nearest = {"a": "A-exclusive", "b": "B-exclusive"}.get(r["nearest_partition"], "shared")
+        if r["status"] == "exclusive":
+            out.append(f"seed {r['seed']}: recurs as {side}-exclusive feature {r['exclusive_feature']} "
+                       f"(cosine {r['exclusive_cosine']:.2f})")
+        elif r["status"] in ("shared", "other-exclusive"):
+            out.append(f"seed {r['seed']}: recurs as {nearest} feature {r['nearest_feature']} (cosine "
+                       f"{r['nearest_cosine']:.2f}); {same}")
+        elif r["nearest_feature"] == r["exclusive_feature"]:
+            out.append(f"seed {r['seed']}: not found (closest: {nearest} {r['nearest_feature']}, cosine "
+                       f"{r['nearest_cosine']:.2f})")
+        else:
+            out.append(f"seed {r['seed']}: not found (closest: {nearest} {r['nearest_feature']}, cosine "
+                       f"{r['nearest_cosine']:.2f}; {same})")
+    return out
+
+
 def baseline_plot(rows: list[dict]) -> str | None:
     """Each model's unsteered score per rubric on its topic prompts (bars) and control prompts (ticks)."""
     rows = [r for r in rows if r["a_topic"] is not None or r["b_topic"] is not None]
@@ -208,6 +271,10 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     graders = sorted({row["grader"] for row in db.query(
         "SELECT DISTINCT grader FROM scores WHERE run_id = ? AND grader IS NOT NULL", [run_id])})
     explainers = sorted({e["explainer"] for e in explanations.values() if e["explainer"]})
+    recurrence: dict[int, list[dict]] = {}
+    for r in db.rows("recurrence", run_id, order="feature, seed"):
+        recurrence.setdefault(r["feature"], []).append(r)
+    stability = stability_overview(db, run_id, spec, recurrence)
     detectors = sorted({e["detector"] for e in explanations.values() if e["detector"]})
 
     by_feature_effects: dict[int, list[dict]] = {}
@@ -229,6 +296,8 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
             "artefact_reasons": _json_list(f["artefact_reasons"]),
             "top_tokens": _json_list(f["top_tokens"]), "promoted": _json_list(f["promoted_tokens"]),
             "examples": _examples(generations, grades, f["feature"], best, examples_alpha),
+            "recurrence": recurrence_details(recurrence.get(f["feature"], [])),
+            "recurrence_label": recurrence_label(recurrence.get(f["feature"], [])),
         })
     cards.sort(key=lambda c: (
         not (c["best"] and c["best"]["verified"]),
@@ -286,11 +355,15 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         for v in row["verified_features"]:
             v["exclusivity"] = by_id.get(v["feature"], {}).get("exclusivity")
             v["is_artefact"] = bool(by_id.get(v["feature"], {}).get("is_artefact"))
+            v["recurrence"] = recurrence_label(recurrence.get(v["feature"], []))
+    for f in features:
+        f["recurrence_label"] = recurrence_label(recurrence.get(f["feature"], []))
     platforms = computed_on(db, run_id)
     verified_artefacts = sorted({e["feature"] for e in effects if e["verified"]
                                  and by_id.get(e["feature"], {}).get("is_artefact")})
     return {
         "platforms": platforms,
+        "stability": stability,
         "verified_artefacts": verified_artefacts,
         "baselines": baselines, "baseline_plot": baseline_plot(baselines),
         "known_answer": known, "found": [k for k in known if k["found"]],
@@ -309,6 +382,21 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "n_safety_offline": sum(bool(e["safety_critical"]) and (e["explainer"] or "").startswith("offline")
                                 for e in explanations.values()),
     }
+
+
+def stability_overview(db, run_id: str, spec: dict, recurrence: dict[int, list[dict]]) -> dict | None:
+    """The seed-stability section: the other seeds' dictionaries, per model how many flagged exclusive
+    features recur where, and the plot (None when the run trained no other seed)."""
+    dictionaries = db.rows("seed_dictionaries", run_id, order="seed")
+    if not dictionaries:
+        return None
+    from crosscoder.stability import recurrence_summary
+
+    threshold = (spec.get("stability") or {}).get("threshold", 0.9)
+    rows = [{**r, "threshold": threshold} for feature_rows in recurrence.values() for r in feature_rows]
+    seeds = [d["seed"] for d in dictionaries]
+    return {"dictionaries": dictionaries, "seeds": seeds, "threshold": threshold,
+            "summary": recurrence_summary(rows, seeds), "plot": recurrence_plot(rows)}
 
 
 def computed_on(db, run_id: str) -> list[dict]:

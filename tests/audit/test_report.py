@@ -260,7 +260,7 @@ def test_cards_show_each_answers_grades_and_the_known_answer_shows_exclusivity(t
     data = gather(db, "r1")
     narrative = next(k for k in data["known_answer"] if k["id"] == "state-narrative")
     assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "exclusivity": 0.0,
-                                               "is_artefact": False}]
+                                               "is_artefact": False, "recurrence": ""}]  # no other seed trained
     assert [k["id"] for k in data["found"]] == ["state-narrative"]
 
 
@@ -296,3 +296,40 @@ def test_the_report_says_where_each_stage_was_computed(tmp_path):
             "\\<b\\> \\(x86_64\\), torch 2.13.0, CPU kernels AVX2, BLAS MKL (train, verify); a platform the version that "
             "made it did not record (analyse). The stages ran") in md
     assert "another dictionary.\n\n| FVE A |" in md
+
+
+def test_seed_stability_is_a_section_a_card_line_and_a_column(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    assert gather(db, "r1")["stability"] is None  # no other seed trained: no section
+    db.replace_rows("seed_dictionaries", "r1", [{"seed": s, "fve_a": 0.8, "fve_b": 0.7, "mean_l0": 8.0,
+                                                 "dead_fraction": 0.0, "artefact": "x"} for s in (1, 2)])
+    row = {"own_model": "b", "exclusive_feature": 3, "exclusive_cosine": 0.41, "nearest_feature": 5,
+           "nearest_cosine": 0.62, "nearest_partition": "shared", "status": "absent"}
+    db.replace_rows("recurrence", "r1", [
+        {**row, "feature": 9, "seed": 1, "status": "exclusive", "exclusive_feature": 8, "exclusive_cosine": 0.97},
+        {**row, "feature": 9, "seed": 2, "status": "shared", "nearest_cosine": 0.93},
+        {**row, "feature": 7, "seed": 1}, {**row, "feature": 7, "seed": 2}])
+    data = gather(db, "r1")
+    stability = data["stability"]
+    assert stability["seeds"] == [1, 2] and stability["plot"].startswith("data:image/png;base64,")
+    assert stability["summary"]["b"] == {"features": 2, "exclusive_in_all": 0, "exclusive_in_any": 1,
+                                         "shared_somewhere": 1, "absent_everywhere": 1}
+    labels = {f["feature"]: f["recurrence_label"] for f in data["features"]}
+    assert labels == {9: "exclusive 1/2, shared 1/2", 7: "in none of 2 other seeds (closest cosine 0.62)"}
+    card = next(c for c in data["cards"] if c["feature"]["feature"] == 9)
+    assert card["recurrence"] == ["seed 1: recurs as B-exclusive feature 8 (cosine 0.97)",
+                                  "seed 2: recurs as shared feature 5 (cosine 0.93); closest B-exclusive: 3 (0.41)"]
+    html = render_run(db, "r1", tmp_path)[0].read_text()
+    assert 'id="seed-stability"' in html and "seed 2: recurs as shared feature 5" in html
+
+
+def test_a_feature_found_nowhere_names_its_closest_counterpart_once():
+    from reports.render import recurrence_details
+
+    row = {"own_model": "a", "seed": 4, "status": "absent", "exclusive_feature": 12, "exclusive_cosine": 0.5,
+           "nearest_feature": 12, "nearest_cosine": 0.5, "nearest_partition": "a"}
+    assert recurrence_details([row]) == ["seed 4: not found (closest: A-exclusive 12, cosine 0.50)"]
+    elsewhere = {**row, "nearest_feature": 40, "nearest_cosine": 0.8, "nearest_partition": "shared"}
+    assert recurrence_details([elsewhere]) == [
+        "seed 4: not found (closest: shared 40, cosine 0.80; closest A-exclusive: 12 (0.50))"]

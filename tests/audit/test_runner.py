@@ -27,6 +27,7 @@ SMALL = {
                "max_prompts": 2, "max_tokens": 12},
     "transfer": {"traits": ["zoo_sentiment"], "directions": ["a_to_b"], "alphas": [-1, 0, 1], "max_questions": 3,
                  "max_tokens": 12, "max_prompts": 3, "control_draws": 2},
+    "stability": {"seeds": [1]},
 }
 
 
@@ -73,7 +74,7 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     platforms = {s["stage"]: s["platform"] for s in db.rows("stages", result.run_id)}
     assert platforms["validate"] is None and platforms["report"] is None
     here = numerics_platform(runner.spec.compute.device)
-    for stage in ("models", "harvest", "train", "analyse", "screen", "verify", "transfer"):
+    for stage in ("models", "harvest", "train", "analyse", "screen", "verify", "stability", "transfer"):
         assert json.loads(platforms[stage]) == here, stage
         assert json.loads((runner.artefacts[stage] / "done.json").read_text())["platform"] == here
     assert all("platform" not in (s["message"] or "") for s in db.rows("stages", result.run_id))
@@ -125,6 +126,35 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     assert logs  # Inspect logs are kept, viewable with `inspect view`
 
 
+def test_seed_stability_compares_every_flagged_feature_with_the_other_seeds_dictionary(first_run, workspace, tmp_path):
+    runner, result = first_run
+    db = runner.db
+    features = {f["feature"]: f["own_model"] for f in db.rows("features", result.run_id)}
+    rows = db.rows("recurrence", result.run_id)
+    assert {r["feature"]: r["own_model"] for r in rows} == features and {r["seed"] for r in rows} == {1}
+    for r in rows:
+        assert r["status"] in ("exclusive", "shared", "absent") and -1 <= r["nearest_cosine"] <= 1 + 1e-6
+        assert r["nearest_cosine"] >= r["exclusive_cosine"] - 1e-6  # the closest of all is at least as close
+        assert (r["status"] == "exclusive") == (r["exclusive_cosine"] >= 0.9)
+    [other] = db.rows("seed_dictionaries", result.run_id)
+    assert other["seed"] == 1 and 0 < other["fve_a"] <= 1
+    # the other seed was trained where the train stage keeps seed 1's dictionary: a run of seed 1 finds it
+    spec_path = write_spec(tmp_path, crosscoder={"seed": 1}, stability={"seeds": [0]})
+    seed_one = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run(only="stability")
+    cached = {r.stage: r.cached for r in seed_one.stages}
+    assert cached["train"] and not cached["stability"]
+    assert next(r for r in seed_one.stages if r.stage == "stability").summary["seeds"] == 1
+    # recurrence is symmetric: if seed 0's f matches seed 1's g at cosine c, g's closest in seed 0 is ≥ c
+    matched = {r["exclusive_feature"] for r in rows if r["status"] == "exclusive"}
+    back = {r["feature"]: r["status"] for r in db.rows("recurrence", seed_one.run_id)}
+    assert set(back) == set(features)  # DFC partitions do not depend on the seed
+    assert all(back[g] == "exclusive" for g in matched)
+    # the report says it: a section, and each card's line
+    html = (result.run_dir / "report.html").read_text()
+    assert 'id="seed-stability"' in html and "Other seeds</a>: seed 1:" in html
+    assert "Seed stability (seed 1 trained besides the audited 0" in (result.run_dir / "report.md").read_text()
+
+
 def test_a_rerun_is_served_from_the_cache(first_run, workspace):
     runner, first = first_run
     again = AuditRunner(runner.spec, workspace=workspace).run()
@@ -139,7 +169,7 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(first_run, workspace, 
     assert result.run_id != first.run_id
     cached = {r.stage: r.cached for r in result.stages}
     assert cached == {"validate": False, "models": True, "harvest": True, "train": True, "analyse": True,
-                      "screen": True, "verify": False, "transfer": True, "report": False}
+                      "screen": True, "verify": False, "stability": True, "transfer": True, "report": False}
     alphas = {g["alpha"] for g in runner.db.rows("generations", result.run_id)}
     assert alphas == {-2.0, 0.0, 2.0}
     # The first run's rows are untouched.
@@ -465,7 +495,8 @@ def test_force_retrains_from_scratch_rather_than_resuming_the_finished_checkpoin
 def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run, workspace, tmp_path):
     runner, first = first_run
     # another crosscoder seed: the second process starts after the harvest and waits for the training
-    spec_path = write_spec(tmp_path, compute={"overlap_transfer": True}, crosscoder={"seed": 1},
+    # (seed 1 is the first run's stability seed, already trained: this one is not)
+    spec_path = write_spec(tmp_path, compute={"overlap_transfer": True}, crosscoder={"seed": 3},
                            transfer={"alphas": [-1.5, 0, 1.5]})
     runner_b = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace)
     here = []
