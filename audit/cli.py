@@ -100,7 +100,7 @@ def run(
     nproc: int | None = typer.Option(None, min=1, help="processes (one per GPU) for harvest and training, under "
                                      "torchrun (default: the spec's compute.nproc)"),
 ) -> None:
-    """Run an audit end to end: validate → models → harvest → train → analyse → screen → verify → transfer → report."""
+    """Run an audit end to end: validate → models → harvest → train → stability → analyse → screen → verify → transfer → report."""
     from transformers.utils import logging as hf_logging
 
     from .runner import STAGES, AuditRunner, StageError
@@ -183,11 +183,18 @@ def _print_diff(result: dict) -> None:
         view.add_row(side.upper(), s["method"], f"{s['features_a']} → {s['features_b']}", str(s["matched"]),
                      str(s["new"]), str(s["vanished"]))
     console.print(view)
+    from .diff import stable_line
+
+    for side, s in result["sides"].items():
+        line = stable_line(side, s)
+        if line:
+            console.print(Text(line))
     for title, key in (("new", "new"), ("vanished", "vanished")):
         for f in result[key]:
             effect = f" (largest effect {f['best_effect']:.2f})" if f["best_effect"] is not None else ""
+            seeds = f" [its run's other seeds: {f['own_seeds']}]" if f.get("own_seeds") else ""
             console.print(Text(f"{title}: model {f['side'].upper()} feature {f['feature']}: "
-                               f"{f['explanation'] or 'unexplained'}{effect}"))
+                               f"{f['explanation'] or 'unexplained'}{effect}{seeds}"))
     concepts = Table(title="concepts: verified effects, and unsteered answers that moved")
     for column in ("side", "rubric", "status", "old run", "new run", "unsteered"):
         concepts.add_column(column, overflow="fold")  # rubric names are what users grep for: never cut

@@ -248,10 +248,27 @@ def _best_effect(feature: dict, verified_only: bool = False) -> float | None:
     return max(values) if values else None
 
 
+def own_seed_verdicts(db: AuditStore, run_id: str) -> dict[int, dict] | None:
+    """Per flagged exclusive feature of a run, whether it recurred as exclusive in every other seed
+    that run's stability stage trained (``stable``) and the report's short verdict (``label``);
+    None when the run trained no other seed."""
+    if not db.rows("seed_dictionaries", run_id):
+        return None
+    from reports.render import recurrence_label
+
+    grouped: dict[int, list[dict]] = {}
+    for row in db.rows("recurrence", run_id, order="feature, seed"):
+        grouped.setdefault(row["feature"], []).append(row)
+    return {feature: {"stable": all(r["status"] == "exclusive" for r in rows), "label": recurrence_label(rows)}
+            for feature, rows in grouped.items()}
+
+
 def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
     spec_a = json.loads(db.run(run_a)["spec_json"])
     spec_b = json.loads(db.run(run_b)["spec_json"])
     all_a, all_b = _run_features(db, run_a), _run_features(db, run_b)
+    # A feature its own run's other seeds do not have may be new or vanished by a draw of training.
+    seeds_a, seeds_b = own_seed_verdicts(db, run_a), own_seed_verdicts(db, run_b)
     result: dict = {"run_a": run_a, "run_b": run_b, "sides": {}, "new": [], "vanished": [], "changed": []}
     for side in ("a", "b"):
         feats_a = [f for f in all_a if f["partition"] == side and f["frequency"] > 0]
@@ -261,9 +278,10 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
         vanished = [f for i, f in enumerate(feats_a) if i not in matches]
         new = [f for j, f in enumerate(feats_b) if j not in matched_b]
         result["sides"][side] = {"method": method, "features_a": len(feats_a), "features_b": len(feats_b),
-                                 "matched": len(matches), "new": len(new), "vanished": len(vanished)}
-        result["vanished"] += [{**_brief(f), "side": side} for f in vanished if _matters(f)]
-        result["new"] += [{**_brief(f), "side": side} for f in new if _matters(f)]
+                                 "matched": len(matches), "new": len(new), "vanished": len(vanished),
+                                 "new_stable": _count_stable(new, seeds_b), "vanished_stable": _count_stable(vanished, seeds_a)}
+        result["vanished"] += [{**_brief(f, seeds_a), "side": side} for f in vanished if _matters(f)]
+        result["new"] += [{**_brief(f, seeds_b), "side": side} for f in new if _matters(f)]
         for i, (j, score) in matches.items():
             fa, fb = feats_a[i], feats_b[j]
             if not (_matters(fa) or _matters(fb)):
@@ -407,10 +425,19 @@ def _concept_brief(row: dict | None) -> dict | None:
             "safety_critical": row["safety_critical"], "explanation": row["explanation"]}
 
 
-def _brief(f: dict) -> dict:
+def _count_stable(features: list[dict], verdicts: dict[int, dict] | None) -> int | None:
+    """How many of ``features`` recur as exclusive in every other seed of their run (None: no seeds)."""
+    if verdicts is None:
+        return None
+    return sum(verdicts.get(f["feature"], {}).get("stable", False) for f in features)
+
+
+def _brief(f: dict, seed_verdicts: dict[int, dict] | None = None) -> dict:
+    verdict = (seed_verdicts or {}).get(f["feature"])
     return {"feature": f["feature"], "explanation": f["explanation"], "safety_critical": f["safety_critical"],
             "effects": f["effects"], "best_effect": _best_effect(f),
-            "best_verified_effect": _best_effect(f, verified_only=True)}
+            "best_verified_effect": _best_effect(f, verified_only=True),
+            "own_seeds": verdict["label"] if verdict else None}
 
 
 def diff_gate_failures(result: dict, gates) -> list[str]:
@@ -498,14 +525,17 @@ def render_diff_markdown(result: dict) -> str:
     for side, s in result["sides"].items():
         lines.append(f"| {side.upper()} | {s['method']} | {s['features_a']} → {s['features_b']} | {s['matched']} | "
                      f"{s['new']} | {s['vanished']} |")
+    stability = [line for side, s in result["sides"].items() if (line := stable_line(side, s))]
+    lines += ([""] + stability) if stability else []
     for title, key in (("New exclusive features that matter", "new"), ("Vanished exclusive features that matter", "vanished")):
         lines += ["", f"### {title}", ""]
         if not result[key]:
             lines.append("none")
         for f in result[key]:
             effect = f"; largest effect {f['best_effect']:.2f}" if f["best_effect"] is not None else ""
+            seeds = f"; in its run's other seeds: {f['own_seeds']}" if f.get("own_seeds") else ""
             lines.append(f"- model {f['side'].upper()} feature {f['feature']}: {_md(f['explanation'])}"
-                         f"{' (safety-critical)' if f['safety_critical'] else ''}{effect}")
+                         f"{' (safety-critical)' if f['safety_critical'] else ''}{effect}{seeds}")
     lines += ["", "### Matched features with changes", ""]
     changed = [c for c in result["changed"] if c["effect_changes"] or c["safety_a"] != c["safety_b"]]
     if not changed:
@@ -515,6 +545,21 @@ def render_diff_markdown(result: dict) -> str:
         lines.append(f"- model {c['side'].upper()} feature {c['feature_a']} → {c['feature_b']} (match {c['match_score']}): "
                      f"{_md(c['explanation_b'])}; effect changes: {deltas or 'none'}; safety {c['safety_a']} → {c['safety_b']}")
     return "\n".join(lines) + "\n"
+
+
+def stable_line(side: str, s: dict) -> str | None:
+    """What the runs' own other seeds say of a side's new and vanished features (None when neither
+    run trained any)."""
+    parts = []
+    if s.get("vanished_stable") is not None:
+        parts.append(f"{s['vanished_stable']} of the {s['vanished']} vanished recur as exclusive in every other "
+                     "seed of the old run")
+    if s.get("new_stable") is not None:
+        parts.append(f"{s['new_stable']} of the {s['new']} new in every other seed of the new run")
+    if not parts:
+        return None
+    return (f"Model {side.upper()}: " + "; ".join(parts) + ". The others are not reproduced by another seed of "
+            "their own run, so a draw of training may explain them as well as a change of the models.")
 
 
 def _side_name(partition: str) -> str:

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 8 -m audit.launch harvest specs/llama_vs_qwen.yaml
     torchrun --nproc_per_node 8 -m audit.launch train   specs/llama_vs_qwen.yaml
+    torchrun --nproc_per_node 8 -m audit.launch train   specs/llama_vs_qwen.yaml --seed 1   # stability
     audit run specs/llama_vs_qwen.yaml          # everything else, finding both stages done
 
 ``audit run SPEC --nproc N`` starts this itself on one machine; on several machines, start it on
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="transfer: the process that started this one is training the crosscoder; wait for it")
     parser.add_argument("--nproc", type=int, default=None,
                         help="transfer: the processes the harvest ran on (part of its cache key; default: the spec's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train: this crosscoder seed instead of the spec's (the stability stage's other seeds)")
     parser.add_argument("--expect", type=Path, default=None,
                         help="transfer: the artefact folder the starting run expects; stop if this one differs")
     args = parser.parse_args(argv)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = AuditRunner(spec, args.spec, workspace=args.workspace, device=device, console=console,
                          nproc=sync.world_size)
     try:
-        runner.run_distributed(args.stage)
+        runner.run_distributed(args.stage, seed=args.seed)
     except StageError as exc:
         print(f"rank {sync.rank}: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""The staged audit runner: validate → models → harvest → train → analyse → screen → verify → report.
+"""The staged audit runner: validate → models → harvest → train → stability → analyse → screen → verify →
+transfer → report.
 
 Each stage's artefact lives in the workspace cache, ``<workspace>/cache/<stage>-<hash>/``, where the
 hash covers the stage's own settings and the hash of the stage before it; the folder's
@@ -40,10 +41,13 @@ from rich.progress import (
 from .spec import AuditSpec, harvest_settings
 from .store import AuditStore, process_host
 
-STAGES = ("validate", "models", "harvest", "train", "analyse", "screen", "verify", "stability", "transfer", "report")
+STAGES = ("validate", "models", "harvest", "train", "stability", "analyse", "screen", "verify", "transfer", "report")
 #: The earlier stages whose artefacts a stage reads, where that is not all of them: a transfer moves a
 #: direction through the crosscoder and needs nothing of analyse, screen or verify.
-STAGE_INPUTS = {"stability": ("harvest", "train"), "transfer": ("harvest", "train")}
+STAGE_INPUTS = {  # stages not listed need every stage before them
+    "stability": ("harvest", "train"), "analyse": ("harvest", "train"), "screen": ("harvest", "train", "analyse"),
+    "verify": ("harvest", "train", "analyse", "screen"), "transfer": ("harvest", "train"),
+}
 RUNNER_VERSION = "1"
 EVAL_PAIRS = 20_000
 #: Verify sweeps run together in one Inspect eval (one model): larger generation batches, and an
@@ -221,6 +225,7 @@ class AuditRunner:
         self._meters: dict[tuple[str, int], Any] = {}
         self._missing: list[str] = []  # earlier stages neither run nor cached in this invocation
         self._await_training: int | None = None  # see run_detached: the pid of the process training
+        self._forced: set[str] = set()  # the stages this invocation reruns with --force
 
     def _stage_folder(self, stage: str, input_hash: str) -> Path:
         return self.cache / f"{stage}-{input_hash}"
@@ -242,6 +247,7 @@ class AuditRunner:
         self._register_run(status="running")
         first = STAGES.index(start) if start else 0
         self._missing = []  # a runner may run several times (e.g. --only harvest, then --only train)
+        self._forced = {s for i, s in enumerate(STAGES) if force and (only is None or s == only) and i >= first}
         results = []
         background: BackgroundStage | None = None
         transfer_after: str | None = None  # the stage after which the transfer starts in a second process
@@ -353,14 +359,14 @@ class AuditRunner:
 
         Only when the spec asks for it, the stage has work to do, and so has a stage it would overlap:
         training (a transfer's extraction and source-model arms need no crosscoder; its process waits
-        for the training before the rest), analyse, screen, verify or the stability stage's trainings. It
+        for the training before the rest), the stability stage's trainings, analyse, screen or verify. It
         starts after the harvest, or after the training when ``--force`` retrains (the old checkpoint is
         deleted then).
         """
-        if not (self.spec.compute.overlap_transfer and self.spec.transfer.traits) or first > STAGES.index("stability"):
+        if not (self.spec.compute.overlap_transfer and self.spec.transfer.traits) or first > STAGES.index("verify"):
             return None
         try:  # the hashes are what the stages will compute (each is built from the one before it)
-            for stage in ("harvest", "train", "analyse", "screen", "verify", "stability", "transfer"):
+            for stage in ("harvest", "train", "stability", "analyse", "screen", "verify", "transfer"):
                 self.hashes[stage] = getattr(self, f"_hash_{stage}")()
         except Exception:  # noqa: BLE001 - e.g. a missing rubric file: the stage that reads it says so
             return None
@@ -375,7 +381,7 @@ class AuditRunner:
             return None  # the run stops at the missing training (--from after it): nothing to overlap
         if force:
             return "train" if train_runs else "harvest"
-        if done("transfer") or not (train_runs or not all(done(s) for s in ("analyse", "screen", "verify", "stability"))):
+        if done("transfer") or not (train_runs or not all(done(s) for s in ("analyse", "screen", "verify", *(("stability",) if self.spec.stability.seeds else ())))):
             return None
         return "harvest"
 
@@ -620,23 +626,24 @@ class AuditRunner:
                      _code_hash("train"))
 
     def _compute_train(self, folder: Path) -> dict:
-        return self._train_and_evaluate(folder, distributed=self.nproc > 1)
-
-    def _train_and_evaluate(self, folder: Path, seed: int | None = None, distributed: bool = False,
-                            stage: str = "train") -> dict:
-        """Train the spec's crosscoder (with ``seed`` in place of its own, when given) into ``folder``,
-        evaluate it on held-out pairs and write ``metrics.json``; its summary."""
         from crosscoder import TrainingDivergedError
+
+        try:
+            return self._train_and_evaluate(folder)
+        except TrainingDivergedError as exc:
+            raise StageError("train", f"{exc}\nthe last good checkpoint in {folder} is kept; lower crosscoder.lr "
+                             "or check the data, then rerun") from None
+
+    def _train_and_evaluate(self, folder: Path, seed: int | None = None) -> dict:
+        """Train the spec's crosscoder (with ``seed`` in place of its own, when given) into ``folder``
+        (on ``nproc`` processes under torchrun when more than one), evaluate it on held-out pairs and
+        write ``metrics.json``; its summary. Raises ``TrainingDivergedError``."""
         from crosscoder.metrics import evaluate
 
         store = self.store()
-        try:
-            if distributed:
-                self._launch("train")  # the ranks train; the call below then loads the finished model
-            model = self._train_into(folder, store, self.device, self._crosscoder_spec(seed))
-        except TrainingDivergedError as exc:
-            raise StageError(stage, f"{exc}\nthe last good checkpoint in {folder} is kept; lower crosscoder.lr "
-                             "or check the data, then rerun") from None
+        if self.nproc > 1:
+            self._launch("train", seed)  # the ranks train; the call below then loads the finished model
+        model = self._train_into(folder, store, self.device, self._crosscoder_spec(seed))
         x_a, x_b = store.sample(EVAL_PAIRS, seed=1)
         evaluation = evaluate(model.cpu() if str(model.W_enc_AD.device) != "cpu" else model, x_a, x_b)
         config = model.config
@@ -669,8 +676,9 @@ class AuditRunner:
         self._register_run(status="running")
 
     # ---- distributed stages ---------------------------------------------------------------------
-    def _launch(self, stage: str) -> None:
-        """Run ``stage`` on ``nproc`` processes of this machine under torchrun, and wait."""
+    def _launch(self, stage: str, seed: int | None = None) -> None:
+        """Run ``stage`` on ``nproc`` processes of this machine under torchrun, and wait (``seed``: train
+        the crosscoder with this seed, for the stability stage)."""
         import subprocess
         import sys
 
@@ -679,14 +687,17 @@ class AuditRunner:
                    "-m", "audit.launch", stage, str(spec_file), "--workspace", str(self.workspace)]
         if self.device:
             command += ["--device", self.device]
+        if seed is not None:
+            command += ["--seed", str(seed)]
         self.console.print(f"[dim]{stage} on {self.nproc} processes: {' '.join(command[2:])}[/dim]", highlight=False)
         code = subprocess.run(command, env={**os.environ, "PYTHONPATH": _python_path()}).returncode
         if code != 0:
             raise StageError(stage, f"torchrun exited with code {code} (its ranks' messages are above); finished "
                              f"work in {self.cache} is kept and the same command resumes it")
 
-    def run_distributed(self, stage: str) -> None:
-        """This rank's part of ``stage`` ("harvest" or "train") in a torchrun job (see ``audit.launch``).
+    def run_distributed(self, stage: str, seed: int | None = None) -> None:
+        """This rank's part of ``stage`` ("harvest" or "train", with ``seed`` in place of the spec's
+        crosscoder seed when given) in a torchrun job (see ``audit.launch``).
 
         Every rank writes into the same cache folder that ``audit run`` uses, so that a later
         ``audit run`` finds the work done; the database is left to that single process.
@@ -702,8 +713,8 @@ class AuditRunner:
         if stage != "train":
             raise StageError(stage, "only the harvest and train stages run on several processes")
         self.artefacts["harvest"] = harvest_folder
-        self._train_into(self._stage_folder("train", self._hash_train()), self.store(),
-                         rank_device(self.device or "cpu", current()))
+        self._train_into(self._stage_folder("train", self._hash_train(seed)), self.store(),
+                         rank_device(self.device or "cpu", current()), self._crosscoder_spec(seed))
 
     def _train_into(self, folder: Path, store, device, settings=None):
         """Train this spec's crosscoder (or ``settings``) in ``folder/checkpoint`` (resuming, or loading
@@ -892,40 +903,56 @@ class AuditRunner:
     def _compute_stability(self, folder: Path) -> dict:
         """Train the crosscoder again with each of ``stability.seeds`` (each into the folder the train
         stage would use for that seed, so a run with ``crosscoder.seed`` set to it finds it done, and an
-        interrupted training resumes) and say where each flagged exclusive feature recurs."""
-        from crosscoder import Crosscoder
+        interrupted training resumes; ``--force`` retrains them) and say where each flagged exclusive
+        feature recurs. A seed whose training diverges is recorded as such; the others still count."""
+        from crosscoder import Crosscoder, TrainingDivergedError
         from crosscoder.analysis import flagged_features
         from crosscoder.stability import feature_recurrence, recurrence_summary
 
         s = self.spec.stability
-        dictionaries, others = [], {}
+        dictionaries, rows = [], []
+        main = flagged = None
         for position, seed in enumerate(s.seeds, start=1):
             seed_folder = self._stage_folder("train", self._hash_train(seed))
             done = seed_folder / "done.json"
+            entry = {"seed": seed, "artefact": str(seed_folder.resolve())}
+            if "stability" in self._forced and seed_folder.exists():
+                shutil.rmtree(seed_folder)
             if not done.is_file():
                 self.console.print(f"stability: training the crosscoder with seed {seed} ({position} of "
                                    f"{len(s.seeds)}) into {seed_folder}", highlight=False)
                 seed_folder.mkdir(parents=True, exist_ok=True)
-                summary = self._train_and_evaluate(seed_folder, seed=seed, stage="stability")
+                try:
+                    summary = self._train_and_evaluate(seed_folder, seed=seed)
+                except TrainingDivergedError as exc:
+                    self.console.print(f"[yellow]stability: seed {seed} diverged ({exc}); it is left out[/yellow]",
+                                       highlight=False)
+                    dictionaries.append({**entry, "status": "diverged", "message": str(exc)[:500]})
+                    continue
                 _write_json(done, {**summary, "platform": self._platform()})
             metrics = json.loads((seed_folder / "metrics.json").read_text())
-            dictionaries.append({"seed": seed, "artefact": str(seed_folder.resolve()),
+            dictionaries.append({**entry, "status": "trained",
                                  **{k: metrics[k] for k in ("fve_a", "fve_b", "mean_l0", "dead_fraction")}})
-            others[seed] = Crosscoder.load(seed_folder / "checkpoint", device="cpu")
-        main = Crosscoder.load(self.artefacts["train"] / "checkpoint", device="cpu")
-        flagged = flagged_features(main, self.spec.screen.top_n_standard, self.spec.screen.relative_norm_cut)
-        rows = feature_recurrence(main, flagged, others, s.threshold, self.spec.screen.relative_norm_cut)
-        summary = recurrence_summary(rows, list(s.seeds))
+            if main is None:
+                main = Crosscoder.load(self.artefacts["train"] / "checkpoint", device="cpu")
+                flagged = flagged_features(main, self.spec.screen.top_n_standard, self.spec.screen.relative_norm_cut)
+            # one other dictionary in memory at a time: at the paper's size each is gigabytes
+            other = Crosscoder.load(seed_folder / "checkpoint", device="cpu")
+            rows += feature_recurrence(main, flagged, {seed: other}, s.threshold, self.spec.screen.relative_norm_cut)
+            del other
+        compared = [d["seed"] for d in dictionaries if d["status"] == "trained"]
+        summary = recurrence_summary(rows, compared)
         _write_json(folder / "stability.json", {"seeds": list(s.seeds), "threshold": s.threshold,
                                                 "dictionaries": dictionaries, "rows": rows, "summary": summary})
         for side, counts in summary.items():
-            if s.seeds and counts["features"]:
+            if compared and counts["features"]:
                 self.console.print(
                     f"{side.upper()}-exclusive: {counts['exclusive_in_all']} of {counts['features']} recur as "
                     f"{side.upper()}-exclusive features in every other dictionary ({counts['exclusive_in_any']} in "
                     f"at least one); {counts['shared_somewhere']} reappear under another partition; "
                     f"{counts['absent_everywhere']} nowhere (decoder cosine ≥ {s.threshold})", highlight=False)
-        return {"seeds": len(s.seeds), **{f"{side}_{k}": v for side, c in summary.items() for k, v in c.items()}}
+        return {"seeds": len(s.seeds), "compared": len(compared),
+                **{f"{side}_{k}": v for side, c in summary.items() for k, v in c.items()}}
 
     def _load_stability(self, folder: Path, summary: dict) -> None:
         payload = json.loads((folder / "stability.json").read_text())

@@ -330,6 +330,8 @@ class AuditSpec(_Strict):
         """
         dumped = self.model_dump(mode="json")
         dumped["compute"] = {key: dumped["compute"][key] for key in ("model_dtype", "train_dtype")}  # the rest: where
+        if not sections and dumped["stability"] == StabilitySpec().model_dump(mode="json"):
+            del dumped["stability"]  # a section added later, left at its defaults: a spec keeps its run id
         chosen = {key: dumped[key] for key in sections} if sections else dumped
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 

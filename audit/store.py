@@ -71,8 +71,8 @@ TABLES: dict[str, str] = {
         holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, cosines VARCHAR, max_decoder_cosine DOUBLE,
         curve VARCHAR, generations VARCHAR, extraction VARCHAR, draws VARCHAR, specific BOOLEAN""",
     "seed_dictionaries": """
-        run_id VARCHAR, seed INTEGER, fve_a DOUBLE, fve_b DOUBLE, mean_l0 DOUBLE, dead_fraction DOUBLE,
-        artefact VARCHAR""",
+        run_id VARCHAR, seed INTEGER, status VARCHAR, fve_a DOUBLE, fve_b DOUBLE, mean_l0 DOUBLE,
+        dead_fraction DOUBLE, artefact VARCHAR, message VARCHAR""",
     "recurrence": """
         run_id VARCHAR, feature INTEGER, own_model VARCHAR, seed INTEGER, status VARCHAR,
         exclusive_feature INTEGER, exclusive_cosine DOUBLE, nearest_feature INTEGER, nearest_cosine DOUBLE,

@@ -66,18 +66,20 @@ def feature_recurrence(main: Crosscoder, features: dict[str, list[int]], others:
             for row, feature in enumerate(ids):
                 excl_cos = float(exclusive_cos[row])
                 near_cos = float(nearest_cos[row])
+                # a zero decoder row (or one opposite to everything) has no closest feature to speak of
+                near_id = int(nearest[row]) if near_cos > 0 else None
                 if excl_cos >= threshold:
                     verdict = RECURS_EXCLUSIVE
                 elif near_cos >= threshold:
-                    verdict = RECURS_SHARED if partitions[int(nearest[row])] == "shared" else RECURS_OTHER_SIDE
+                    verdict = RECURS_SHARED if partitions[near_id] == "shared" else RECURS_OTHER_SIDE
                 else:
                     verdict = ABSENT
                 rows.append({
                     "feature": int(feature), "own_model": side, "seed": int(seed),
-                    "exclusive_feature": int(exclusive_ids[row]) if excl_cos == excl_cos else None,
+                    "exclusive_feature": int(exclusive_ids[row]) if excl_cos > 0 else None,
                     "exclusive_cosine": excl_cos if excl_cos == excl_cos else None,
-                    "nearest_feature": int(nearest[row]), "nearest_cosine": near_cos,
-                    "nearest_partition": partitions[int(nearest[row])], "status": verdict,
+                    "nearest_feature": near_id, "nearest_cosine": near_cos,
+                    "nearest_partition": partitions[near_id] if near_id is not None else None, "status": verdict,
                 })
     return rows
 

@@ -143,8 +143,12 @@ def recurrence_details(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         side = (r["own_model"] or "?").upper()
-        same = (f"closest {side}-exclusive: {r['exclusive_feature']} ({r['exclusive_cosine']:.2f})"
-                if not _nan(r["exclusive_cosine"]) else f"no {side}-exclusive features")
+        if r["exclusive_feature"] is not None:
+            same = f"closest {side}-exclusive: {r['exclusive_feature']} ({r['exclusive_cosine']:.2f})"
+        elif _nan(r["exclusive_cosine"]):
+            same = f"no {side}-exclusive features"
+        else:
+            same = f"no {side}-exclusive feature points the same way"
         nearest = {"a": "A-exclusive", "b": "B-exclusive"}.get(r["nearest_partition"], "shared")
         if r["status"] == "exclusive":
             out.append(f"seed {r['seed']}: recurs as {side}-exclusive feature {r['exclusive_feature']} "
@@ -152,6 +156,8 @@ def recurrence_details(rows: list[dict]) -> list[str]:
         elif r["status"] in ("shared", "other-exclusive"):
             out.append(f"seed {r['seed']}: recurs as {nearest} feature {r['nearest_feature']} (cosine "
                        f"{r['nearest_cosine']:.2f}); {same}")
+        elif r["nearest_feature"] is None:
+            out.append(f"seed {r['seed']}: not found (no feature there points the same way)")
         elif r["nearest_feature"] == r["exclusive_feature"]:
             out.append(f"seed {r['seed']}: not found (closest: {nearest} {r['nearest_feature']}, cosine "
                        f"{r['nearest_cosine']:.2f})")
@@ -394,9 +400,9 @@ def stability_overview(db, run_id: str, spec: dict, recurrence: dict[int, list[d
 
     threshold = (spec.get("stability") or {}).get("threshold", 0.9)
     rows = [{**r, "threshold": threshold} for feature_rows in recurrence.values() for r in feature_rows]
-    seeds = [d["seed"] for d in dictionaries]
-    return {"dictionaries": dictionaries, "seeds": seeds, "threshold": threshold,
-            "summary": recurrence_summary(rows, seeds), "plot": recurrence_plot(rows)}
+    compared = [d["seed"] for d in dictionaries if d["status"] != "diverged"]  # a diverged seed has no dictionary
+    return {"dictionaries": dictionaries, "seeds": [d["seed"] for d in dictionaries], "compared": compared,
+            "threshold": threshold, "summary": recurrence_summary(rows, compared), "plot": recurrence_plot(rows)}
 
 
 def computed_on(db, run_id: str) -> list[dict]:

@@ -298,3 +298,29 @@ def test_behaviour_change_ignores_an_unchanged_model_and_reads_small_thresholds_
     assert diff_runs(db, "v1", "v2", [GateRule(rule="behaviour_change")])["gate_failures"] == []  # 1 point
     assert diff_runs(db, "v1", "v2", [GateRule(rule="behaviour_change", min_effect=0.5, side="a")])[
         "gate_failures"] == []
+
+
+def test_new_and_vanished_features_say_whether_their_own_runs_other_seeds_have_them(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**BOAST, "id": 3}, {**NARRATIVE, "id": 500}, {**WEATHER, "id": 505}])
+    add_run(db, "v2", "zoo:beta-v2", [{**BOAST, "id": 4}, {**WEATHER, "id": 507}])
+    before = diff_runs(db, "v1", "v2")
+    assert before["vanished"][0]["own_seeds"] is None and before["sides"]["b"]["vanished_stable"] is None
+    assert "other seed" not in render_diff_markdown(before)  # neither run trained another seed: nothing said
+    db.replace_rows("seed_dictionaries", "v1", [{"seed": s} for s in (1, 2)])
+    row = {"own_model": "b", "feature": 500, "exclusive_feature": 11, "nearest_feature": 11,
+           "nearest_partition": "b", "exclusive_cosine": 0.95, "nearest_cosine": 0.95}
+    db.replace_rows("recurrence", "v1", [{**row, "seed": 1, "status": "exclusive"},
+                                         {**row, "seed": 2, "status": "absent", "exclusive_cosine": 0.5,
+                                          "nearest_cosine": 0.5}])
+    result = diff_runs(db, "v1", "v2")
+    [vanished] = result["vanished"]
+    assert vanished["feature"] == 500 and vanished["own_seeds"] == "exclusive 1/2"
+    assert result["sides"]["b"]["vanished_stable"] == 0  # not in every other seed
+    assert result["sides"]["b"]["new_stable"] is None  # the new run trained no other seed
+    md = render_diff_markdown(result)
+    assert "in its run's other seeds: exclusive 1/2" in md
+    assert "Model B: 0 of the 1 vanished recur as exclusive in every other seed of the old run." in md
+    # recurring in every other seed counts it as stable
+    db.replace_rows("recurrence", "v1", [{**row, "seed": s, "status": "exclusive"} for s in (1, 2)])
+    assert diff_runs(db, "v1", "v2")["sides"]["b"]["vanished_stable"] == 1

@@ -403,6 +403,13 @@ def test_harvest_and_train_on_two_processes(first_run, tmp_path):
         AuditRunner(load_spec(spec_path), spec_path, workspace=workspace, nproc=2, device="cuda:1")
     metrics = json.loads((runner.artefacts["train"] / "metrics.json").read_text())
     assert 0 < metrics["fve_a"] <= 1 and 0 < metrics["fve_b"] <= 1
+    # the stability stage's other seed trains on the ranks too, with its own seed
+    runner.run(only="stability")
+    [other] = runner.db.rows("seed_dictionaries", runner.run_id)
+    assert other["status"] == "trained" and other["seed"] == 1
+    config = json.loads((Path(other["artefact"]) / "checkpoint" / "config.json").read_text())["config"]
+    assert config["seed"] == 1
+    assert json.loads((runner.artefacts["train"] / "checkpoint" / "config.json").read_text())["config"]["seed"] == 0
 
 
 def test_loading_a_model_builds_the_specs_missing_zoo_models_together_first(tmp_path, monkeypatch):
@@ -490,6 +497,35 @@ def test_force_retrains_from_scratch_rather_than_resuming_the_finished_checkpoin
     assert found == [[]]  # nothing left to resume from: the stage trained afresh
     assert [(r.stage, r.cached) for r in result.stages] == [("harvest", True), ("train", False)]
     assert (runner.artefacts["train"] / "done.json").is_file()
+
+
+def test_a_diverged_stability_seed_is_recorded_and_the_others_still_count(first_run, workspace, tmp_path, monkeypatch):
+    from crosscoder import TrainingDivergedError
+
+    real = AuditRunner._train_and_evaluate
+    trained = []
+
+    def diverge_seed_2(self, folder, seed=None):
+        trained.append(seed)
+        if seed == 2:
+            raise TrainingDivergedError("the loss became NaN at step 7")
+        return real(self, folder, seed)
+
+    monkeypatch.setattr(AuditRunner, "_train_and_evaluate", diverge_seed_2)
+    spec_path = write_spec(tmp_path, stability={"seeds": [2, 1]})
+    runner = AuditRunner(load_spec(spec_path), spec_path, workspace=workspace)
+    result = runner.run(only="stability")
+    assert trained == [2]  # seed 1 is the first run's, found done
+    stability = next(r for r in result.stages if r.stage == "stability")
+    assert stability.summary["seeds"] == 2 and stability.summary["compared"] == 1
+    rows = {d["seed"]: d for d in runner.db.rows("seed_dictionaries", runner.run_id)}
+    assert rows[2]["status"] == "diverged" and "NaN at step 7" in rows[2]["message"] and rows[2]["fve_a"] is None
+    assert rows[1]["status"] == "trained"
+    assert {r["seed"] for r in runner.db.rows("recurrence", runner.run_id)} == {1}
+    # --force retrains the other seeds too, not only the comparison
+    trained.clear()
+    runner.run(only="stability", force=True)
+    assert trained == [2, 1]
 
 
 def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run, workspace, tmp_path):

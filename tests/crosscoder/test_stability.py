@@ -91,3 +91,13 @@ def test_bad_threshold_and_mismatched_widths_are_refused():
     wider = Crosscoder(CrosscoderConfig(**{**CONFIG, "d_a": 20}))
     with pytest.raises(ValueError, match="seed 3 reads models of widths 20/24"):
         feature_recurrence(main, {"a": [0]}, {3: wider})
+
+
+def test_a_zero_decoder_row_has_no_closest_feature():
+    main = dictionary(0)
+    a_ids = main.index_a.tolist()
+    with torch.no_grad():
+        main.W_dec_DA[a_ids[0]] = 0.0
+    row = next(r for r in feature_recurrence(main, {"a": a_ids}, {1: dictionary(1)}) if r["feature"] == a_ids[0])
+    assert row["status"] == ABSENT and row["nearest_feature"] is None and row["nearest_partition"] is None
+    assert row["exclusive_feature"] is None
