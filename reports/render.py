@@ -367,10 +367,13 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     platforms = computed_on(db, run_id)
     verified_artefacts = sorted({e["feature"] for e in effects if e["verified"]
                                  and by_id.get(e["feature"], {}).get("is_artefact")})
+    verified_stability = [{"feature": f, "label": recurrence_label(recurrence[f])}
+                          for f in sorted({e["feature"] for e in effects if e["verified"]}) if recurrence.get(f)]
     return {
         "platforms": platforms,
         "stability": stability,
         "verified_artefacts": verified_artefacts,
+        "verified_stability": verified_stability,
         "baselines": baselines, "baseline_plot": baseline_plot(baselines),
         "known_answer": known, "found": [k for k in known if k["found"]],
         "missed": [k for k in known if k["expected"] and not k["found"]],

@@ -322,6 +322,10 @@ def test_seed_stability_is_a_section_a_card_line_and_a_column(tmp_path):
                                   "seed 2: recurs as shared feature 5 (cosine 0.93); closest B-exclusive: 3 (0.41)"]
     html = render_run(db, "r1", tmp_path)[0].read_text()
     assert 'id="seed-stability"' in html and "seed 2: recurs as shared feature 5" in html
+    # the summary says it of the verified features (fill() verifies feature 9 on the narrative)
+    assert data["verified_stability"] == [{"feature": 9, "label": "exclusive 1/2, shared 1/2"}]
+    assert '<a href="#feature-9">feature 9</a>: exclusive 1/2, shared 1/2' in html
+    assert "Verified features in the other seeds: 9 (exclusive 1/2, shared 1/2)." in (tmp_path / "report.md").read_text()
 
 
 def test_a_feature_found_nowhere_names_its_closest_counterpart_once():
