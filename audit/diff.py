@@ -252,15 +252,16 @@ def own_seed_verdicts(db: AuditStore, run_id: str) -> dict[int, dict] | None:
     """Per flagged exclusive feature of a run, whether it recurred as exclusive in every other seed
     that run's stability stage trained (``stable``) and the report's short verdict (``label``);
     None when the run trained no other seed."""
-    if not db.rows("seed_dictionaries", run_id):
+    compared = [d for d in db.rows("seed_dictionaries", run_id) if d.get("status") != "diverged"]
+    if not compared:  # no other seed trained (or every one diverged): nothing to say
         return None
     from reports.render import recurrence_label
 
     grouped: dict[int, list[dict]] = {}
     for row in db.rows("recurrence", run_id, order="feature, seed"):
         grouped.setdefault(row["feature"], []).append(row)
-    return {feature: {"stable": all(r["status"] == "exclusive" for r in rows), "label": recurrence_label(rows)}
-            for feature, rows in grouped.items()}
+    return {feature: {"stable": len(rows) == len(compared) and all(r["status"] == "exclusive" for r in rows),
+                      "label": recurrence_label(rows)} for feature, rows in grouped.items()}
 
 
 def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
@@ -551,15 +552,15 @@ def stable_line(side: str, s: dict) -> str | None:
     """What the runs' own other seeds say of a side's new and vanished features (None when neither
     run trained any)."""
     parts = []
-    if s.get("vanished_stable") is not None:
+    if s.get("vanished_stable") is not None and s["vanished"]:
         parts.append(f"{s['vanished_stable']} of the {s['vanished']} vanished recur as exclusive in every other "
                      "seed of the old run")
-    if s.get("new_stable") is not None:
+    if s.get("new_stable") is not None and s["new"]:
         parts.append(f"{s['new_stable']} of the {s['new']} new in every other seed of the new run")
     if not parts:
         return None
-    return (f"Model {side.upper()}: " + "; ".join(parts) + ". The others are not reproduced by another seed of "
-            "their own run, so a draw of training may explain them as well as a change of the models.")
+    return (f"Model {side.upper()}: " + "; ".join(parts) + ". The others do not recur as exclusive in every other "
+            "seed of their own run, so a draw of training may explain them as well as a change of the models.")
 
 
 def _side_name(partition: str) -> str:

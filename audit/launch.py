@@ -60,11 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(quiet=not sync.is_main, stderr=True)
     runner = AuditRunner(spec, args.spec, workspace=args.workspace, device=device, console=console,
                          nproc=sync.world_size)
+    from crosscoder import TrainingDivergedError
+
+    from .runner import DIVERGED_EXIT
+
     try:
         runner.run_distributed(args.stage, seed=args.seed)
     except StageError as exc:
         print(f"rank {sync.rank}: {exc}", file=sys.stderr)
         return 1
+    except TrainingDivergedError as exc:  # its own exit code: the run that launched this one decides what it means
+        print(f"rank {sync.rank}: {exc}", file=sys.stderr)
+        return DIVERGED_EXIT
     shutdown()
     return 0
 

@@ -53,6 +53,8 @@ EVAL_PAIRS = 20_000
 #: Verify sweeps run together in one Inspect eval (one model): larger generation batches, and an
 #: interrupted stage loses at most one group.
 SWEEPS_PER_EVAL = 5
+#: The exit code of a torchrun rank whose training diverged (``audit.launch``).
+DIVERGED_EXIT = 4
 #: How much lower the CPU priority of a stage run in a second process is (``os.nice``).
 BACKGROUND_NICENESS = 10
 
@@ -691,6 +693,11 @@ class AuditRunner:
             command += ["--seed", str(seed)]
         self.console.print(f"[dim]{stage} on {self.nproc} processes: {' '.join(command[2:])}[/dim]", highlight=False)
         code = subprocess.run(command, env={**os.environ, "PYTHONPATH": _python_path()}).returncode
+        if code == DIVERGED_EXIT:
+            from crosscoder import TrainingDivergedError
+
+            raise TrainingDivergedError(f"the training on {self.nproc} processes diverged (the ranks' messages are "
+                                        f"above); the last good checkpoint is kept")
         if code != 0:
             raise StageError(stage, f"torchrun exited with code {code} (its ranks' messages are above); finished "
                              f"work in {self.cache} is kept and the same command resumes it")

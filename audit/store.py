@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -100,6 +100,9 @@ MIGRATIONS: dict[int, list[str]] = {
     # 8: seed stability (METHOD §5): the other seeds' dictionaries and where each flagged exclusive
     # feature recurs in them (new tables, created by ``_ensure_schema``).
     8: [],
+    # 9: a seed of the stability stage whose training diverged is recorded as such.
+    9: ["ALTER TABLE seed_dictionaries ADD COLUMN IF NOT EXISTS status VARCHAR",
+        "ALTER TABLE seed_dictionaries ADD COLUMN IF NOT EXISTS message VARCHAR"],
 }
 
 

@@ -403,7 +403,7 @@ def stability_overview(db, run_id: str, spec: dict, recurrence: dict[int, list[d
 
     threshold = (spec.get("stability") or {}).get("threshold", 0.9)
     rows = [{**r, "threshold": threshold} for feature_rows in recurrence.values() for r in feature_rows]
-    compared = [d["seed"] for d in dictionaries if d["status"] != "diverged"]  # a diverged seed has no dictionary
+    compared = [d["seed"] for d in dictionaries if d.get("status") != "diverged"]  # a diverged seed has no dictionary
     return {"dictionaries": dictionaries, "seeds": [d["seed"] for d in dictionaries], "compared": compared,
             "threshold": threshold, "summary": recurrence_summary(rows, compared), "plot": recurrence_plot(rows)}
 

@@ -324,3 +324,13 @@ def test_new_and_vanished_features_say_whether_their_own_runs_other_seeds_have_t
     # recurring in every other seed counts it as stable
     db.replace_rows("recurrence", "v1", [{**row, "seed": s, "status": "exclusive"} for s in (1, 2)])
     assert diff_runs(db, "v1", "v2")["sides"]["b"]["vanished_stable"] == 1
+
+
+def test_a_run_whose_other_seeds_all_diverged_says_nothing_of_seeds(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**BOAST, "id": 3}, {**NARRATIVE, "id": 500}])
+    add_run(db, "v2", "zoo:beta-v2", [{**BOAST, "id": 4}])
+    db.replace_rows("seed_dictionaries", "v1", [{"seed": 1, "status": "diverged", "message": "NaN"}])
+    result = diff_runs(db, "v1", "v2")
+    assert result["sides"]["b"]["vanished_stable"] is None and result["vanished"][0]["own_seeds"] is None
+    assert "other seed" not in render_diff_markdown(result)

@@ -337,3 +337,12 @@ def test_a_feature_found_nowhere_names_its_closest_counterpart_once():
     elsewhere = {**row, "nearest_feature": 40, "nearest_cosine": 0.8, "nearest_partition": "shared"}
     assert recurrence_details([elsewhere]) == [
         "seed 4: not found (closest: shared 40, cosine 0.80; closest A-exclusive: 12 (0.50))"]
+
+
+def test_a_report_whose_other_seeds_all_diverged_says_so(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    db.replace_rows("seed_dictionaries", "r1", [{"seed": 3, "status": "diverged", "message": "the loss became NaN"}])
+    html, md = (p.read_text() for p in render_run(db, "r1", tmp_path))
+    assert "training diverged, left out: the loss became NaN" in html
+    assert "the training of every other seed diverged (3); nothing was compared" in md

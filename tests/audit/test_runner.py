@@ -528,6 +528,21 @@ def test_a_diverged_stability_seed_is_recorded_and_the_others_still_count(first_
     assert trained == [2, 1]
 
 
+def test_a_training_that_diverged_on_the_ranks_is_a_divergence_not_a_crash(first_run, monkeypatch):
+    import subprocess
+
+    from audit.runner import DIVERGED_EXIT
+    from crosscoder import TrainingDivergedError
+
+    runner = first_run[0]
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, DIVERGED_EXIT))
+    with pytest.raises(TrainingDivergedError, match="diverged"):
+        runner._launch("train", seed=5)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))
+    with pytest.raises(StageError, match="torchrun exited with code 1"):
+        runner._launch("train")
+
+
 def test_transfer_runs_in_a_second_process_while_screen_and_verify_run(first_run, workspace, tmp_path):
     runner, first = first_run
     # another crosscoder seed: the second process starts after the harvest and waits for the training
