@@ -350,6 +350,54 @@ def diff(
     _exit_on_gates(result["gate_failures"])
 
 
+@app.command()
+def seeds(
+    spec: Path = typer.Argument(..., help="audit spec (YAML)"),
+    seeds: str = typer.Option("0,1,2", help="crosscoder seeds, comma-separated: one audit per seed"),
+    workspace: Path = typer.Option(Path("runs"), help="workspace: stage cache, run folders, audit.duckdb"),
+    db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
+    device: str | None = typer.Option(None, help="cuda, cpu, ... (default: the spec's compute.device)"),
+) -> None:
+    """Run an audit once per crosscoder seed and pool what they verify (a concept one dictionary misses,
+    another may isolate)."""
+    from transformers.utils import logging as hf_logging
+
+    from .runner import AuditRunner, StageError
+    from .seeds import pool_seeds, render_seeds_markdown, seed_variants
+    from .store import AuditStore
+
+    hf_logging.disable_progress_bar()
+    loaded = _load_or_exit(spec)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        variants = seed_variants(loaded, seed_list)
+    except ValueError as exc:
+        errors.print(f"--seeds: {exc}", style="red", highlight=False, markup=False)
+        raise typer.Exit(code=2) from None
+    runs: dict[int, str] = {}
+    for seed, variant in zip(seed_list, variants, strict=True):
+        console.rule(f"[bold]seed {seed}[/bold] ({len(runs) + 1} of {len(seed_list)})")
+        try:
+            result = AuditRunner(variant, spec, workspace=workspace, db_path=db, device=device, console=console).run()
+        except StageError as exc:
+            errors.print("[red]stage failed[/red] " + escape(str(exc)), highlight=False)
+            errors.print(f"the finished seeds' runs are kept ({', '.join(runs.values()) or 'none'}); rerun the same "
+                         "command to resume", highlight=False, markup=False)
+            raise typer.Exit(code=1) from None
+        runs[seed] = result.run_id
+        for path in result.report_paths:
+            console.print(f"seed {seed} report: {path}", highlight=False)
+    pooled = pool_seeds(AuditStore(db or workspace / "audit.duckdb"), runs)
+    folder = workspace / loaded.name
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"seeds-{'-'.join(map(str, seed_list))}"
+    stem.with_suffix(".json").write_text(json.dumps(pooled, indent=2, default=str))
+    markdown = render_seeds_markdown(loaded.name, pooled)
+    stem.with_suffix(".md").write_text(markdown)
+    console.print(markdown, highlight=False, markup=False)
+    console.print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}", highlight=False)
+
+
 def _load_or_exit(path: Path):
     try:
         return load_spec(path)

@@ -344,6 +344,28 @@ def test_runs_show_and_report_commands(first_run, workspace):
     assert rendered.exit_code == 0 and (out / "report.html").is_file()
 
 
+def test_audit_seeds_runs_one_audit_per_seed_and_pools_them(first_run, workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    runner, result = first_run
+    spec_path = write_spec(tmp_path)
+    cli = CliRunner()
+    pooled = cli.invoke(app, ["seeds", str(spec_path), "--seeds", "0,1", "--workspace", str(workspace)])
+    assert pooled.exit_code == 0, pooled.output
+    # seed 0 is the first run itself (the same spec: stability seed 1, one transfer); seed 1 a run of its own
+    data = json.loads((workspace / "tiny-demo" / "seeds-0-1.json").read_text())
+    assert data["runs"]["0"] == result.run_id and data["runs"]["1"] != result.run_id
+    seed_one = runner.db.run(data["runs"]["1"])
+    assert json.loads(seed_one["spec_json"])["crosscoder"]["seed"] == 1 and seed_one["status"] == "finished"
+    assert not runner.db.rows("transfers", data["runs"]["1"])  # the transfer runs once, with the first seed
+    assert {r["seed"] for r in runner.db.rows("recurrence", data["runs"]["1"])} == {0}
+    assert "crosscoder seeds (0, 1)" in (workspace / "tiny-demo" / "seeds-0-1.md").read_text()
+    bad = cli.invoke(app, ["seeds", str(spec_path), "--seeds", "2", "--workspace", str(workspace)])
+    assert bad.exit_code == 2 and "at least two distinct seeds" in bad.output
+
+
 def test_diffing_two_runs_of_one_crosscoder_finds_nothing_new(first_run, workspace, tmp_path):
     from audit.diff import diff_runs
 

@@ -1,0 +1,119 @@
+"""``audit seeds SPEC --seeds 0,1,2``: one audit per crosscoder seed, and what they find together.
+
+Which concepts a dictionary verifies is a draw of its training (README, "What the demo verifies"):
+a concept missed by one seed may be verified by another, and a finding every seed makes is worth
+more than one only a single seed makes. This runs the spec once per seed (each a normal run with
+its own report; the harvest is shared, and each seed's dictionary is trained once: every run's
+stability stage compares it with the others) and pools their verified concepts and, for a pair of
+zoo models, their known answers.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .spec import AuditSpec
+from .store import AuditStore
+
+
+def seed_variants(spec: AuditSpec, seeds: list[int]) -> list[AuditSpec]:
+    """The spec once per seed: ``crosscoder.seed`` set to it, the other seeds (and any the spec
+    lists) as its stability seeds, and the transfer stage (which does not depend on the
+    dictionary's exclusive features) only in the first."""
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"give at least two distinct seeds, got {seeds}")
+    out = []
+    for position, seed in enumerate(seeds):
+        data = spec.model_dump(mode="json")
+        data["crosscoder"]["seed"] = seed
+        others = [s for s in seeds if s != seed] + [s for s in spec.stability.seeds if s not in seeds]
+        data["stability"]["seeds"] = others
+        if position > 0:
+            data["transfer"]["traits"] = []
+        out.append(AuditSpec.model_validate(data))
+    return out
+
+
+def _known_answer(db: AuditStore, run_id: str) -> list[dict]:
+    from evals.verify_stage import baseline_summary
+    from reports.render import known_answer
+
+    run = db.run(run_id)
+    partitions = {f["feature"]: f["partition"] for f in db.rows("features", run_id)}
+    baselines = baseline_summary(db.rows("baselines", run_id))
+    return known_answer(run["model_a"], run["model_b"], json.loads(run["spec_json"]), baselines,
+                        db.rows("effects", run_id), partitions)
+
+
+def pool_seeds(db: AuditStore, runs: dict[int, str]) -> dict:
+    """``runs``: ``{seed: run id}``. Per verified concept (partition, rubric), the carrying feature
+    and effect in each seed that verified it; for zoo pairs, each planted difference's verdict per
+    seed (found where expected, and on which feature)."""
+    from .diff import _verified_concepts
+
+    seeds = list(runs)
+    concepts: dict[tuple[str, str], dict[int, dict]] = {}
+    for seed, run_id in runs.items():
+        for key, row in _verified_concepts(db, run_id).items():
+            concepts.setdefault(key, {})[seed] = {"feature": row["feature"], "effect": row["effect"],
+                                                  "spearman": row["spearman"]}
+    concept_rows = [{"partition": partition, "rubric": rubric, "by_seed": {s: found.get(s) for s in seeds},
+                     "verified_in": [s for s in seeds if s in found]}
+                    for (partition, rubric), found in sorted(concepts.items())]
+    known: dict[str, dict] = {}
+    for seed, run_id in runs.items():
+        for row in _known_answer(db, run_id):
+            entry = known.setdefault(row["id"], {"id": row["id"], "title": row["title"], "expected": row["expected"],
+                                                 "by_seed": {}, "found_in": []})
+            right = [v["feature"] for v in row["verified_features"] if v["kind"] == row["expected"]]
+            entry["by_seed"][seed] = {"found": row["found"], "features": right}
+            if row["found"]:
+                entry["found_in"].append(seed)
+    expected = [k for k in known.values() if k["expected"]]
+    return {"seeds": seeds, "runs": {str(s): r for s, r in runs.items()}, "concepts": concept_rows,
+            "known_answer": list(known.values()),
+            "known_found_any": sum(bool(k["found_in"]) for k in expected),
+            "known_found_all": sum(len(k["found_in"]) == len(seeds) for k in expected),
+            "known_expected": len(expected)}
+
+
+def _cell(found: dict | None) -> str:
+    if not found:
+        return "—"
+    return f"feature {found['feature']}: {found['effect']:+.2f}"
+
+
+def render_seeds_markdown(name: str, pooled: dict) -> str:
+    seeds = pooled["seeds"]
+    head = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"# {name}: {len(seeds)} crosscoder seeds ({', '.join(map(str, seeds))})", ""]
+    lines += [f"- seed {s}: run `{pooled['runs'][str(s)]}`" for s in seeds] + [""]
+    if pooled["known_expected"]:
+        lines += [f"Known answer (tiny zoo): {pooled['known_found_any']} of {pooled['known_expected']} planted "
+                  f"one-model differences verified in at least one seed, {pooled['known_found_all']} in every seed.",
+                  "", f"| planted difference | expected on | {head} | verified in |",
+                  "|---|---|" + "---|" * len(seeds) + "---|"]
+        for k in pooled["known_answer"]:
+            cells = []
+            for s in seeds:
+                verdict = k["by_seed"].get(s)
+                if verdict is None or not k["expected"]:  # a shared difference is the transfer stage's to test
+                    cells.append("–")
+                elif verdict["found"]:
+                    cells.append("yes (" + ", ".join(str(f) for f in verdict["features"]) + ")")
+                else:
+                    cells.append("no")
+            where = f"{len(k['found_in'])} of {len(seeds)}" if k["expected"] else "not counted"
+            lines.append(f"| {k['id']} | {k['expected'] or 'no exclusive feature'} | {' | '.join(cells)} | {where} |")
+        lines.append("")
+    lines += ["Verified concepts per partition and rubric (the largest verified effect in each seed):", "",
+              f"| partition | rubric | {head} | verified in |", "|---|---|" + "---|" * len(seeds) + "---|"]
+    for c in pooled["concepts"]:
+        where = "shared" if c["partition"] not in ("a", "b") else f"model {c['partition'].upper()}"
+        cells = " | ".join(_cell(c["by_seed"][s]) for s in seeds)
+        lines.append(f"| {where} | {c['rubric']} | {cells} | {len(c['verified_in'])} of {len(seeds)} |")
+    if not pooled["concepts"]:
+        lines.append("| none verified in any seed |" + " |" * (len(seeds) + 2))
+    lines += ["", "A concept verified in every seed does not depend on the draw of one dictionary; one verified in "
+              "a single seed is a real effect of steering that feature, but another dictionary may not isolate it."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,40 @@
+"""`audit seeds`: one audit per crosscoder seed, pooled."""
+
+from __future__ import annotations
+
+import pytest
+
+from audit.seeds import pool_seeds, render_seeds_markdown, seed_variants
+from audit.spec import load_spec
+from audit.store import AuditStore
+from tests.audit.test_diff import BOAST, NARRATIVE, add_run
+
+
+def test_each_variant_has_its_seed_the_others_as_stability_seeds_and_one_transfer():
+    spec = load_spec("specs/demo.yaml")  # stability.seeds: [1]
+    variants = seed_variants(spec, [0, 2, 5])
+    assert [v.crosscoder.seed for v in variants] == [0, 2, 5]
+    assert [v.stability.seeds for v in variants] == [[2, 5, 1], [0, 5, 1], [0, 2, 1]]
+    assert variants[0].transfer.traits == spec.transfer.traits and not variants[1].transfer.traits
+    assert variants[0].content_hash() != variants[1].content_hash()  # each is its own run
+    with pytest.raises(ValueError, match="at least two distinct seeds"):
+        seed_variants(spec, [3, 3])
+
+
+def test_pooling_says_which_seeds_verified_each_concept_and_planted_difference(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "s0", "zoo:beta", [{**BOAST, "id": 3}, {**NARRATIVE, "id": 500}])
+    add_run(db, "s1", "zoo:beta", [{**NARRATIVE, "id": 510, "effect": 1.5}])
+    pooled = pool_seeds(db, {0: "s0", 1: "s1"})
+    concepts = {(c["partition"], c["rubric"]): c for c in pooled["concepts"]}
+    narrative = concepts[("b", "zoo_state_narrative")]
+    assert narrative["verified_in"] == [0, 1] and narrative["by_seed"][1]["feature"] == 510
+    assert concepts[("a", "zoo_exceptionalism")]["verified_in"] == [0]
+    known = {k["id"]: k for k in pooled["known_answer"]}
+    assert known["state-narrative"]["found_in"] == [0, 1] and known["exceptionalism"]["found_in"] == [0]
+    assert known["exceptionalism"]["by_seed"][0] == {"found": True, "features": [3]}
+    assert (pooled["known_found_any"], pooled["known_found_all"]) == (2, 1)
+    md = render_seeds_markdown("demo", pooled)
+    assert "2 of 5 planted one-model differences verified in at least one seed, 1 in every seed" in md
+    assert "| state-narrative | B-exclusive | yes (500) | yes (510) | 2 of 2 |" in md
+    assert "| model A | zoo_exceptionalism | feature 3: +1.80 | — | 1 of 2 |" in md
