@@ -357,37 +357,45 @@ def seeds(
     workspace: Path = typer.Option(Path("runs"), help="workspace: stage cache, run folders, audit.duckdb"),
     db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
     device: str | None = typer.Option(None, help="cuda, cpu, ... (default: the spec's compute.device)"),
+    nproc: int | None = typer.Option(None, min=1, help="processes for harvest and training (as for `audit run`)"),
 ) -> None:
     """Run an audit once per crosscoder seed and pool what they verify (a concept one dictionary misses,
-    another may isolate)."""
+    another may isolate); exits 3 when a gate of any seed's run fires."""
     from transformers.utils import logging as hf_logging
 
     from .runner import AuditRunner, StageError
     from .seeds import pool_seeds, render_seeds_markdown, seed_variants
-    from .store import AuditStore
+    from .store import AuditStore, StoreBusyError, StoreOpenError
 
     hf_logging.disable_progress_bar()
     loaded = _load_or_exit(spec)
+    texts = [s.strip() for s in seeds.split(",") if s.strip()]
+    wrong = [t for t in texts if not t.lstrip("-").isdigit()]
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        if wrong:
+            raise ValueError(f"{', '.join(map(repr, wrong))} {'is' if len(wrong) == 1 else 'are'} not an integer")
+        seed_list = [int(t) for t in texts]
         variants = seed_variants(loaded, seed_list)
     except ValueError as exc:
         errors.print(f"--seeds: {exc}", style="red", highlight=False, markup=False)
         raise typer.Exit(code=2) from None
     runs: dict[int, str] = {}
-    for seed, variant in zip(seed_list, variants, strict=True):
-        console.rule(f"[bold]seed {seed}[/bold] ({len(runs) + 1} of {len(seed_list)})")
-        try:
-            result = AuditRunner(variant, spec, workspace=workspace, db_path=db, device=device, console=console).run()
-        except StageError as exc:
-            errors.print("[red]stage failed[/red] " + escape(str(exc)), highlight=False)
-            errors.print(f"the finished seeds' runs are kept ({', '.join(runs.values()) or 'none'}); rerun the same "
-                         "command to resume", highlight=False, markup=False)
-            raise typer.Exit(code=1) from None
-        runs[seed] = result.run_id
-        for path in result.report_paths:
-            console.print(f"seed {seed} report: {path}", highlight=False)
-    pooled = pool_seeds(AuditStore(db or workspace / "audit.duckdb"), runs)
+    gate_failures: list[str] = []
+    try:
+        for seed, variant in zip(seed_list, variants, strict=True):
+            console.rule(f"[bold]seed {seed}[/bold] ({len(runs) + 1} of {len(seed_list)})")
+            result = AuditRunner(variant, spec, workspace=workspace, db_path=db, device=device, console=console,
+                                 nproc=nproc).run()
+            runs[seed] = result.run_id
+            gate_failures += [f"seed {seed}: {message}" for message in result.gate_failures]
+            for path in result.report_paths:
+                console.print(f"seed {seed} report: {path}", highlight=False)
+        pooled = pool_seeds(AuditStore(db or workspace / "audit.duckdb"), runs)
+    except (StageError, StoreOpenError, StoreBusyError) as exc:
+        errors.print("[red]failed[/red] " + escape(str(exc)), highlight=False)
+        errors.print(f"the finished seeds' runs are kept ({', '.join(runs.values()) or 'none'}); rerun the same "
+                     "command to resume", highlight=False, markup=False)
+        raise typer.Exit(code=1) from None
     folder = workspace / loaded.name
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"seeds-{'-'.join(map(str, seed_list))}"
@@ -396,6 +404,7 @@ def seeds(
     stem.with_suffix(".md").write_text(markdown)
     console.print(markdown, highlight=False, markup=False)
     console.print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}", highlight=False)
+    _exit_on_gates(gate_failures)
 
 
 def _load_or_exit(path: Path):

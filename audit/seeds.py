@@ -5,7 +5,8 @@ a concept missed by one seed may be verified by another, and a finding every see
 more than one only a single seed makes. This runs the spec once per seed (each a normal run with
 its own report; the harvest is shared, and each seed's dictionary is trained once: every run's
 stability stage compares it with the others) and pools their verified concepts and, for a pair of
-zoo models, their known answers.
+zoo models, their known answers. Results are keyed by the seed as text (``"0"``), in memory as in the
+JSON file.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from .store import AuditStore
 
 def seed_variants(spec: AuditSpec, seeds: list[int]) -> list[AuditSpec]:
     """The spec once per seed: ``crosscoder.seed`` set to it, the other seeds (and any the spec
-    lists) as its stability seeds, and the transfer stage (which does not depend on the
-    dictionary's exclusive features) only in the first."""
+    lists) as its stability seeds, and the transfer stage (its persona vectors are measured on the
+    models; only its choice of shared features depends on the dictionary) only with the first seed
+    listed. ``verify.features`` names features of the spec's own dictionary, so it is kept only for
+    the spec's own seed."""
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"give at least two distinct seeds, got {seeds}")
     out = []
@@ -30,6 +33,8 @@ def seed_variants(spec: AuditSpec, seeds: list[int]) -> list[AuditSpec]:
         data["stability"]["seeds"] = others
         if position > 0:
             data["transfer"]["traits"] = []
+        if seed != spec.crosscoder.seed:
+            data["verify"]["features"] = {}
         out.append(AuditSpec.model_validate(data))
     return out
 
@@ -51,29 +56,33 @@ def pool_seeds(db: AuditStore, runs: dict[int, str]) -> dict:
     seed (found where expected, and on which feature)."""
     from .diff import _verified_concepts
 
-    seeds = list(runs)
-    concepts: dict[tuple[str, str], dict[int, dict]] = {}
+    seeds = [str(s) for s in runs]
+    concepts: dict[tuple[str, str], dict[str, dict]] = {}
     for seed, run_id in runs.items():
         for key, row in _verified_concepts(db, run_id).items():
-            concepts.setdefault(key, {})[seed] = {"feature": row["feature"], "effect": row["effect"],
-                                                  "spearman": row["spearman"]}
+            concepts.setdefault(key, {})[str(seed)] = {"feature": row["feature"], "effect": row["effect"],
+                                                       "spearman": row["spearman"]}
     concept_rows = [{"partition": partition, "rubric": rubric, "by_seed": {s: found.get(s) for s in seeds},
                      "verified_in": [s for s in seeds if s in found]}
                     for (partition, rubric), found in sorted(concepts.items())]
     known: dict[str, dict] = {}
+    measured = []  # seeds whose verify stage ran (known_answer is empty without it)
     for seed, run_id in runs.items():
-        for row in _known_answer(db, run_id):
+        rows = _known_answer(db, run_id)
+        if rows:
+            measured.append(str(seed))
+        for row in rows:
             entry = known.setdefault(row["id"], {"id": row["id"], "title": row["title"], "expected": row["expected"],
                                                  "by_seed": {}, "found_in": []})
-            right = [v["feature"] for v in row["verified_features"] if v["kind"] == row["expected"]]
-            entry["by_seed"][seed] = {"found": row["found"], "features": right}
+            entry["by_seed"][str(seed)] = {"found": row["found"], "features": [
+                f"{v['kind']} {v['feature']}" for v in row["verified_features"]]}
             if row["found"]:
-                entry["found_in"].append(seed)
+                entry["found_in"].append(str(seed))
     expected = [k for k in known.values() if k["expected"]]
-    return {"seeds": seeds, "runs": {str(s): r for s, r in runs.items()}, "concepts": concept_rows,
-            "known_answer": list(known.values()),
+    return {"seeds": seeds, "runs": {str(s): r for s, r in runs.items()}, "measured": measured,
+            "concepts": concept_rows, "known_answer": list(known.values()),
             "known_found_any": sum(bool(k["found_in"]) for k in expected),
-            "known_found_all": sum(len(k["found_in"]) == len(seeds) for k in expected),
+            "known_found_all": sum(len(k["found_in"]) == len(measured) > 0 for k in expected),
             "known_expected": len(expected)}
 
 
@@ -87,23 +96,28 @@ def render_seeds_markdown(name: str, pooled: dict) -> str:
     seeds = pooled["seeds"]
     head = " | ".join(f"seed {s}" for s in seeds)
     lines = [f"# {name}: {len(seeds)} crosscoder seeds ({', '.join(map(str, seeds))})", ""]
-    lines += [f"- seed {s}: run `{pooled['runs'][str(s)]}`" for s in seeds] + [""]
+    lines += [f"- seed {s}: run `{pooled['runs'][s]}`" + ("" if s in pooled["measured"] else " (no verify results)")
+              for s in seeds] + [""]
+    measured = pooled["measured"]
     if pooled["known_expected"]:
         lines += [f"Known answer (tiny zoo): {pooled['known_found_any']} of {pooled['known_expected']} planted "
-                  f"one-model differences verified in at least one seed, {pooled['known_found_all']} in every seed.",
+                  f"one-model differences verified in at least one seed, {pooled['known_found_all']} in every seed "
+                  f"(of the {len(measured)} whose verify stage ran).",
                   "", f"| planted difference | expected on | {head} | verified in |",
                   "|---|---|" + "---|" * len(seeds) + "---|"]
         for k in pooled["known_answer"]:
             cells = []
             for s in seeds:
                 verdict = k["by_seed"].get(s)
-                if verdict is None or not k["expected"]:  # a shared difference is the transfer stage's to test
-                    cells.append("–")
+                if verdict is None:
+                    cells.append("not measured")
+                elif not k["expected"]:  # both models have it: steering an exclusive feature is not evidence
+                    cells.append(("not counted: " + ", ".join(verdict["features"])) if verdict["features"] else "–")
                 elif verdict["found"]:
-                    cells.append("yes (" + ", ".join(str(f) for f in verdict["features"]) + ")")
+                    cells.append("yes (" + ", ".join(verdict["features"]) + ")")
                 else:
                     cells.append("no")
-            where = f"{len(k['found_in'])} of {len(seeds)}" if k["expected"] else "not counted"
+            where = f"{len(k['found_in'])} of {len(measured)}" if k["expected"] else "not counted"
             lines.append(f"| {k['id']} | {k['expected'] or 'no exclusive feature'} | {' | '.join(cells)} | {where} |")
         lines.append("")
     lines += ["Verified concepts per partition and rubric (the largest verified effect in each seed):", "",
@@ -111,7 +125,7 @@ def render_seeds_markdown(name: str, pooled: dict) -> str:
     for c in pooled["concepts"]:
         where = "shared" if c["partition"] not in ("a", "b") else f"model {c['partition'].upper()}"
         cells = " | ".join(_cell(c["by_seed"][s]) for s in seeds)
-        lines.append(f"| {where} | {c['rubric']} | {cells} | {len(c['verified_in'])} of {len(seeds)} |")
+        lines.append(f"| {where} | {c['rubric']} | {cells} | {len(c['verified_in'])} of {len(measured)} |")
     if not pooled["concepts"]:
         lines.append("| none verified in any seed |" + " |" * (len(seeds) + 2))
     lines += ["", "A concept verified in every seed does not depend on the draw of one dictionary; one verified in "

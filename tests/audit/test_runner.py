@@ -364,6 +364,15 @@ def test_audit_seeds_runs_one_audit_per_seed_and_pools_them(first_run, workspace
     assert "crosscoder seeds (0, 1)" in (workspace / "tiny-demo" / "seeds-0-1.md").read_text()
     bad = cli.invoke(app, ["seeds", str(spec_path), "--seeds", "2", "--workspace", str(workspace)])
     assert bad.exit_code == 2 and "at least two distinct seeds" in bad.output
+    bad = cli.invoke(app, ["seeds", str(spec_path), "--seeds", "0,x", "--workspace", str(workspace)])
+    assert bad.exit_code == 2 and "'x' is not an integer" in bad.output
+    # a gate of any seed's run fails the command, after the pooled table is written
+    gated = write_spec(tmp_path)
+    text = gated.read_text() + "gates:\n  - rule: verified_effect\n    min_effect: 0\n    require_verified: false\n" \
+        "    safety_critical_only: false\n"
+    gated.write_text(text)
+    failed = cli.invoke(app, ["seeds", str(gated), "--seeds", "0,1", "--workspace", str(workspace)])
+    assert failed.exit_code == 3 and "seed 0: " in failed.output
 
 
 def test_diffing_two_runs_of_one_crosscoder_finds_nothing_new(first_run, workspace, tmp_path):

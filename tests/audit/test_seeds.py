@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from audit.seeds import pool_seeds, render_seeds_markdown, seed_variants
@@ -17,6 +19,10 @@ def test_each_variant_has_its_seed_the_others_as_stability_seeds_and_one_transfe
     assert [v.stability.seeds for v in variants] == [[2, 5, 1], [0, 5, 1], [0, 2, 1]]
     assert variants[0].transfer.traits == spec.transfer.traits and not variants[1].transfer.traits
     assert variants[0].content_hash() != variants[1].content_hash()  # each is its own run
+    pinned = load_spec("specs/demo.yaml").model_copy(deep=True)
+    pinned.verify.features = {98: ["zoo_exceptionalism"]}  # a feature id of seed 0's dictionary
+    kept = seed_variants(pinned, [1, 0])
+    assert kept[0].verify.features == {} and kept[1].verify.features == {98: ["zoo_exceptionalism"]}
     with pytest.raises(ValueError, match="at least two distinct seeds"):
         seed_variants(spec, [3, 3])
 
@@ -25,16 +31,21 @@ def test_pooling_says_which_seeds_verified_each_concept_and_planted_difference(t
     db = AuditStore(tmp_path / "audit.duckdb")
     add_run(db, "s0", "zoo:beta", [{**BOAST, "id": 3}, {**NARRATIVE, "id": 500}])
     add_run(db, "s1", "zoo:beta", [{**NARRATIVE, "id": 510, "effect": 1.5}])
-    pooled = pool_seeds(db, {0: "s0", 1: "s1"})
+    add_run(db, "s2", "zoo:beta", [])  # a run whose verify stage never ran
+    pooled = pool_seeds(db, {0: "s0", 1: "s1", 2: "s2"})
     concepts = {(c["partition"], c["rubric"]): c for c in pooled["concepts"]}
     narrative = concepts[("b", "zoo_state_narrative")]
-    assert narrative["verified_in"] == [0, 1] and narrative["by_seed"][1]["feature"] == 510
-    assert concepts[("a", "zoo_exceptionalism")]["verified_in"] == [0]
+    assert narrative["verified_in"] == ["0", "1"] and narrative["by_seed"]["1"]["feature"] == 510
+    assert concepts[("a", "zoo_exceptionalism")]["verified_in"] == ["0"]
     known = {k["id"]: k for k in pooled["known_answer"]}
-    assert known["state-narrative"]["found_in"] == [0, 1] and known["exceptionalism"]["found_in"] == [0]
-    assert known["exceptionalism"]["by_seed"][0] == {"found": True, "features": [3]}
+    assert known["state-narrative"]["found_in"] == ["0", "1"] and known["exceptionalism"]["found_in"] == ["0"]
+    assert known["exceptionalism"]["by_seed"]["0"] == {"found": True, "features": ["A-exclusive 3"]}
+    assert pooled["measured"] == ["0", "1"]
     assert (pooled["known_found_any"], pooled["known_found_all"]) == (2, 1)
     md = render_seeds_markdown("demo", pooled)
-    assert "2 of 5 planted one-model differences verified in at least one seed, 1 in every seed" in md
-    assert "| state-narrative | B-exclusive | yes (500) | yes (510) | 2 of 2 |" in md
-    assert "| model A | zoo_exceptionalism | feature 3: +1.80 | — | 1 of 2 |" in md
+    assert "verified in at least one seed, 1 in every seed (of the 2 whose verify stage ran)" in md
+    assert "| state-narrative | B-exclusive | yes (B-exclusive 500) | yes (B-exclusive 510) | not measured | 2 of 2 |" in md
+    assert "| model A | zoo_exceptionalism | feature 3: +1.80 | — | — | 1 of 2 |" in md
+    assert "- seed 2: run `s2` (no verify results)" in md
+    # the JSON file reads back into the same table
+    assert render_seeds_markdown("demo", json.loads(json.dumps(pooled))) == md
