@@ -252,16 +252,14 @@ def own_seed_verdicts(db: AuditStore, run_id: str) -> dict[int, dict] | None:
     """Per flagged exclusive feature of a run, whether it recurred as exclusive in every other seed
     that run's stability stage trained (``stable``) and the report's short verdict (``label``);
     None when the run trained no other seed."""
-    compared = [d for d in db.rows("seed_dictionaries", run_id) if d.get("status") != "diverged"]
+    from crosscoder.stability import recurs_in_every
+    from reports.render import compared_seeds, recurrence_by_feature, recurrence_label
+
+    compared = compared_seeds(db.rows("seed_dictionaries", run_id))
     if not compared:  # no other seed trained (or every one diverged): nothing to say
         return None
-    from reports.render import recurrence_label
-
-    grouped: dict[int, list[dict]] = {}
-    for row in db.rows("recurrence", run_id, order="feature, seed"):
-        grouped.setdefault(row["feature"], []).append(row)
-    return {feature: {"stable": len(rows) == len(compared) and all(r["status"] == "exclusive" for r in rows),
-                      "label": recurrence_label(rows)} for feature, rows in grouped.items()}
+    return {feature: {"stable": recurs_in_every([r["status"] for r in rows], len(compared)),
+                      "label": recurrence_label(rows)} for feature, rows in recurrence_by_feature(db, run_id).items()}
 
 
 def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:

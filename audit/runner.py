@@ -315,8 +315,7 @@ class AuditRunner:
                 with torch_threads(self._stage_threads(stage)):
                     summary = compute(folder) or {}
                 if done is not None:  # inside the try: writing the marker can hit a full disk too
-                    summary = {**summary, "platform": self._platform()}
-                    _write_json(done, summary)
+                    summary = self._mark_done(done, summary)
             except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
                 message = f"{type(exc).__name__}: {exc}"[:2000]
                 disk_full, full_file = disk_full_path(exc)
@@ -383,7 +382,9 @@ class AuditRunner:
             return None  # the run stops at the missing training (--from after it): nothing to overlap
         if force:
             return "train" if train_runs else "harvest"
-        if done("transfer") or not (train_runs or not all(done(s) for s in ("analyse", "screen", "verify", *(("stability",) if self.spec.stability.seeds else ())))):
+        # stages it would overlap; the stability stage only has work when it trains other seeds
+        overlapped = ("analyse", "screen", "verify") + (("stability",) if self.spec.stability.seeds else ())
+        if done("transfer") or not (train_runs or not all(done(s) for s in overlapped)):
             return None
         return "harvest"
 
@@ -469,7 +470,7 @@ class AuditRunner:
             self._await_training = os.getppid()
         with torch_threads(self._stage_threads(stage)):
             summary = self._compute_transfer(folder)
-        _write_json(folder / "done.json", {**summary, "platform": self._platform()})
+        self._mark_done(folder / "done.json", summary)
         return folder
 
     def _wait_for_training(self, parent: int, poll_s: float = 0.5) -> None:
@@ -491,6 +492,13 @@ class AuditRunner:
             "status": status, "seconds": seconds, "finished_at": datetime.now(), "message": message,
             "platform": json.dumps(platform) if platform else None}],
             where={"stage": stage})
+
+    def _mark_done(self, done: Path, summary: dict) -> dict:
+        """Write an artefact's ``done.json`` (last, so a folder with it is complete): its summary and
+        where it was computed. Returns what was written."""
+        summary = {**summary, "platform": self._platform()}
+        _write_json(done, summary)
+        return summary
 
     def _platform(self) -> dict:
         """Where this process computes (see ``crosscoder.numerics``): kept with each artefact it makes."""
@@ -936,7 +944,7 @@ class AuditRunner:
                                        highlight=False)
                     dictionaries.append({**entry, "status": "diverged", "message": str(exc)[:500]})
                     continue
-                _write_json(done, {**summary, "platform": self._platform()})
+                self._mark_done(done, summary)
             metrics = json.loads((seed_folder / "metrics.json").read_text())
             dictionaries.append({**entry, "status": "trained",
                                  **{k: metrics[k] for k in ("fve_a", "fve_b", "mean_l0", "dead_fraction")}})

@@ -84,6 +84,12 @@ def feature_recurrence(main: Crosscoder, features: dict[str, list[int]], others:
     return rows
 
 
+def recurs_in_every(statuses: list[str], n_seeds: int) -> bool:
+    """Whether a feature's verdicts (one per other dictionary) say it recurs as exclusive in all
+    ``n_seeds`` of them."""
+    return statuses.count(RECURS_EXCLUSIVE) == n_seeds
+
+
 def recurrence_summary(rows: list[dict], seeds: list[int]) -> dict[str, dict]:
     """Per model side, how many of its exclusive features recur as exclusive in every other
     dictionary, in at least one, and how many reappear only under another partition somewhere."""
@@ -95,7 +101,7 @@ def recurrence_summary(rows: list[dict], seeds: list[int]) -> dict[str, dict]:
         verdicts = [v for (s, _), v in by_feature.items() if s == side]
         out[side] = {
             "features": len(verdicts),
-            "exclusive_in_all": sum(v.count(RECURS_EXCLUSIVE) == len(seeds) for v in verdicts),
+            "exclusive_in_all": sum(recurs_in_every(v, len(seeds)) for v in verdicts),
             "exclusive_in_any": sum(RECURS_EXCLUSIVE in v for v in verdicts),
             "shared_somewhere": sum(RECURS_SHARED in v or RECURS_OTHER_SIDE in v for v in verdicts),
             "absent_everywhere": sum(all(x == ABSENT for x in v) for v in verdicts),

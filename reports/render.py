@@ -98,9 +98,9 @@ def exclusivity_plot(features: list[dict]) -> str | None:
     return _png(fig)
 
 
-def recurrence_plot(rows: list[dict]) -> str | None:
+def recurrence_plot(rows: list[dict], threshold: float) -> str | None:
     """Per flagged exclusive feature and other seed, the decoder cosine of its closest counterpart
-    there: exclusive to the same model, and of any partition."""
+    there: exclusive to the same model, and of any partition (``threshold`` marked)."""
     if not rows:
         return None
     same = [r["exclusive_cosine"] for r in rows if not _nan(r["exclusive_cosine"])]
@@ -109,9 +109,7 @@ def recurrence_plot(rows: list[dict]) -> str | None:
     bins = [i / 40 for i in range(-4, 41)]
     ax.hist(anywhere, bins=bins, color="#b0b0b0", label="closest feature, any partition")
     ax.hist(same, bins=bins, color="#4a8a5a", alpha=0.8, label="closest feature exclusive to the same model")
-    threshold = rows[0].get("threshold")
-    if threshold is not None:
-        ax.axvline(threshold, color="#c0392b", linestyle="--", linewidth=1)
+    ax.axvline(threshold, color="#c0392b", linestyle="--", linewidth=1)
     ax.set_xlim(min([0.0, *same, *anywhere]), 1.0)
     ax.set_xlabel("decoder cosine of the closest feature in another seed's dictionary")
     ax.set_ylabel("exclusive features × seeds")
@@ -121,6 +119,19 @@ def recurrence_plot(rows: list[dict]) -> str | None:
 
 RECURRENCE_WORDS = {"exclusive": "exclusive", "shared": "shared", "other-exclusive": "the other model's",
                     "absent": "absent"}
+
+
+def recurrence_by_feature(db, run_id: str) -> dict[int, list[dict]]:
+    """A run's ``recurrence`` rows per feature, one per other seed in seed order."""
+    grouped: dict[int, list[dict]] = {}
+    for row in db.rows("recurrence", run_id, order="feature, seed"):
+        grouped.setdefault(row["feature"], []).append(row)
+    return grouped
+
+
+def compared_seeds(dictionaries: list[dict]) -> list[int]:
+    """The other seeds whose dictionary was compared (``seed_dictionaries`` rows): a diverged seed has none."""
+    return [d["seed"] for d in dictionaries if d.get("status") != "diverged"]
 
 
 def recurrence_label(rows: list[dict]) -> str:
@@ -277,9 +288,8 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     graders = sorted({row["grader"] for row in db.query(
         "SELECT DISTINCT grader FROM scores WHERE run_id = ? AND grader IS NOT NULL", [run_id])})
     explainers = sorted({e["explainer"] for e in explanations.values() if e["explainer"]})
-    recurrence: dict[int, list[dict]] = {}
-    for r in db.rows("recurrence", run_id, order="feature, seed"):
-        recurrence.setdefault(r["feature"], []).append(r)
+    recurrence = recurrence_by_feature(db, run_id)
+    labels = {feature: recurrence_label(rows) for feature, rows in recurrence.items()}
     stability = stability_overview(db, run_id, spec, recurrence)
     detectors = sorted({e["detector"] for e in explanations.values() if e["detector"]})
 
@@ -303,7 +313,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
             "top_tokens": _json_list(f["top_tokens"]), "promoted": _json_list(f["promoted_tokens"]),
             "examples": _examples(generations, grades, f["feature"], best, examples_alpha),
             "recurrence": recurrence_details(recurrence.get(f["feature"], [])),
-            "recurrence_label": recurrence_label(recurrence.get(f["feature"], [])),
+            "recurrence_label": labels.get(f["feature"], ""),
         })
     cards.sort(key=lambda c: (
         not (c["best"] and c["best"]["verified"]),
@@ -361,14 +371,14 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         for v in row["verified_features"]:
             v["exclusivity"] = by_id.get(v["feature"], {}).get("exclusivity")
             v["is_artefact"] = bool(by_id.get(v["feature"], {}).get("is_artefact"))
-            v["recurrence"] = recurrence_label(recurrence.get(v["feature"], []))
+            v["recurrence"] = labels.get(v["feature"], "")
     for f in features:
-        f["recurrence_label"] = recurrence_label(recurrence.get(f["feature"], []))
+        f["recurrence_label"] = labels.get(f["feature"], "")
     platforms = computed_on(db, run_id)
     verified_artefacts = sorted({e["feature"] for e in effects if e["verified"]
                                  and by_id.get(e["feature"], {}).get("is_artefact")})
-    verified_stability = [{"feature": f, "label": recurrence_label(recurrence[f])}
-                          for f in sorted({e["feature"] for e in effects if e["verified"]}) if recurrence.get(f)]
+    verified_stability = [{"feature": f, "label": labels[f]}
+                          for f in sorted({e["feature"] for e in effects if e["verified"]}) if labels.get(f)]
     return {
         "platforms": platforms,
         "stability": stability,
@@ -402,10 +412,11 @@ def stability_overview(db, run_id: str, spec: dict, recurrence: dict[int, list[d
     from crosscoder.stability import recurrence_summary
 
     threshold = (spec.get("stability") or {}).get("threshold", 0.9)
-    rows = [{**r, "threshold": threshold} for feature_rows in recurrence.values() for r in feature_rows]
-    compared = [d["seed"] for d in dictionaries if d.get("status") != "diverged"]  # a diverged seed has no dictionary
+    rows = [r for feature_rows in recurrence.values() for r in feature_rows]
+    compared = compared_seeds(dictionaries)
     return {"dictionaries": dictionaries, "seeds": [d["seed"] for d in dictionaries], "compared": compared,
-            "threshold": threshold, "summary": recurrence_summary(rows, compared), "plot": recurrence_plot(rows)}
+            "threshold": threshold, "summary": recurrence_summary(rows, compared),
+            "plot": recurrence_plot(rows, threshold)}
 
 
 def computed_on(db, run_id: str) -> list[dict]:
