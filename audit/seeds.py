@@ -1,6 +1,6 @@
 """``audit seeds SPEC --seeds 0,1,2``: one audit per crosscoder seed, and what they find together.
 
-Which concepts a dictionary verifies is a draw of its training (README, "What the demo verifies"):
+Which concepts a dictionary verifies is a draw of its training (docs/zoo-findings.md, "What the demo verifies"):
 a concept missed by one seed may be verified by another, and a finding every seed makes is worth
 more than one only a single seed makes. This runs the spec once per seed (each a normal run with
 its own report; the harvest is shared, and each seed's dictionary is trained once: every run's
