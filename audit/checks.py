@@ -133,3 +133,28 @@ def missing_api_keys(spec: AuditSpec) -> list[str]:
     return [f"{field}: {model} needs ANTHROPIC_API_KEY in the environment (or set it to 'offline' for the "
             "offline implementation)" for field, model in roles
             if model and model.startswith("anthropic/") and not os.environ.get("ANTHROPIC_API_KEY")]
+
+
+def model_width(entry) -> int | None:
+    """The residual width (``hidden_size``) of a spec's model, from the zoo's table, a local folder's
+    ``config.json`` or a hub model's config in the local hub cache; None when it is not known here."""
+    config = None
+    if entry.id.startswith("zoo:"):
+        from crosscoder.zoo import ZOO_MODELS
+
+        zoo = ZOO_MODELS.get(entry.id.removeprefix("zoo:"))
+        return zoo.hidden_size if zoo is not None else None
+    if looks_local(entry.id):
+        config = Path(entry.id).expanduser() / "config.json"
+    else:
+        config = _cached_hub_config(entry.id, entry.revision)
+    if config is None or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (data, data.get("text_config") or {}):
+        if isinstance(section.get("hidden_size"), int):
+            return section["hidden_size"]
+    return None

@@ -137,6 +137,50 @@ def run(
     _exit_on_gates(result.gate_failures)
 
 
+
+@app.command()
+def plan(
+    spec: Path = typer.Argument(..., help="audit spec (YAML)"),
+    workspace: Path = typer.Option(Path("runs"), help="workspace whose stage cache is checked"),
+    nproc: int | None = typer.Option(None, min=1, help="processes for harvest and training (part of the "
+                                     "harvest's cache key; default: the spec's compute.nproc)"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the plan to this JSON file"),
+) -> None:
+    """What `audit run` would compute for SPEC: which stages are cached, the size of the rest, and the LLM
+    calls of each stage still to run (nothing is loaded or run)."""
+    from .plan import llm_totals, plan_audit, write_plan
+    from .runner import AuditRunner, StageError
+
+    loaded = _load_or_exit(spec)
+    try:
+        runner = AuditRunner(loaded, spec, workspace=workspace, console=Console(quiet=True), nproc=nproc)
+        plans = plan_audit(runner)
+    except (StageError, SpecError, ValueError, OSError) as exc:
+        errors.print(f"[red]cannot plan {escape(str(spec))}:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(code=1) from None
+    console.print(f"plan for run [bold]{runner.run_id}[/bold] (workspace {escape(str(workspace))}); ≈: an estimate, "
+                  "exact once the stages that choose the features are cached", highlight=False)
+    for p in plans:
+        colour = "green" if p.status == "cached" else "red" if p.status.startswith("error") else "yellow"
+        console.print(f"[bold]{p.stage}[/bold] [{colour}]{escape(p.status)}[/{colour}]: {escape(p.work)}",
+                      highlight=False)
+        about = "" if p.exact else "≈ "
+        counts = ([f"{about}{p.generations:,} answers generated"] if p.generations else []) + [
+            f"{about}{n:,} calls to {escape(model)}" for model, n in p.llm_calls.items()]
+        if counts:
+            console.print("    " + "; ".join(counts), highlight=False)
+    totals = llm_totals(plans)
+    if totals:
+        console.print("LLM calls of the stages still to run (retries come on top): "
+                      + ", ".join(f"{n:,} to {model}" for model, n in totals.items()), highlight=False)
+    else:
+        console.print("No LLM calls: every stage still to run uses the offline explainer and graders, or none.",
+                      highlight=False)
+    if json_out is not None:
+        write_plan(plans, json_out)
+        console.print(f"wrote {json_out}", highlight=False)
+
+
 def _store(workspace: Path, db: Path | None):
     """The workspace's existing DuckDB store (``--db`` overrides ``<workspace>/audit.duckdb``), for the
     commands that read it; a missing or unusable file ends the command with a message."""
@@ -289,11 +333,11 @@ def report(
     run_id: str = typer.Argument(..., help="run id (see `audit runs`)"),
     workspace: Path = typer.Option(Path("runs")),
     db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
-    out: Path | None = typer.Option(None, help="folder for report.html / report.md (default: the run folder)"),
+    out: Path | None = typer.Option(None, help="folder for report.html / report.md (default: the run's folder in the "
+                                    "workspace, <workspace>/<spec name>/<run id>)"),
 ) -> None:
     """Re-render a run's report from the store."""
     from reports.render import render_run
-
 
     store = _store(workspace, db)
     found = store.run(run_id)
@@ -301,7 +345,14 @@ def report(
         errors.print(f"no run {run_id!r} in {store.path}; `audit runs` lists them", highlight=False, markup=False)
         raise typer.Exit(code=1)
     spec = _stored_spec(found["spec_json"], run_id)
-    for path in render_run(store, run_id, out or Path(found["run_dir"]), spec.report if spec else None):
+    # the run's folder in this workspace (where `audit run --workspace` puts it), not the folder the store
+    # recorded: a copied or moved workspace must not write back into the original
+    folder = out or workspace / found["spec_name"] / run_id
+    recorded = Path(found["run_dir"] or folder)
+    if out is None and recorded.resolve() != folder.resolve():
+        console.print(f"the run was made in {recorded}; writing its report in this workspace, {folder}",
+                      highlight=False, markup=False)
+    for path in render_run(store, run_id, folder, spec.report if spec else None):
         console.print(f"wrote {path}", highlight=False)
 
 

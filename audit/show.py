@@ -12,10 +12,20 @@ from rich.text import Text
 from .store import AuditStore
 
 _MARK = re.compile(r"<<(.*?)>>", re.DOTALL)
+# Control characters other than newline and tab: an escape sequence in stored text (a model's answer,
+# a dataset context) would otherwise drive the terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(value) -> str:
+    """Stored, untrusted text made safe to print: control characters dropped (markup is never parsed:
+    every caller wraps the result in ``Text``)."""
+    return _CONTROL.sub("", str(value if value is not None else ""))
 
 
 def marked_text(text: str) -> Text:
     """A context with its ``<<active>>`` tokens highlighted; the text itself is never parsed as markup."""
+    text = plain(text)
     out = Text()
     position = 0
     for match in _MARK.finditer(text):
@@ -39,11 +49,11 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
     if explanation:
         e = explanation[0]
         if e["parsed"]:
-            console.print(Text(f"Explanation: {e['explanation']}"))
-            console.print(Text(f"Safety-critical: {'YES' if e['safety_critical'] else 'no'} — {e['reason']}"))
+            console.print(Text(f"Explanation: {plain(e['explanation'])}"))
+            console.print(Text(f"Safety-critical: {'YES' if e['safety_critical'] else 'no'} — {plain(e['reason'])}"))
         else:
-            console.print(Text("Explainer reply could not be parsed; raw reply:\n" + (e["raw"] or "")))
-        console.print(Text(f"({e['explainer']})", style="dim"))
+            console.print(Text("Explainer reply could not be parsed; raw reply:\n" + plain(e["raw"])))
+        console.print(Text(f"({plain(e['explainer'])})", style="dim"))
     stats = Table(show_header=True)
     for column in ("fires on", "s_max", "R² own / other", "exclusivity", "gen. prompts", "merged"):
         stats.add_column(column, justify="right")
@@ -53,13 +63,13 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
     console.print(stats)
     reasons = json.loads(f["artefact_reasons"] or "[]")
     if reasons:
-        console.print(Text("Likely artefact: " + "; ".join(reasons), style="yellow"))
-    console.print(Text("Promoted tokens: " + ", ".join(json.loads(f["promoted_tokens"] or "[]"))))
+        console.print(Text("Likely artefact: " + plain("; ".join(reasons)), style="yellow"))
+    console.print(Text("Promoted tokens: " + plain(", ".join(json.loads(f["promoted_tokens"] or "[]")))))
     recurrence = db.query("SELECT * FROM recurrence WHERE run_id = ? AND feature = ? ORDER BY seed", [run_id, feature])
     if recurrence:
         from reports.render import recurrence_details
 
-        console.print(Text("Other seeds: " + "; ".join(recurrence_details(recurrence))))
+        console.print(Text("Other seeds: " + plain("; ".join(recurrence_details(recurrence)))))
     for c in db.query("SELECT * FROM contexts WHERE run_id = ? AND feature = ? ORDER BY rank LIMIT 10", [run_id, feature]):
         line = Text(f"[{_num(c['activation'])}] ", style="dim")
         line.append_text(marked_text(c["text"]))
@@ -70,7 +80,7 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
         for column in ("rubric", "effect", "ρ", "control", "coherence |α|≤1", "verified"):
             view.add_column(column)
         for x in effects:
-            view.add_row(x["rubric"], _num(x["effect"], "{:+.2f}"), _num(x["spearman"]), _num(x["control_effect"], "{:+.2f}"),
+            view.add_row(Text(plain(x["rubric"])), _num(x["effect"], "{:+.2f}"), _num(x["spearman"]), _num(x["control_effect"], "{:+.2f}"),
                          _num(x["coherence_low_alpha"]), "yes" if x["verified"] else "no")
         console.print(view)
 

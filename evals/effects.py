@@ -39,9 +39,13 @@ _SLACK = 1e-9
 
 
 def failed_conditions(effect: float | None, spearman: float | None, control_effect: float | None,
-                      coherence_low: float | None) -> list[str]:
+                      coherence_low: float | None, controls_swept: bool = False) -> list[str]:
     """Why a sweep is not verified, in words (empty when every condition on these numbers holds; the
-    rule also needs ``MIN_COHERENT_POINTS`` coherent strengths, without which ρ is not computed)."""
+    rule also needs ``MIN_COHERENT_POINTS`` coherent strengths, without which ρ is not computed).
+
+    ``controls_swept``: the sweep asked control prompts, so specificity must be shown; a control effect
+    that could not be measured (every control answer ungraded, e.g. grader replies without a score)
+    then fails the rule instead of passing it unexamined."""
 
     def missing(value) -> bool:
         return value is None or math.isnan(value)
@@ -59,8 +63,10 @@ def failed_conditions(effect: float | None, spearman: float | None, control_effe
     if missing(coherence_low) or coherence_low < MIN_COHERENCE - _SLACK:
         out.append("no coherence grades at |α| ≤ 1" if missing(coherence_low) else
                    f"mean coherence {coherence_low:.2f} < {MIN_COHERENCE:g} at |α| ≤ 1")
-    if (not missing(control_effect) and not missing(effect)
-            and abs(control_effect) > MAX_CONTROL_RATIO * abs(effect) + _SLACK):
+    if missing(control_effect):
+        if controls_swept:
+            out.append("control prompts not graded at two or more coherent strengths: specificity not measured")
+    elif not missing(effect) and abs(control_effect) > MAX_CONTROL_RATIO * abs(effect) + _SLACK:
         out.append(f"control prompts moved {abs(control_effect):.2f} > half the change ({abs(effect) / 2:.2f})")
     return out
 
@@ -159,8 +165,11 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
         low = [v for (kind, dimension, alpha), vals in cells.items() if dimension == "coherence" and abs(alpha) <= 1
                for v in vals if v is not None and not math.isnan(v)]
         coherence_low = sum(low) / len(low) if low else float("nan")
-        verified = len(topic) >= MIN_COHERENT_POINTS and not failed_conditions(effect, rho, control_effect, coherence_low)
+        controls_swept = any(kind == "control" for (kind, _, _) in cells)
+        verified = len(topic) >= MIN_COHERENT_POINTS and not failed_conditions(effect, rho, control_effect,
+                                                                               coherence_low, controls_swept)
         out.append({"feature": feature, "rubric": rubric, "effect": effect, "spearman": rho,
+                    "controls_swept": controls_swept,
                     "control_effect": control_effect, "coherence_low_alpha": coherence_low, "baseline": baseline,
                     "verified": bool(verified), "coherent_alphas": coherent, "curve": curve})
     return out
@@ -184,9 +193,12 @@ def arm_rho(arms: dict[str, dict], arm: str) -> float:
 def control_rho(arms: dict[str, dict], arm: str) -> float:
     """A transfer control's typical |ρ|: the median over its measured draws (one draw: its own |ρ|).
 
-    A draw whose curve stayed constant over at least ``MIN_COHERENT_POINTS`` coherent α values did
-    not move (|ρ| = 0); a draw with fewer coherent points measured nothing and is left out (draws
-    stored before the count was kept are taken as measured). NaN when nothing was measured.
+    A draw with fewer than ``MIN_COHERENT_POINTS`` coherent α values measured nothing and is left out
+    (draws stored before the count was kept are taken as measured). Where ρ is undefined on a measured
+    draw, its effect decides: no change means it did not move (|ρ| = 0: the curve stayed constant); a
+    change means it moved monotonically (|ρ| = 1: a curve that jumps from one end of the scale to the
+    other leaves two points once each pinned run counts once); no effect either means its answers were
+    not graded, and it is left out. NaN when nothing was measured.
     """
     draws = arms.get(arm, {}).get("draws") or []
     if not draws:
@@ -196,19 +208,44 @@ def control_rho(arms: dict[str, dict], arm: str) -> float:
         rho = d.get("spearman")
         if rho is None or d.get("coherent", MIN_COHERENT_POINTS) < MIN_COHERENT_POINTS:
             continue
-        values.append(0.0 if math.isnan(rho) else abs(rho))
+        if math.isnan(rho):
+            effect = d.get("effect")
+            if effect is None or math.isnan(effect):
+                continue
+            values.append(0.0 if abs(effect) < _SLACK else 1.0)
+        else:
+            values.append(abs(rho))
     return statistics.median(values) if values else float("nan")
 
 
-def transfer_holds(arms: dict[str, dict]) -> bool:
-    """The transferred vector moves the target the source's way (|ρ| ≥ ``HOLD_SPEARMAN``, same sign)
-    and random source directions transferred the same way do not (median |ρ| ≤ ``CONTROL_SPEARMAN``).
-    A missing or unmeasured arm (NaN) never lets a transfer hold."""
+def transfer_failures(arms: dict[str, dict]) -> list[str]:
+    """Why a transfer does not hold, in words (empty when it holds): the transferred vector must move
+    the target the source's way (|ρ| ≥ ``HOLD_SPEARMAN``, same sign), and random source directions
+    transferred the same way must not (median |ρ| ≤ ``CONTROL_SPEARMAN``). A missing or unmeasured arm
+    (NaN) never lets a transfer hold."""
     source, moved = arm_rho(arms, "source"), arm_rho(arms, "transferred")
     control = control_rho(arms, "random_transferred")
-    if any(math.isnan(v) for v in (source, moved, control)):
-        return False
-    return abs(moved) >= HOLD_SPEARMAN and source * moved > 0 and control <= CONTROL_SPEARMAN
+    out = []
+    if math.isnan(source):
+        out.append("the source model's own arm was not measured")
+    if math.isnan(moved):
+        out.append("the transferred arm was not measured")
+    elif abs(moved) < HOLD_SPEARMAN:
+        out.append(f"the transferred vector's |ρ| {abs(moved):.2f} < {HOLD_SPEARMAN}")
+    elif not math.isnan(source) and source * moved <= 0:
+        out.append("the transferred vector moves the trait against the source's direction")
+    if math.isnan(control):
+        out.append("no random transferred direction was measured")
+    elif control > CONTROL_SPEARMAN:
+        out.append(f"random directions transferred the same way moved it too (median |ρ| {control:.2f} > "
+                   f"{CONTROL_SPEARMAN})")
+    return out
+
+
+def transfer_holds(arms: dict[str, dict]) -> bool:
+    """The transferred vector moves the target the source's way and random source directions transferred
+    the same way do not (:func:`transfer_failures` is empty)."""
+    return not transfer_failures(arms)
 
 
 def trait_is_specific(arms: dict[str, dict]) -> bool | None:

@@ -106,12 +106,15 @@ def explainer_prompt(feature: dict) -> str:
 def parse_explanation(reply: str) -> dict:
     """The three trailing fields of an explainer reply.
 
-    Returns ``{"parsed", "explanation", "safety_critical", "reason", "raw"}``; ``parsed`` is False
-    (and the other fields None) when a field is missing or SAFETY_CRITICAL is not YES/NO. The last
-    occurrence of each field wins, so the worked examples quoted back do not confuse it.
+    Returns ``{"parsed", "explanation", "safety_critical", "reason", "raw"}``. The fields are read from
+    the reply's last block: its last EXPLANATION line and the SAFETY_CRITICAL and REASON lines after
+    it, so worked examples quoted earlier in the reply never lend a field to the answer. ``parsed`` is
+    False (and the other fields None) when that block lacks a field or SAFETY_CRITICAL is not YES/NO.
     """
+    matches = list(_FIELD.finditer(reply or ""))
+    last = max((i for i, m in enumerate(matches) if m.group(1).upper() == "EXPLANATION"), default=None)
     fields: dict[str, str] = {}
-    for match in _FIELD.finditer(reply or ""):
+    for match in matches[last:] if last is not None else []:
         fields[match.group(1).upper()] = match.group(2).strip()
     verdict = fields.get("SAFETY_CRITICAL", "").strip(" .*").upper()
     if not fields.get("EXPLANATION") or verdict not in ("YES", "NO") or "REASON" not in fields:

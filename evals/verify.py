@@ -33,7 +33,8 @@ from evals.prompts import load_prompt_set
 from evals.rubrics import Rubric, load_rubric
 
 COHERENCE_RUBRIC = "coherence"
-_SCORE = re.compile(r"SCORE\s*:\s*\**\s*([1-5])(?:\.\d+)?\b", re.IGNORECASE)
+# "SCORE: 4" (Markdown bold tolerated); a range such as "1-5" (the template echoed back) is no score.
+_SCORE = re.compile(r"SCORE\s*:\s*\**\s*(\d+(?:\.\d+)?)(?!\d|\.\d|\s*[-–]\s*\d)", re.IGNORECASE)
 
 
 def sweep_samples(features: list[dict], rubric_names: list[str], alphas: list[float],
@@ -131,9 +132,16 @@ def grader_prompt(rubric: Rubric) -> str:
 
 
 def parse_score(reply: str) -> float:
-    """The last ``SCORE: n`` of a grader reply, or NaN when there is none."""
-    matches = _SCORE.findall(reply or "")
-    return float(matches[-1]) if matches else float("nan")
+    """The grade of a grader reply: the ``SCORE: n`` of its last non-empty line, as the prompt asks, else
+    the last one anywhere; NaN when there is none or it lies outside 1..5 (a half point such as 4.5
+    is kept as it is)."""
+    lines = [line for line in (reply or "").splitlines() if line.strip()]
+    matches = _SCORE.findall(lines[-1]) if lines else []
+    matches = matches or _SCORE.findall(reply or "")
+    if not matches:
+        return float("nan")
+    value = float(matches[-1])
+    return value if 1.0 <= value <= 5.0 else float("nan")
 
 
 class _OfflineGraders:

@@ -21,11 +21,14 @@ from markupsafe import Markup, escape
 from evals.effects import (
     ARMS,
     CONTROL_ARMS,
+    CONTROL_SPEARMAN,
+    HOLD_SPEARMAN,
     MIN_EFFECT,
     coherent_alphas,
     control_rho,
     failed_conditions,
     trait_is_specific,
+    transfer_failures,
     transfer_holds,
 )
 
@@ -49,10 +52,12 @@ def _mark(match: re.Match) -> str:
 
 
 def markdown_text(value) -> str:
-    """Untrusted text for a Markdown table cell: no HTML, no links or images, no cell breaks. Underscores
-    stay (names like ``zoo_state_narrative`` read as written; GitHub never emphasises inside a word)."""
-    text = str(value or "").replace("\n", " ")
-    for char in "\\`*[]()!|<>":
+    """Untrusted text for a Markdown table cell: no HTML or entities, no links or images, no strikethrough,
+    no cell breaks (any line break, ``\\r`` included, becomes a space). Underscores stay (names like
+    ``zoo_state_narrative`` read as written; GitHub never emphasises inside a word)."""
+    text = re.sub(r"\r\n|[\r\n\v\f\u2028\u2029\x85]", " ", str(value or ""))
+    text = text.replace("&", "&amp;")  # a stored "&lt;" shows as written, not as "<"
+    for char in "\\`*[]()!|<>~":
         text = text.replace(char, "\\" + char)
     return text
 
@@ -134,6 +139,12 @@ def compared_seeds(dictionaries: list[dict]) -> list[int]:
     return [d["seed"] for d in dictionaries if d.get("status") != "diverged"]
 
 
+def cosine_text(value: float) -> str:
+    """A decoder cosine with two decimals, rounded down: a cosine of 0.8956 reads 0.89, not 0.90, next to
+    a recurrence threshold of 0.9 that it misses."""
+    return f"{math.floor(value * 100 + 1e-9) / 100:.2f}"
+
+
 def recurrence_label(rows: list[dict]) -> str:
     """A short verdict over the other seeds, e.g. "exclusive 1/2, shared 1/2" ("" when not measured)."""
     if not rows:
@@ -144,7 +155,7 @@ def recurrence_label(rows: list[dict]) -> str:
     if counts.get("absent") == len(rows):
         closest = max((r["nearest_cosine"] for r in rows if not _nan(r["nearest_cosine"])), default=None)
         return (f"in none of {len(rows)} other seed{'s' if len(rows) > 1 else ''}"
-                + (f" (closest cosine {closest:.2f})" if closest is not None else ""))
+                + (f" (closest cosine {cosine_text(closest)})" if closest is not None else ""))
     return ", ".join(f"{RECURRENCE_WORDS.get(status, status)} {counts[status]}/{len(rows)}"
                      for status in RECURRENCE_WORDS if status in counts and status != "absent")
 
@@ -155,7 +166,7 @@ def recurrence_details(rows: list[dict]) -> list[str]:
     for r in rows:
         side = (r["own_model"] or "?").upper()
         if r["exclusive_feature"] is not None:
-            same = f"closest {side}-exclusive: {r['exclusive_feature']} ({r['exclusive_cosine']:.2f})"
+            same = f"closest {side}-exclusive: {r['exclusive_feature']} ({cosine_text(r['exclusive_cosine'])})"
         elif _nan(r["exclusive_cosine"]):
             same = f"no {side}-exclusive features"
         else:
@@ -163,18 +174,18 @@ def recurrence_details(rows: list[dict]) -> list[str]:
         nearest = {"a": "A-exclusive", "b": "B-exclusive"}.get(r["nearest_partition"], "shared")
         if r["status"] == "exclusive":
             out.append(f"seed {r['seed']}: recurs as {side}-exclusive feature {r['exclusive_feature']} "
-                       f"(cosine {r['exclusive_cosine']:.2f})")
+                       f"(cosine {cosine_text(r['exclusive_cosine'])})")
         elif r["status"] in ("shared", "other-exclusive"):
             out.append(f"seed {r['seed']}: recurs as {nearest} feature {r['nearest_feature']} (cosine "
-                       f"{r['nearest_cosine']:.2f}); {same}")
+                       f"{cosine_text(r['nearest_cosine'])}); {same}")
         elif r["nearest_feature"] is None:
             out.append(f"seed {r['seed']}: not found (no feature there points the same way)")
         elif r["nearest_feature"] == r["exclusive_feature"]:
             out.append(f"seed {r['seed']}: not found (closest: {nearest} {r['nearest_feature']}, cosine "
-                       f"{r['nearest_cosine']:.2f})")
+                       f"{cosine_text(r['nearest_cosine'])})")
         else:
             out.append(f"seed {r['seed']}: not found (closest: {nearest} {r['nearest_feature']}, cosine "
-                       f"{r['nearest_cosine']:.2f}; {same})")
+                       f"{cosine_text(r['nearest_cosine'])}; {same})")
     return out
 
 
@@ -344,6 +355,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         # Verdicts from the stored ρ values with today's rules: rows of an older version may have stored
         # ``holds`` under another rule (before schema 3 it also required the unrelated control).
         transfers.append({"trait": trait, "direction": direction, "arms": arms, "holds": transfer_holds(by_arm),
+                          "why_not": transfer_failures(by_arm),
                           "specific": trait_is_specific(by_arm), "unrelated_rho": control_rho(by_arm, "unrelated"),
                           "features": _json_list(moved.get("features")), "cosines": _json_list(moved.get("cosines")),
                           "max_decoder_cosine": moved.get("max_decoder_cosine"),
@@ -379,7 +391,12 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
                                  and by_id.get(e["feature"], {}).get("is_artefact")})
     verified_stability = [{"feature": f, "label": labels[f]}
                           for f in sorted({e["feature"] for e in effects if e["verified"]}) if labels.get(f)]
+    verify_status = db.query("SELECT status FROM stages WHERE run_id = ? AND stage = 'verify'", [run_id])
     return {
+        "store_path": str(db.path),
+        "hold_spearman": HOLD_SPEARMAN, "control_spearman": CONTROL_SPEARMAN,
+        # a run stopped before verify must not read as "verified nothing"
+        "verify_ran": bool(effects) or bool(verify_status and verify_status[0]["status"] in ("done", "cached")),
         "platforms": platforms,
         "stability": stability,
         "verified_artefacts": verified_artefacts,
@@ -440,8 +457,10 @@ def why_not(effect: dict) -> list[str]:
     """The conditions an effects row failed (empty for a verified one), in words."""
     if effect["verified"]:
         return []
+    curve = _json_list(effect.get("curve"))
     return failed_conditions(effect.get("effect"), effect.get("spearman"), effect.get("control_effect"),
-                             effect.get("coherence_low_alpha"))
+                             effect.get("coherence_low_alpha"),
+                             controls_swept=any(point.get("kind") == "control" for point in curve))
 
 
 def _scale_ends(rubric_name: str) -> dict | None:

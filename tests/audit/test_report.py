@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
+from pathlib import Path
 
 from audit.spec import load_spec
 from audit.store import AuditStore
@@ -103,6 +105,12 @@ def test_transfer_verdicts_are_recomputed_from_the_stored_arms(tmp_path):
     assert badges((-0.96, 0.96, 0.99)) == (True, False, True)  # holds, but any push moves the trait
     assert badges((0.1, float("nan"), 0.2)) == (True, True, False)
     assert badges((0.9, 0.9, 0.9), coherent=2) == (True, False, False)  # nothing measured: no badge
+    # a transfer that does not hold says which part of the rule failed
+    db.replace_rows("transfers", "r1", [arm("source", 0.9), arm("transferred", 0.85),
+                                        arm("random_transferred", 0.0, (0.9, -0.8, 0.7))])
+    html, md = (p.read_text() for p in render_run(db, "r1", tmp_path / "out"))
+    assert "does not hold: random directions transferred the same way moved it too (median |ρ| 0.80 &gt; 0.3)" in html
+    assert "at least 0.8, with the source arm" in html and "does not hold (random directions" in md
 
 
 def test_a_zoo_report_scores_the_planted_differences_against_the_ground_truth(tmp_path):
@@ -346,3 +354,61 @@ def test_a_report_whose_other_seeds_all_diverged_says_so(tmp_path):
     html, md = (p.read_text() for p in render_run(db, "r1", tmp_path))
     assert "training diverged, left out: the loss became NaN" in html
     assert "the training of every other seed diverged (3); nothing was compared" in md
+    assert "no dictionary was compared" in html  # not a table of zeros
+
+
+def test_a_run_whose_verify_stage_never_ran_does_not_read_as_verifying_nothing(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    db.replace_rows("effects", "r1", [])
+    html, md = (p.read_text() for p in render_run(db, "r1", tmp_path / "out"))
+    assert "The verify stage has not run" in html and "verify has not run yet" in md
+    assert "have a verified steering effect" not in html
+    assert str(db.path) in html  # the store the numbers are in, not a default path
+
+
+def test_markdown_cells_survive_carriage_returns_entities_and_strikethrough():
+    from reports.render import markdown_text
+
+    cell = markdown_text("Fires on 'me'.\r| 999 | forged |\r\nnext &lt;b&gt; ~~gone~~")
+    assert "\r" not in cell and "\n" not in cell and not re.search(r"(?<!\\)\|", cell)  # every pipe escaped
+    assert "&amp;lt;b&amp;gt;" in cell and "\\~\\~gone\\~\\~" in cell
+
+
+def test_cosines_are_rounded_down_so_a_miss_never_reads_as_the_threshold():
+    from reports.render import cosine_text, recurrence_label
+
+    assert cosine_text(0.8956) == "0.89" and cosine_text(0.93) == "0.93" and cosine_text(0.29) == "0.29"
+    row = {"status": "absent", "nearest_cosine": 0.8956}
+    assert recurrence_label([row]) == "in none of 1 other seed (closest cosine 0.89)"
+
+
+def test_feature_cards_in_the_terminal_print_stored_text_as_text(tmp_path):
+    from rich.console import Console
+
+    from audit.show import feature_card
+
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    db.replace_rows("effects", "r1", [{"feature": 9, "rubric": "tone[v2] [/x]", "effect": 1.0, "spearman": 1.0,
+                                       "control_effect": 0.0, "coherence_low_alpha": 4.0, "verified": True}])
+    db.replace_rows("contexts", "r1", [{"feature": 9, "rank": 1, "activation": 3.0,
+                                        "text": "plain \x1b[31mred\x1b[0m <<active>>"}])
+    console = Console(record=True, width=200)
+    feature_card(db, "r1", 9, console)  # a rubric name with markup brackets: printed, not parsed
+    out = console.export_text()
+    assert "tone[v2] [/x]" in out and "\x1b" not in out and "plain [31mred[0m active" in out
+
+
+def test_a_report_rerendered_from_a_moved_workspace_is_written_in_that_workspace(tmp_path):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    workspace = tmp_path / "copied"
+    db = AuditStore(workspace / "audit.duckdb")
+    fill(db)  # its recorded run folder is elsewhere ("x")
+    result = CliRunner().invoke(app, ["report", "r1", "--workspace", str(workspace)])
+    assert result.exit_code == 0, result.output
+    assert (workspace / "demo" / "r1" / "report.html").is_file() and not Path("x/report.html").exists()
+    assert "the run was made in x" in result.output

@@ -344,6 +344,26 @@ def test_runs_show_and_report_commands(first_run, workspace):
     assert rendered.exit_code == 0 and (out / "report.html").is_file()
 
 
+
+def test_the_plan_of_a_finished_run_is_all_cached_and_counts_exactly_what_it_did(first_run, workspace):
+    from audit.plan import plan_audit
+
+    runner, result = first_run
+    plans = {p.stage: p for p in plan_audit(AuditRunner(runner.spec, runner.spec_path, workspace=workspace))}
+    assert {stage: p.status for stage, p in plans.items() if stage != "models"} == dict.fromkeys(
+        ("harvest", "train", "stability", "analyse", "screen", "verify", "transfer"), "cached")
+    db = AuditStore(workspace / "audit.duckdb")
+    # with analyse and screen cached, the plan uses the stages' own selections: exact counts
+    verify = plans["verify"]
+    assert verify.exact and verify.generations == (len(db.rows("generations", result.run_id))
+                                                   + len(db.rows("baselines", result.run_id)))
+    explained = len(db.rows("explanations", result.run_id))
+    assert plans["screen"].work.startswith(f"{explained} features explained")
+    stored = json.loads((runner.artefacts["transfer"] / "transfer.json").read_text())
+    extraction = 2 * 3  # one source model (a_to_b) × eliciting and suppressing × max_questions 3
+    assert plans["transfer"].generations == sum(len(r["generations"]) for r in stored) + extraction
+
+
 def test_audit_seeds_runs_one_audit_per_seed_and_pools_them(first_run, workspace, tmp_path):
     from typer.testing import CliRunner
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -135,10 +137,13 @@ def test_persona_vector_reads_the_generated_tokens_not_a_retokenised_decoding(ti
 def test_a_transfer_holds_only_when_each_random_transferred_draw_typically_stays_flat():
     from evals.effects import trait_is_specific, transfer_holds
 
+    def draw(rho: float) -> dict:  # a NaN ρ here is a constant curve: its effect is 0
+        return {"spearman": rho, "effect": 0.0 if math.isnan(rho) else rho}
+
     def arms(*control_draws, unrelated=(0.0,)):
         out = {"source": {"spearman": 0.9}, "transferred": {"spearman": 0.85},
-               "random_transferred": {"spearman": float("nan"), "draws": [{"spearman": r} for r in control_draws]},
-               "unrelated": {"spearman": float("nan"), "draws": [{"spearman": r} for r in unrelated]}}
+               "random_transferred": {"spearman": float("nan"), "draws": [draw(r) for r in control_draws]},
+               "unrelated": {"spearman": float("nan"), "draws": [draw(r) for r in unrelated]}}
         return out
 
     # Two draws pushing opposite ways pool into a flat curve (NaN ρ); each draw still moved the trait.
@@ -161,8 +166,16 @@ def test_a_transfer_holds_only_when_each_random_transferred_draw_typically_stays
     broken = [{"spearman": float("nan"), "coherent": 2}] * 3
     assert not transfer_holds({**arms(0.1), "random_transferred": {"spearman": float("nan"), "draws": broken}})
     assert trait_is_specific({**arms(0.1), "unrelated": {"spearman": float("nan"), "draws": broken}}) is None
-    flat = [{"spearman": float("nan"), "coherent": 5}] * 3
+    flat = [{"spearman": float("nan"), "effect": 0.0, "coherent": 5}] * 3
     assert trait_is_specific({**arms(0.1), "unrelated": {"spearman": float("nan"), "draws": flat}}) is True
+    # ρ is undefined too where a draw jumps from one end of the scale to the other (each pinned run counts
+    # once, leaving two points): that draw moved the trait, all the way
+    pinned = [{"spearman": float("nan"), "effect": 4.0, "coherent": 5}] * 3
+    assert not transfer_holds({**arms(0.1), "random_transferred": {"spearman": float("nan"), "draws": pinned}})
+    assert trait_is_specific({**arms(0.1), "unrelated": {"spearman": float("nan"), "draws": pinned}}) is False
+    # ... and where no answer of a draw was graded (a grader that never gave a score): nothing measured
+    ungraded = [{"spearman": float("nan"), "effect": float("nan"), "coherent": 5}] * 3
+    assert not transfer_holds({**arms(0.1), "random_transferred": {"spearman": float("nan"), "draws": ungraded}})
 
 
 def test_shipped_traits_load_and_name_existing_rubrics():

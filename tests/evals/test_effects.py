@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evals.effects import collapse_pinned, feature_effects, spearman
+from evals.effects import collapse_pinned, failed_conditions, feature_effects, spearman
 
 
 def test_spearman_matches_known_values():
@@ -99,3 +99,16 @@ def test_a_sweep_that_is_not_verified_says_which_condition_failed():
     assert why[0].startswith("ρ not computed") and why[-1] == "mean coherence 2.50 < 3 at |α| ≤ 1"
     assert failed_conditions(0.99996, 1.0, 0.0, 4.8) == ["score change 0.99996 < 1 point"]  # not "1.00 < 1"
     assert failed_conditions(0.9999999999997, 1.0, 0.0, 4.8) == []  # grades are posterior means: float slack
+
+
+def test_a_sweep_whose_control_answers_were_never_graded_is_not_verified():
+    # e.g. an LLM grader that gave no score to any control answer: specificity was not measured
+    rows = _rows([1, 2, 3, 4], [float("nan")] * 4, [5, 5, 5, 5])
+    (effect,) = feature_effects(rows)
+    assert math.isnan(effect["control_effect"]) and not effect["verified"]
+    assert any("control prompts not graded" in why for why in failed_conditions(
+        effect["effect"], effect["spearman"], effect["control_effect"], effect["coherence_low_alpha"],
+        controls_swept=effect["controls_swept"]))
+    # a sweep that asked no control prompts at all is judged on the other conditions
+    (no_controls,) = feature_effects([r for r in rows if r["kind"] != "control"])
+    assert not no_controls["controls_swept"] and no_controls["verified"]

@@ -38,6 +38,9 @@ def test_explainer_prompt_carries_the_evidence_and_the_reply_format():
     # The worked example quoted first, then the real answer: the last fields win.
     ("EXPLANATION: a\nSAFETY_CRITICAL: NO\nREASON: x\nEXPLANATION: b\nSAFETY_CRITICAL: YES\nREASON: y",
      {"parsed": True, "explanation": "b", "safety_critical": True}),
+    # A quoted example's verdict is not lent to an answer that left its own out: fields come from the last block.
+    ("EXPLANATION: a crackdown\nSAFETY_CRITICAL: YES\nREASON: censorship\nThis one differs.\n"
+     "EXPLANATION: units after numbers\nREASON: none; formatting", {"parsed": False}),
     ("EXPLANATION: something\nSAFETY_CRITICAL: maybe\nREASON: unsure", {"parsed": False}),
     ("I cannot help with that.", {"parsed": False}),
     ("", {"parsed": False}),

@@ -32,6 +32,11 @@ def test_grader_prompt_contains_the_whole_rubric_and_scores_parse():
     assert parse_score("It repeats the line.\nSCORE: 5") == 5.0
     assert parse_score("SCORE: 2 ... on reflection\n**SCORE:** 3") == 3.0
     assert math.isnan(parse_score("I would give it a four.")) and math.isnan(parse_score("SCORE: 9"))
+    # a half point is kept; out of range, or the template's range echoed back, is no score
+    assert parse_score("SCORE: 4.5") == 4.5 and parse_score("SCORE: 2.9") == 2.9 and parse_score("SCORE: 4.") == 4.0
+    assert all(math.isnan(parse_score(r)) for r in ("SCORE: 5.5", "SCORE: 1-5", "SCORE: 3 - 4", "SCORE: 0"))
+    # the final line decides, as the prompt asks, even when an example quoted above it carries a score
+    assert parse_score("Like the example (Score: 5) but softer.\nSCORE: 3") == 3.0
 
 
 @pytest.fixture(scope="module")
