@@ -38,6 +38,7 @@ def rubric_problems(spec: AuditSpec) -> list[str]:
             entries.append((f"transfer.traits ({name}'s rubric)", load_trait(name).rubric))
         except TraitError as exc:
             problems.append(f"transfer.traits: {exc}")
+    swept: set[str] = set()  # what a gate's rubric may name: as written in verify, or the rubric's own name
     for field, name in entries:
         try:
             rubric = load_rubric(name)
@@ -45,6 +46,14 @@ def rubric_problems(spec: AuditSpec) -> list[str]:
                 load_prompt_set(rubric.prompt_set)
         except (RubricError, PromptSetError) as exc:
             problems.append(f"{field}: {exc}")
+            continue
+        if field.startswith("verify."):
+            swept.update((str(name), rubric.name))
+    for i, gate in enumerate(spec.gates):
+        if gate.rubric is not None and gate.rubric not in swept:
+            known = ", ".join(sorted(swept)) or "none: verify sweeps no rubric"
+            problems.append(f"gates.{i}.rubric: {gate.rubric!r} is not a rubric this spec sweeps, so the gate could "
+                            f"never fire (swept: {known})")
     return problems
 
 

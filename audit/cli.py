@@ -107,6 +107,11 @@ def run(
     from .store import StoreBusyError, StoreOpenError
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening; theirs interleave
+    for option, name in (("--only", only), ("--from", start)):
+        if name is not None and name not in STAGES:
+            errors.print(f"{option} {name}: no such stage; choose one of {', '.join(STAGES)}", highlight=False,
+                         markup=False)
+            raise typer.Exit(code=2)
     loaded = _load_or_exit(spec)
     try:
         runner = AuditRunner(loaded, spec, workspace=workspace, db_path=db, device=device, console=console,
@@ -115,6 +120,7 @@ def run(
         errors.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
         raise typer.Exit(code=1) from None
     console.print(f"run [bold]{runner.run_id}[/bold] → {runner.run_dir}", highlight=False)
+    _stop_on_sigterm()
     try:
         result = runner.run(only=only, start=start, force=force)
     except (StoreOpenError, StoreBusyError) as exc:
@@ -179,6 +185,17 @@ def plan(
     if json_out is not None:
         write_plan(plans, json_out)
         console.print(f"wrote {json_out}", highlight=False)
+
+
+def _stop_on_sigterm() -> None:
+    """Treat SIGTERM (``kill``, ``timeout``, a CI job cancelled) like Ctrl-C: the runner then records where it
+    stopped and stops the stage it started in a second process, instead of dying with it still running."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _store(workspace: Path, db: Path | None):

@@ -85,11 +85,27 @@ def lower_priority() -> None:
         os.nice(BACKGROUND_NICENESS)
 
 
+def stop_with_parent() -> None:
+    """On Linux, ask the kernel to send this process SIGTERM when the process that started it dies (a
+    killed ``audit run`` must not leave its second process computing); elsewhere a no-op (the waiting
+    transfer still notices its parent is gone)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+
+
 def _transfer(args: argparse.Namespace) -> int:
     from .runner import AuditRunner, StageError
     from .spec import SpecError, load_spec
 
     lower_priority()
+    stop_with_parent()
     print(f"transfer: pid {os.getpid()}, niceness {os.nice(0) if hasattr(os, 'nice') else 'n/a'}", file=sys.stderr)
     try:
         spec = load_spec(args.spec)

@@ -103,6 +103,10 @@ class StageError(RuntimeError):
         self.stage = stage
 
 
+class MissingStagesError(StageError):
+    """``--only`` / ``--from`` selected a stage whose inputs are not cached: nothing was computed."""
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE_CODE = {  # the source files whose change should rerun a stage (its own logic, not the libraries')
     "train": ("crosscoder/train.py", "crosscoder/model.py", "crosscoder/sparse.py", "crosscoder/config.py"),
@@ -246,6 +250,7 @@ class AuditRunner:
                 raise StageError(name, f"unknown stage; choose one of {', '.join(STAGES)}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json"))
+        previous = self.db.run(self.run_id)  # restored if this invocation turns out to compute nothing
         self._register_run(status="running")
         first = STAGES.index(start) if start else 0
         self._missing = []  # a runner may run several times (e.g. --only harvest, then --only train)
@@ -268,6 +273,13 @@ class AuditRunner:
                     transfer_after = self._transfer_start(first, force)
                 if background is None and stage == transfer_after:
                     background = self._start_background("transfer", force, wait_for_training=stage != "train")
+        except MissingStagesError:
+            # nothing was computed: a finished run keeps its row as it was, a new one says why it stopped
+            if previous is not None:
+                self.db.upsert_run(previous)
+            else:
+                self._register_run(status="not run: earlier stages missing")
+            raise
         finally:
             if background is not None:  # a stage before it failed or was interrupted: its finished work stays
                 background.stop()
@@ -302,8 +314,8 @@ class AuditRunner:
             inputs = STAGE_INPUTS.get(stage)  # None: every stage before it
             needed = [s for s in self._missing if s not in ("validate", "models") and (inputs is None or s in inputs)]
             if needed:
-                raise StageError(stage, f"needs the {', '.join(needed)} stage(s), which are not in the cache for "
-                                 "these settings; run without --only/--from first")
+                raise MissingStagesError(stage, f"needs the {', '.join(needed)} stage(s), which are not in the cache "
+                                         "for these settings; run without --only/--from first")
             if force and folder is not None and folder.exists():
                 shutil.rmtree(folder)
             if folder is not None:
@@ -1042,9 +1054,9 @@ def _count_layers(path: str, entry, side: str) -> int:
 
 def _trait_path(name: str) -> Path:
     from crosscoder.persona import TRAIT_DIR
+    from crosscoder.yamlfile import named_or_path
 
-    candidate = Path(name)
-    return candidate if candidate.suffix in {".yaml", ".yml"} else TRAIT_DIR / f"{name}.yaml"
+    return named_or_path(name, TRAIT_DIR)
 
 
 def _trait_rubric(name: str) -> str:

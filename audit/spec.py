@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,8 +21,13 @@ class SpecError(ValueError):
     """A spec file that cannot be used; the message names the file, line and field."""
 
 
+#: Seeds reach torch and numpy generators, which take 64-bit values.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are never a setting: they would pass a range check and fail far from the field
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _refuse_hardware(values, moved: dict[str, str]):
@@ -39,7 +44,7 @@ class ModelSpec(_Strict):
 
     id: str = Field(description="Hugging Face hub id, local folder, or zoo:<name>")
     revision: str | None = None
-    layer: int = Field(ge=0, description="0-based decoder block whose output is captured")
+    layer: int = Field(ge=0, strict=True, description="0-based decoder block whose output is captured")
     trust_remote_code: bool = False
     chat_template: str | None = Field(default=None, description="override the tokenizer's chat template: a Jinja "
                                       "string or a path to a .jinja file")
@@ -80,7 +85,7 @@ class DataSpec(_Strict):
     sources: list[DataSource] = Field(min_length=1)
     max_tokens: int = Field(default=200_000, gt=0, description="token budget (model A's tokens)")
     context_length: int = Field(default=256, gt=8)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class TrainSpec(_Strict):
@@ -151,7 +156,7 @@ class CrosscoderSpec(_Strict):
     exclusive_fraction: float = 0.05
     shared_fraction: float = 0.125
     shared_cost_ratio: float = 0.15
-    seed: int = 0
+    seed: Seed = 0
     lr: float | None = None
     aux_k: int | None = None
     aux_alpha: float = 1 / 32
@@ -218,7 +223,7 @@ class StabilitySpec(_Strict):
     flagged exclusive feature, whether its decoder direction recurs there, as an exclusive feature of
     the same model or under the shared partition."""
 
-    seeds: list[int] = Field(default_factory=list, description="crosscoder seeds to train besides crosscoder.seed "
+    seeds: list[Seed] = Field(default_factory=list, description="crosscoder seeds to train besides crosscoder.seed "
                              "(each one more training of the same cost)")
     threshold: float = Field(default=0.9, gt=0, le=1, description="decoder cosine at which two features are the same")
 
@@ -247,7 +252,7 @@ class TransferSpec(_Strict):
                                description="random directions per control arm; it passes on their median |ρ|")
     max_tokens: int = Field(default=48, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
-    seed: int = 0
+    seed: Seed = 0
 
     _alphas_have_zero = field_validator("alphas")(_alpha_grid)
 
@@ -309,6 +314,15 @@ class AuditSpec(_Strict):
         if self.crosscoder.train.batch_size % self.compute.nproc:
             raise ValueError(f"crosscoder.train.batch_size ({self.crosscoder.train.batch_size}) must be a multiple "
                              f"of compute.nproc ({self.compute.nproc}): each rank takes an equal share")
+        return self
+
+    @model_validator(mode="after")
+    def _swept_features_exist(self) -> AuditSpec:
+        size = self.crosscoder.dict_size
+        wrong = sorted(f for f in self.verify.features if not 0 <= f < size)
+        if wrong:
+            raise ValueError(f"verify.features: feature id(s) {wrong} outside the dictionary (crosscoder.dict_size "
+                             f"{size}: ids 0–{size - 1})")
         return self
 
     @model_validator(mode="after")

@@ -368,18 +368,66 @@ def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, add_generati
     return rendered + "assistant:" if add_generation_prompt else rendered
 
 
-def _locate_contents(rendered: str, contents: Sequence[str]) -> list[tuple[int, int, int]]:
-    """Where each message content lies in `rendered`, searching forward from the previous one.
+def _marker(i: int) -> str:
+    """A stand-in for message ``i``'s content that no template alters and no text contains (Unicode
+    private-use characters around the number)."""
+    return f"\ue000{i}\ue001"
+
+
+def _template_pieces(skeleton: str, n: int) -> list[str] | None:
+    """The template text around each content, from a rendering with :func:`_marker` contents: ``n + 1``
+    pieces (before the first content, between contents, after the last); None when a marker is
+    missing, repeated or out of order (a template that branches on the content itself)."""
+    pieces, pos = [], 0
+    for i in range(n):
+        marker = _marker(i)
+        at = skeleton.find(marker, pos)
+        if at < 0 or skeleton.find(marker, at + 1) >= 0:
+            return None
+        pieces.append(skeleton[pos:at])
+        pos = at + len(marker)
+    pieces.append(skeleton[pos:])
+    return pieces
+
+
+def _locate_contents(rendered: str, contents: Sequence[str],
+                     pieces: Sequence[str] | None = None) -> list[tuple[int, int, int]]:
+    """Where each message content lies in `rendered`.
+
+    With the template's own ``pieces`` (:func:`_template_pieces`), content i is looked for right where
+    the template puts it, after the template text before it, so a content that also occurs in template
+    text (a default system prompt, a role name) is never found there. Without them, or when the
+    rendering does not follow them, each content is searched forward from the previous one.
 
     Returns per message (render_start, render_end, offset_in_content): templates may strip the
     content, in which case the stripped text is located and `offset_in_content` says where it
     starts inside the original content.
     """
+    def variants(content: str) -> list[str]:
+        return [v for v in dict.fromkeys((content, content.strip(), content.strip("\n"), content.lstrip("\n"))) if v]
+
+    if pieces is not None and len(pieces) == len(contents) + 1:
+        found, pos = [], 0
+        for content, before, after in zip(contents, pieces[:-1], pieces[1:], strict=True):
+            if not rendered.startswith(before, pos):
+                break
+            start = pos + len(before)
+            # the variant the template rendered is the one its next piece follows
+            match = next((v for v in variants(content) if rendered.startswith(v, start)
+                          and rendered.startswith(after, start + len(v))), None)
+            if match is None and content.strip():
+                break
+            end = start + len(match) if match else start
+            found.append((start, end, content.find(match) if match else 0))
+            pos = end
+        else:
+            if rendered.startswith(pieces[-1], pos) and pos + len(pieces[-1]) == len(rendered):
+                return found
     found = []
     pos = 0
     for content in contents:
-        for variant in (content, content.strip(), content.strip("\n"), content.lstrip("\n")):
-            at = rendered.find(variant, pos) if variant else -1
+        for variant in variants(content):
+            at = rendered.find(variant, pos)
             if at >= 0:
                 found.append((at, at + len(variant), content.find(variant)))
                 pos = at + len(variant)
@@ -465,7 +513,9 @@ def align_chat(
         rendered = render_chat(messages, tok, add_generation_prompt)
         ids, offs = _encode(tok, rendered)
         offs = repair_offsets(rendered, offs)
-        segments = _locate_contents(rendered, contents)
+        skeleton = render_chat([{**m, "content": _marker(i)} for i, m in enumerate(messages)], tok,
+                               add_generation_prompt)
+        segments = _locate_contents(rendered, contents, _template_pieces(skeleton, len(contents)))
         shared, content = _to_shared(
             rendered, offs, ids, segments, seg_starts, special_token_ids(tok), whitespace_overhang
         )

@@ -81,8 +81,16 @@ class CrosscoderConfig(BaseModel):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value} must be a positive finite number")
-        if self.outlier_factor is not None and self.outlier_factor <= 1.0:
-            raise ValueError(f"outlier_factor={self.outlier_factor} must be > 1 (or null to disable)")
+        if self.outlier_factor is not None and not (math.isfinite(self.outlier_factor) and self.outlier_factor > 1.0):
+            raise ValueError(f"outlier_factor={self.outlier_factor} must be a finite number > 1 (or null to disable)")
+        if not (math.isfinite(self.aux_alpha) and self.aux_alpha >= 0):
+            raise ValueError(f"aux_alpha={self.aux_alpha} must be a finite number ≥ 0 (0 turns AuxK off)")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip={self.grad_clip} must be a positive finite number")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas={self.adam_betas} must both lie in [0, 1)")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed} must lie in [0, 2**63)")
         return self
 
     # ---- partition layout -------------------------------------------------------------------

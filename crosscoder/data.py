@@ -30,29 +30,46 @@ class SourceSettings:
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
 
-def _jsonl_rows(path: Path, field: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def _text_lines(path: Path, field: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 file, decoded line by line so that a bad byte is named exactly."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataSourceError(f"{field}.path: {path}:{number} is not valid JSON: {exc.msg}") from None
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataSourceError(f"{field}.path: {path}:{number} is not UTF-8 text ({exc.reason} at byte "
+                                      f"{exc.start} of the line); convert the file to UTF-8") from None
+            yield number, line[:-2] + "\n" if line.endswith("\r\n") else line  # as text mode reads Windows lines
 
 
-def _paragraph_rows(path: Path) -> Iterator[dict]:
+def _jsonl_rows(path: Path, field: str) -> Iterator[dict]:
+    for number, line in _text_lines(path, field):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataSourceError(f"{field}.path: {path}:{number} is not valid JSON: {exc.msg}") from None
+        if not isinstance(row, dict):
+            raise DataSourceError(f"{field}.path: {path}:{number} is a JSON {type(row).__name__}, not an object "
+                                  "with named fields")
+        row["_line"] = number
+        yield row
+
+
+def _paragraph_rows(path: Path, field: str) -> Iterator[dict]:
     """Plain text, one record per blank-line-separated paragraph, streamed."""
     lines: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield {"text": "".join(lines)}
-                lines = []
+    first = 0
+    for number, line in _text_lines(path, field):
+        if line.strip():
+            first = first or number
+            lines.append(line)
+        elif lines:
+            yield {"text": "".join(lines), "_line": first}
+            lines, first = [], 0
     if lines:
-        yield {"text": "".join(lines)}
+        yield {"text": "".join(lines), "_line": first}
 
 
 def _open_source(source: SourceSettings, field: str):
@@ -77,7 +94,7 @@ def _open_source(source: SourceSettings, field: str):
             if local.suffix == ".jsonl":
                 return _jsonl_rows(local, field)
             if local.suffix == ".txt":
-                return _paragraph_rows(local)
+                return _paragraph_rows(local, field)
             import datasets
 
             builder = LOCAL_FORMATS[local.suffix]
@@ -91,16 +108,39 @@ def _open_source(source: SourceSettings, field: str):
         raise DataSourceError(f"{field}.path: cannot open {path!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
+def _content_text(content) -> str | None:
+    """A message's text: a string, or the text parts of a list of parts (``[{"type": "text", "text": …}]``,
+    as OpenAI-style chat data writes it); None for anything else."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(str(part.get("text", "")) for part in content if part.get("type", "text") == "text")
+    return None
+
+
 def _to_record(row: dict, source: SourceSettings, record_id: str, field: str) -> dict | None:
+    where = f"{source.path}:{row['_line']}" if "_line" in row else f"row {record_id.split(':')[1]} of {source.path}"
     if source.messages_field:
         if source.messages_field not in row:
             raise DataSourceError(f"{field}.messages_field: rows of {source.path!r} have no column {source.messages_field!r}")
-        messages = [
-            {"role": str(m["role"]), "content": str(m["content"])}
-            for m in row[source.messages_field]
-            if m.get("content")
-        ]
-        if not messages:
+        raw = row[source.messages_field]
+        if not isinstance(raw, list):
+            raise DataSourceError(f"{field}.messages_field: {where}: {source.messages_field!r} is a "
+                                  f"{type(raw).__name__}, not a list of messages")
+        messages = []
+        for number, m in enumerate(raw):
+            if not isinstance(m, dict) or "role" not in m:
+                raise DataSourceError(f"{field}.messages_field: {where}: message {number} has no 'role' (each message "
+                                      "is an object with 'role' and 'content')")
+            content = _content_text(m.get("content"))
+            if content is None:
+                raise DataSourceError(f"{field}.messages_field: {where}: message {number}'s content is a "
+                                      f"{type(m.get('content')).__name__}, not text")
+            messages.append({"role": str(m["role"]), "content": content})
+        # an empty turn stays (dropping it would join the turns around it); a conversation of empty turns is skipped
+        if not any(m["content"].strip() for m in messages):
             return None
         # A conversation that ends on the user's turn is meant to be read up to the point where
         # the assistant is about to answer.
@@ -132,7 +172,15 @@ def iter_records(sources: list[SourceSettings], seed: int = 0, field: str = "dat
             row = next(iterators[index])
         except StopIteration:
             del iterators[index]
+            if row_counts[index] == 0:
+                raise DataSourceError(f"{field}.{index}.path: {sources[index].path!r} has no rows") from None
             continue
+        except DataSourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a streamed dataset fails while it is read, in its own types
+            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise DataSourceError(f"{field}.{index}.path: reading {sources[index].path!r} failed after "
+                                  f"{row_counts[index]} rows: {type(exc).__name__}: {first}") from None
         record = _to_record(row, sources[index], f"{index}:{row_counts[index]}", f"{field}.{index}")
         row_counts[index] += 1
         if record is not None:

@@ -66,6 +66,8 @@ def variance_explained(f_nD: Tensor, y_nd: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate(model: Crosscoder, x_a: Tensor, x_b: Tensor, batch_size: int = 4096) -> Evaluation:
     """Evaluate on held-out raw pairs ``x_a [n, d_a]``, ``x_b [n, d_b]`` with the inference threshold."""
+    if x_a.shape[0] == 0:
+        raise ValueError("evaluate: no pairs to evaluate on (x_a and x_b are empty)")
     D = model.config.dict_size
     device = model.W_enc_AD.device
     sq_err = torch.zeros(2, dtype=torch.float64)
@@ -127,9 +129,13 @@ class _MomentSums:
             self.cross[side] += y64.T @ f64
 
     def total_variance(self) -> tuple[float, float]:
-        return tuple(
-            self.y_sq[side] - float(self.y_sum[side].pow(2).sum()) / self.n for side in (0, 1)
-        )
+        """Σ|y − ȳ|² per model; NaN where there is no variance to explain (one pair, or identical
+        rows: the difference of two large sums is then rounding noise, and FVE would be garbage)."""
+        out = []
+        for side in (0, 1):
+            total = self.y_sq[side] - float(self.y_sum[side].pow(2).sum()) / self.n
+            out.append(total if self.n > 1 and total > 1e-9 * max(self.y_sq[side], 1e-30) else float("nan"))
+        return out[0], out[1]
 
     def r2(self) -> tuple[Tensor, Tensor]:
         f_var = self.f_sq - self.f_sum.pow(2) / self.n

@@ -186,9 +186,11 @@ class Crosscoder(nn.Module):
         return self.W_dec_a.norm(dim=1), self.W_dec_b.norm(dim=1)
 
     def relative_norm(self) -> Tensor:
-        """``r_j = |d_j^A| / (|d_j^A| + |d_j^B|)``: 1 means A-only, 0 B-only, 0.5 shared."""
+        """``r_j = |d_j^A| / (|d_j^A| + |d_j^B|)``: 1 means A-only, 0 B-only, 0.5 shared; NaN for a
+        feature whose decoder is zero in both models (it writes nothing, so it is neither model's)."""
         norm_a, norm_b = self.decoder_norms()
-        return norm_a / (norm_a + norm_b).clamp_min(1e-12)
+        total = norm_a + norm_b
+        return torch.where(total > 0, norm_a / total.clamp_min(1e-12), torch.full_like(total, float("nan")))
 
     # ---- the computation ------------------------------------------------------------------------
     def normalise(self, x_nA: Tensor, x_nB: Tensor) -> tuple[Tensor, Tensor]:
@@ -383,7 +385,13 @@ class Crosscoder(nn.Module):
         for required in (config_path, weights_path):
             if not required.is_file():
                 raise CheckpointError(f"{required} is missing: {folder} is not a crosscoder checkpoint")
-        meta = json.loads(config_path.read_text())
+        try:
+            meta = json.loads(config_path.read_text())
+            if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+                raise ValueError("it holds no crosscoder configuration")
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{storage.child(where, 'config.json')} cannot be read ({exc}); the checkpoint is "
+                                  "damaged: use the previous one or retrain") from None
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{storage.child(where, 'config.json')}: format {meta.get('format')!r} is not "
                                   f"{CHECKPOINT_FORMAT!r}")
@@ -392,15 +400,30 @@ class Crosscoder(nn.Module):
                                   "this code reads")
         from safetensors import safe_open
 
-        with safe_open(str(weights_path), framework="pt") as handle:
-            weights_id = (handle.metadata() or {}).get("save_id")
+        damaged = (f"{storage.child(where, 'model.safetensors')} cannot be read; the checkpoint is damaged: use "
+                   "the previous one or retrain")
+        try:
+            with safe_open(str(weights_path), framework="pt") as handle:
+                weights_id = (handle.metadata() or {}).get("save_id")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
+            raise CheckpointError(f"{damaged} ({exc})") from None
         if weights_id != meta.get("save_id"):
             raise CheckpointError(
                 f"{where}: model.safetensors and config.json come from different saves "
                 "(a save was interrupted); use the previous checkpoint or retrain"
             )
         model = cls(CrosscoderConfig.model_validate(meta["config"]))
-        model.load_state_dict(load_file(str(weights_path)))
+        try:
+            weights = load_file(str(weights_path))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{damaged} ({exc})") from None
+        model_params = {name for name, _ in model.named_parameters()}  # buffers (θ before it is set) may be NaN
+        bad = [name for name, tensor in weights.items()
+               if name in model_params and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if bad:
+            raise CheckpointError(f"{storage.child(where, 'model.safetensors')}: {', '.join(sorted(bad))} hold NaN or "
+                                  "infinite values; the checkpoint is damaged or came from a diverged run")
+        model.load_state_dict(weights)
         model.training_metrics = meta.get("training", {})
         return model.to(device)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .models import LoadedModel, capture_block_output
 from .steering import SteeredGenerator
-from .yamlfile import load_yaml_model
+from .yamlfile import load_yaml_model, named_or_path
 
 TRAIT_DIR = Path(__file__).resolve().parents[1] / "specs" / "traits"
 
@@ -58,10 +58,7 @@ class Trait(BaseModel):
 
 
 def load_trait(path_or_name: str | Path) -> Trait:
-    candidate = Path(path_or_name)
-    if candidate.suffix not in {".yaml", ".yml"} and not candidate.exists():
-        candidate = TRAIT_DIR / f"{path_or_name}.yaml"
-    return load_yaml_model(candidate, Trait, TraitError, "trait")
+    return load_yaml_model(named_or_path(path_or_name, TRAIT_DIR), Trait, TraitError, "trait")
 
 
 @dataclass

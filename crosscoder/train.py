@@ -321,6 +321,23 @@ def _settings_that_differ(a: CrosscoderConfig, b: CrosscoderConfig) -> list[str]
 # ---- the step -------------------------------------------------------------------------------------
 
 
+def _check_finite(model: Crosscoder, when: str, error: type[Exception] = ValueError) -> None:
+    """Refuse weights that hold NaN or infinite values (a finite loss does not rule them out: a NaN
+    feature loses every BatchTopK selection and simply never fires)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise error(f"the crosscoder's {', '.join(bad)} hold NaN or infinite values {when}")
+
+
+def _saved_note(root, last_saved: int | None) -> str:
+    if root is None:
+        return ""
+    if last_saved is None:
+        return f" (no resumable state was saved in {root} yet)"
+    return (f" (the newest resumable state in {root} is from step {last_saved}; resuming it with the same settings "
+            "repeats the same steps)")
+
+
 def k_at_step(config: CrosscoderConfig, step: int) -> int:
     """Linear k-annealing from ``k_start`` to ``k`` over ``k_anneal_steps``."""
     if not config.k_anneal_steps or step >= config.k_anneal_steps:
@@ -590,6 +607,13 @@ def train_crosscoder(
                       torch.cat([all_gather_cat(b[1], sync) for b in peeked]))
             check_pair_batch(*sample, config.d_a, config.d_b, where="train_crosscoder data")
 
+        if (norm_scales is None and resume_from is not None and isinstance(source, _IteratorBatches)
+                and (config.norm_scale_a is None or config.norm_scale_b is None)):
+            # an iterator resumes past the batches it already gave, so a fresh estimate would come from
+            # other pairs: keep the scales the run started with
+            started = json.loads(storage.read_text(storage.child(resume_from, "config.json")))["config"]
+            if started.get("norm_scale_a") is not None and started.get("norm_scale_b") is not None:
+                norm_scales = (started["norm_scale_a"], started["norm_scale_b"])
         if norm_scales is None and (config.norm_scale_a is None or config.norm_scale_b is None):
             norm_scales = estimate_norm_scales(*sample, config)
         if norm_scales is not None:
@@ -601,6 +625,10 @@ def train_crosscoder(
             if (finished.config == config and finished.training_metrics.get("steps") == steps
                     and finished.training_metrics.get("template_weight", 1.0) == template_weight):
                 return finished.eval()
+            if resume_from is None:  # nothing to resume: training here would overwrite that model
+                differ = _settings_that_differ(finished.config, config) or ["steps or template_weight"]
+                raise ValueError(f"{root} holds a finished crosscoder with different settings ({', '.join(differ)}); "
+                                 "use another checkpoint_dir or delete it to train anew")
 
         model = Crosscoder(config).to(device=device, dtype=dtype)
         # Fused Adam on CUDA: one kernel per step instead of a dozen multi-tensor passes.
@@ -620,10 +648,15 @@ def train_crosscoder(
         else:
             with torch.no_grad():
                 x0_a, x0_b = model.normalise(sample[0][:4096].to(device, dtype), sample[1][:4096].to(device, dtype))
+                # the pairs the loss will see: one extreme row would otherwise set a decoder direction
+                keep = outlier_mask(x0_a, x0_b, config.outlier_factor)
+                if keep.any():
+                    x0_a, x0_b = x0_a[keep], x0_b[keep]
                 model.b_dec_A.copy_(geometric_median(x0_a))
                 model.b_dec_B.copy_(geometric_median(x0_b))
                 if config.exclusive_init == "residual":
                     model.init_exclusive_from_residuals(x0_a, x0_b)
+            _check_finite(model, "after initialisation (check the activations for extreme values)")
 
         model.train()
         use_dense = resolve_kernels(kernels, device)
@@ -643,6 +676,7 @@ def train_crosscoder(
         # window to a tenth of what remains, so that early, untrained batches do not dominate θ.
         threshold_from = max(config.k_anneal_steps or 0, config.warmup_steps or 0, min(1000, steps // 4))
         threshold_beta = min(config.threshold_beta, 1 - 10 / max(steps - threshold_from, 10))
+        last_saved = state.step if resume_from is not None else None  # the newest state in checkpoint_dir
         bar = _progress_bar(progress and sync.is_main, steps, state.step)
         start_time = time.perf_counter() - state.elapsed_s
         last_stats: dict = {}
@@ -664,10 +698,11 @@ def train_crosscoder(
 
                 loss, stats, fired, min_kept = step_fn(x_nA, x_nB, k, dead, use_dense, sync)
                 if not math.isfinite(stats["loss"]):
-                    where = f"; the last good state is in {root}" if root is not None else ""
                     raise TrainingDivergedError(
-                        f"training loss became {stats['loss']} at step {state.step}{where}. "
-                        "Lower lr, check the activations for extreme values, or keep outlier masking on."
+                        f"training loss became {stats['loss']} at step {state.step}{_saved_note(root, last_saved)}. "
+                        "Lower lr, check the activations for extreme values, or keep outlier masking on "
+                        "(with other settings, train into a new checkpoint_dir: a saved run of other settings "
+                        "is refused)."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -692,8 +727,10 @@ def train_crosscoder(
                 if state.step % log_every == 0 or state.step == steps:
                     state.history.append({key: round(v, 6) if isinstance(v, float) else v for key, v in stats.items()})
                 if root is not None and (state.step % checkpoint_every == 0) and state.step < steps:
+                    _check_finite(model, f"at step {state.step}", TrainingDivergedError)
                     if sync.is_main:
                         _save_state(root, model, optimizer, state, keep_checkpoints)
+                    last_saved = state.step
                     barrier(sync)
                 if bar is not None:
                     bar.update(state.step, stats)
@@ -715,6 +752,7 @@ def train_crosscoder(
             "history": state.history,
         }
         model.eval()
+        _check_finite(model, f"at the end of training (step {state.step})", TrainingDivergedError)
         if root is not None:
             if sync.is_main:
                 model.save(root)

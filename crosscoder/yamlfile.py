@@ -98,3 +98,14 @@ def _repeated_key(node: Any, seen_nodes: set[int] | None = None) -> tuple[str, i
             if found is not None:
                 return found
     return None
+
+
+def named_or_path(path_or_name: str | Path, folder: Path) -> Path:
+    """The file a spec means by ``path_or_name``: a path when it looks like one (a ``.yaml``/``.yml``
+    suffix or a folder separator), else the shipped ``folder/<name>.yaml``. A file or folder of the
+    same name in the current directory never shadows a shipped name."""
+    text = str(path_or_name)
+    candidate = Path(path_or_name)
+    if candidate.suffix in {".yaml", ".yml"} or "/" in text or "\\" in text:
+        return candidate.expanduser()
+    return folder / f"{text}.yaml"

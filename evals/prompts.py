@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from crosscoder.yamlfile import load_yaml_model
+from crosscoder.yamlfile import load_yaml_model, named_or_path
 from evals.rubrics import REPO_ROOT
 
 PROMPT_DIR = REPO_ROOT / "specs" / "prompts"
@@ -32,7 +32,4 @@ class PromptSet(BaseModel):
 
 def load_prompt_set(path_or_name: str | Path) -> PromptSet:
     """Load a prompt set from a YAML path or by name from ``specs/prompts/``."""
-    candidate = Path(path_or_name)
-    if candidate.suffix not in {".yaml", ".yml"} and not candidate.exists():
-        candidate = PROMPT_DIR / f"{path_or_name}.yaml"
-    return load_yaml_model(candidate, PromptSet, PromptSetError, "prompt set")
+    return load_yaml_model(named_or_path(path_or_name, PROMPT_DIR), PromptSet, PromptSetError, "prompt set")

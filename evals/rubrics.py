@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from crosscoder.yamlfile import load_yaml_model
+from crosscoder.yamlfile import load_yaml_model, named_or_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUBRIC_DIR = REPO_ROOT / "specs" / "rubrics"
@@ -58,10 +58,7 @@ class Rubric(BaseModel):
 
 
 def _resolve(path_or_name: str | Path) -> Path:
-    candidate = Path(path_or_name)
-    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
-        return candidate
-    return RUBRIC_DIR / f"{path_or_name}.yaml"
+    return named_or_path(path_or_name, RUBRIC_DIR)
 
 
 def load_rubric(path_or_name: str | Path) -> Rubric:

@@ -315,6 +315,23 @@ def test_bad_settings_fail_early_with_the_field_named(tmp_path, workspace, monke
         AuditRunner(load_spec(spec_path), spec_path, workspace=workspace).run(only="analyse")
 
 
+
+def test_only_a_stage_whose_inputs_are_missing_leaves_a_finished_runs_row_as_it_was(first_run, workspace, tmp_path):
+    import shutil
+
+    from audit.runner import MissingStagesError
+
+    runner, result = first_run
+    elsewhere = tmp_path / "copied"  # the store alone, without the stage cache
+    elsewhere.mkdir()
+    shutil.copy(workspace / "audit.duckdb", elsewhere / "audit.duckdb")
+    before = AuditStore(elsewhere / "audit.duckdb").run(result.run_id)
+    with pytest.raises(MissingStagesError, match="needs the harvest, train, analyse, screen stage"):
+        AuditRunner(runner.spec, runner.spec_path, workspace=elsewhere).run(only="verify")
+    after = AuditStore(elsewhere / "audit.duckdb").run(result.run_id)
+    assert {k: after[k] for k in ("status", "crosscoder_path", "run_dir", "report_path")} == {
+        k: before[k] for k in ("status", "crosscoder_path", "run_dir", "report_path")}
+
 def test_a_missing_local_model_folder_is_named_as_such():
     from audit.runner import _count_layers
     from audit.spec import ModelSpec

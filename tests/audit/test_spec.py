@@ -73,6 +73,16 @@ def test_defaults_and_hash(tmp_path):
         (("  k: 8", "  k: 8\nstability:\n  seeds: [1, 0]"), "stability.seeds lists 0, the seed of the audited dictionary"),
         (("  k: 8", "  k: 8\nstability:\n  seeds: [1, 2, 1]"), ":15: stability.seeds: seed(s) [1] listed more than once"),
         (("  k: 8", "  k: 8\nstability:\n  seeds: [1]\n  threshold: 1.5"), "stability.threshold: Input should be less than"),
+        # NaN and infinity are never settings; seeds must fit the 64-bit generators; a layer is a number
+        (("  k: 8", "  k: 8\n  aux_alpha: .nan"), "crosscoder.aux_alpha: Input should be a finite number"),
+        (("  k: 8", "  k: 8\n  outlier_factor: .inf"), "crosscoder.outlier_factor: Input should be a finite number"),
+        (("  k: 8", "  k: 8\nverify:\n  alphas: [0, .nan]"), "verify.alphas.1: Input should be a finite number"),
+        (("    - path: corpus.jsonl", "    - path: corpus.jsonl\n      weight: .inf"), "weight: Input should be a finite"),
+        (("  k: 8", "  k: 8\nstability:\n  seeds: [99999999999999999999]"), "stability.seeds.0: Input should be less"),
+        (("  k: 8", "  k: 8\n  seed: -3"), "crosscoder.seed: Input should be greater than or equal to 0"),
+        (("  layer: 1", "  layer: true"), "model_a.layer: Input should be a valid integer"),
+        (("  k: 8", "  k: 8\nverify:\n  features:\n    999: [zoo_sentiment]"),
+         "verify.features: feature id(s) [999] outside the dictionary (crosscoder.dict_size 256: ids 0–255)"),
     ],
 )
 def test_errors_name_file_line_and_field(tmp_path, edit, expected):
@@ -117,6 +127,8 @@ def test_validate_command_exit_codes(tmp_path, monkeypatch):
         (("zoo:beta", "./no_such_model"), "model_b.id: local model folder './no_such_model' not found"),
         (("corpus.jsonl", "missing.jsonl"), "data.sources.0.path: no such file 'missing.jsonl'"),
         (("corpus.jsonl", "zoo:nothing"), "data.sources.0.path: no zoo data named 'nothing'"),
+        (("  k: 8", "  k: 8\nverify:\n  rubrics: [zoo_sentiment]\ngates:\n  - rule: effect_change\n    rubric: zoo_sentimnet"),
+         "gates.0.rubric: 'zoo_sentimnet' is not a rubric this spec sweeps, so the gate could never fire"),
     ],
 )
 def test_validate_checks_what_the_spec_refers_to(tmp_path, monkeypatch, edit, expected):
@@ -208,3 +220,18 @@ def test_layer_counts_of_other_config_layouts(tmp_path):
                            ('{"num_layers": 5}', 5), ('{"hidden_size": 8}', None)):
         (tmp_path / "config.json").write_text(text)
         assert config_layers(tmp_path / "config.json") == expected  # None: unknown, left to the models stage
+
+
+def test_a_folder_named_like_a_shipped_rubric_does_not_shadow_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "zoo_sentiment").mkdir()  # e.g. a results folder
+    spec = write(tmp_path, GOOD.replace("  k: 8", "  k: 8\nverify:\n  rubrics: [zoo_sentiment]\n"
+                                         "transfer:\n  traits: [zoo_sentiment]"))
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 0, result.output
+
+
+def test_an_unknown_stage_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path, GOOD)), "--only", "bogus"])
+    assert result.exit_code == 2 and "--only bogus: no such stage" in result.output

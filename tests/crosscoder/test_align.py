@@ -348,3 +348,25 @@ def test_benchmark_smoke(real_tokenizers):
     assert result["walk_tokens_per_s"] > 0 and result["end_to_end_tokens_per_s"] > 0
     assert 0.0 <= result["fully_aligned_frac"] <= 1.0
     assert result["stats"]["sequences"] == 20
+
+
+def test_a_content_that_also_occurs_in_template_text_is_found_where_the_template_puts_it(real_tokenizers):
+    # A default system turn (as Qwen2.5's template adds when the first message is not a system one)
+    # holds the very sentence the user writes: the user's tokens must be paired, not the system turn's.
+    import copy
+
+    llama, qwen = real_tokenizers
+    qwen = copy.deepcopy(qwen)
+    qwen.chat_template = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are Qwen. "
+                          "You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}"
+                          "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}")
+    chat = [{"role": "user", "content": "You are a helpful assistant."}, {"role": "assistant", "content": "user"}]
+    al = align_chat(chat, llama, qwen, whitespace_overhang=True)
+    rendered = render_chat(chat, qwen)
+    user_turn = rendered.index("<|im_start|>user\n") + len("<|im_start|>user\n")
+    offsets = qwen(rendered, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    starts = [offsets[pair[1]][0] for pair in al.pairs]
+    assert starts and min(starts) >= user_turn  # nothing paired inside the system turn
+    # the assistant's content "user" is found in its own turn, not in the role name before it
+    assistant_turn = rendered.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
+    assert any(s >= assistant_turn for s in starts)

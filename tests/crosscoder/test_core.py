@@ -400,6 +400,11 @@ def test_learns_a_good_reconstruction():
         ({"exclusive_fraction": -0.1}, "exclusive_fraction=-0.1 must lie in"),
         ({"exclusive_fraction": 0.001}, "leaves no exclusive feature"),
         ({"lr": float("nan")}, "lr=nan"),
+        ({"aux_alpha": float("nan")}, "aux_alpha=nan"),
+        ({"aux_alpha": -1.0}, "aux_alpha=-1.0"),
+        ({"outlier_factor": float("nan")}, "outlier_factor=nan"),
+        ({"grad_clip": float("inf")}, "grad_clip=inf"),
+        ({"seed": 2**64}, "seed="),
     ],
 )
 def test_bad_settings_are_refused_with_the_field_named(overrides, message):
@@ -425,3 +430,104 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path):
     config = small_config(lr=1e6, grad_clip=1e30, outlier_factor=None)
     with pytest.raises(TrainingDivergedError, match="loss became"):
         train_crosscoder(config, (x_a * 1e18, x_b * 1e18), steps=200, batch_size=128, norm_scales=(1.0, 1.0))
+
+
+def test_an_iterator_of_batches_resumes_with_the_scales_it_started_with(tmp_path):
+    # resuming skips the batches already seen, so the pairs at hand are not those the scales came from
+    x_a, x_b = toy_pairs(4000)
+
+    def batches():
+        for start in range(0, 4000, 50):
+            yield x_a[start : start + 50], x_b[start : start + 50]
+
+    def stop(step, stats):
+        if step == 30:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_crosscoder(small_config(), batches(), steps=60, batch_size=50, checkpoint_dir=tmp_path,
+                         checkpoint_every=20, callback=stop)
+    resumed = train_crosscoder(small_config(), batches(), steps=60, batch_size=50, checkpoint_dir=tmp_path,
+                               checkpoint_every=20)
+    started = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert resumed.training_metrics["steps"] == 60 and resumed.config.norm_scale_b == started["norm_scale_b"]
+
+
+def test_one_extreme_pair_does_not_set_an_exclusive_direction():
+    # the residual initialisation reads the pairs the loss will read: outliers masked
+    x_a, x_b = toy_pairs(3000)
+    x_a[123] = 1e20
+    model = train_crosscoder(small_config(outlier_factor=2.0), (x_a, x_b), steps=60, batch_size=128)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_weights_are_refused_before_they_are_trained_or_saved(tmp_path, monkeypatch):
+    x_a, x_b = toy_pairs(1000)
+
+    def poisoned(self, x0_a, x0_b):
+        with torch.no_grad():
+            self.W_dec_DB[-1] = float("nan")
+
+    monkeypatch.setattr(Crosscoder, "init_exclusive_from_residuals", poisoned)
+    with pytest.raises(ValueError, match="W_dec_DB hold NaN or infinite values after initialisation"):
+        train_crosscoder(small_config(), (x_a, x_b), steps=10, batch_size=128, checkpoint_dir=tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_finished_model_of_other_settings_is_refused_not_overwritten(tmp_path):
+    x_a, x_b = toy_pairs(1000)
+    train_crosscoder(small_config(), (x_a, x_b), steps=20, batch_size=128, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="finished crosscoder with different settings.*dict_size"):
+        train_crosscoder(small_config(dict_size=96), (x_a, x_b), steps=20, batch_size=128, checkpoint_dir=tmp_path)
+    assert Crosscoder.load(tmp_path).config.dict_size == 64
+
+
+def test_a_divergence_says_where_the_newest_state_is_and_how_to_retry(tmp_path):
+    x_a, x_b = toy_pairs(2000)
+    config = small_config(lr=1e6, grad_clip=1e30)
+    with pytest.raises(TrainingDivergedError, match="no resumable state was saved.*new checkpoint_dir"):
+        train_crosscoder(config, (x_a * 1e18, x_b * 1e18), steps=200, batch_size=128, norm_scales=(1.0, 1.0),
+                         checkpoint_dir=tmp_path, checkpoint_every=100)
+
+
+def test_damaged_checkpoints_are_named_not_loaded(tmp_path):
+    x_a, x_b = toy_pairs(500)
+    model = train_crosscoder(small_config(), (x_a, x_b), steps=10, batch_size=128)
+    model.save(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json cannot be read"):
+        Crosscoder.load(tmp_path / "ok")
+    model.save(tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors cannot be read"):
+        Crosscoder.load(tmp_path / "cut")
+    with torch.no_grad():
+        model.W_dec_DA[0, 0] = float("nan")
+    model.save(tmp_path / "nan")
+    with pytest.raises(CheckpointError, match="W_dec_DA hold NaN"):
+        Crosscoder.load(tmp_path / "nan")
+
+
+def test_a_feature_that_writes_nothing_belongs_to_neither_model():
+    model = Crosscoder(small_config(architecture="batchtopk", exclusive_fraction=0.0))
+    with torch.no_grad():
+        model.W_dec_DA[3] = 0
+        model.W_dec_DB[3] = 0
+    from crosscoder.metrics import classify_exclusive
+
+    assert math.isnan(float(model.relative_norm().detach()[3]))
+    is_a, is_b = classify_exclusive(model, 0.9)
+    assert not is_a[3] and not is_b[3]
+
+
+def test_fve_is_undefined_without_variance_and_an_error_without_pairs():
+    from crosscoder.metrics import evaluate
+
+    x_a, x_b = toy_pairs(500)
+    model = train_crosscoder(small_config(), (x_a, x_b), steps=10, batch_size=128)
+    constant = evaluate(model, x_a[:1].repeat(50, 1), x_b[:1].repeat(50, 1))
+    assert math.isnan(constant.fve_a) and math.isnan(constant.fve_b)
+    assert math.isnan(evaluate(model, x_a[:1], x_b[:1]).fve_a)
+    with pytest.raises(ValueError, match="no pairs"):
+        evaluate(model, x_a[:0], x_b[:0])

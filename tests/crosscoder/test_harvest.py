@@ -195,3 +195,40 @@ def test_data_sources(tiny_corpus, tmp_path):
     txt = tmp_path / "notes.txt"
     txt.write_text("first paragraph\nstill first\n\nsecond paragraph\n")
     assert [r["text"].strip() for r in iter_records([SourceSettings(str(txt))])] == ["first paragraph\nstill first", "second paragraph"]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['"just a string"'], r"data.sources.0.path: .*bad.jsonl:1 is a JSON str, not an object"),
+    (['{"m": [{"content": "hi"}]}'], r"data.sources.0.messages_field: .*bad.jsonl:1: message 0 has no 'role'"),
+    (['{"m": "hello"}'], r"data.sources.0.messages_field: .*bad.jsonl:1: 'm' is a str, not a list of messages"),
+    (['{"m": [{"role": "user", "content": 5}]}'], r"bad.jsonl:1: message 0's content is a int, not text"),
+    ([], r"data.sources.0.path: .*bad.jsonl' has no rows"),
+])
+def test_bad_chat_files_are_named_with_the_line(tmp_path, lines, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + ("\n" if lines else ""))
+    with pytest.raises(DataSourceError, match=message):
+        list(iter_records([SourceSettings(str(bad), text_field=None, messages_field="m")]))
+
+
+def test_files_that_are_not_utf8_are_named(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataSourceError, match=r"latin.jsonl:2 is not UTF-8 text"):
+        list(iter_records([SourceSettings(str(latin))]))
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"ok\n\ncaf\xe9\n")
+    with pytest.raises(DataSourceError, match=r"notes.txt:3 is not UTF-8 text"):
+        list(iter_records([SourceSettings(str(notes))]))
+
+
+def test_chat_content_given_as_parts_is_read_as_text_and_empty_turns_keep_their_place(tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"m": [
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "image_url", "image_url": "x"},
+                                     {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "Again?"}]}) + "\n")
+    [record] = iter_records([SourceSettings(str(chat), text_field=None, messages_field="m")])
+    assert record["messages"] == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": ""},
+                                  {"role": "user", "content": "Again?"}]
