@@ -106,8 +106,37 @@ def platform_warnings(db: AuditStore, run_a: str, run_b: str) -> list[str]:
 
 
 def _model_key(spec: dict, side: str) -> tuple:
+    """What the spec says about model ``side``: id, revision, layer, and what changes its inputs."""
     entry = spec[f"model_{side}"]
-    return entry["id"], entry.get("revision"), entry["layer"]
+    return (entry["id"], entry.get("revision"), entry["layer"], entry.get("chat_template"),
+            bool(entry.get("trust_remote_code")))
+
+
+def _recorded_model(db: AuditStore, run_id: str, side: str) -> dict | None:
+    """What the run's models stage recorded about model ``side`` (the folder it loaded, a fingerprint of a
+    local folder's files); None for a run without that record."""
+    found = db.query("SELECT message FROM stages WHERE run_id = ? AND stage = 'models'", [run_id])
+    try:
+        summary = json.loads(found[0]["message"]) if found and found[0]["message"] else {}
+    except ValueError:
+        return None
+    recorded = summary.get(f"model_{side}")
+    return recorded if isinstance(recorded, dict) else None
+
+
+def unchanged_models(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_b: dict) -> set[str]:
+    """The sides whose model is the same in both runs: the same spec entry and, where both runs recorded
+    it, the same loaded folder (a hub snapshot, a zoo build) and the same files (a local folder retrained
+    in place keeps its path but not its fingerprint)."""
+    same = set()
+    for side in ("a", "b"):
+        if _model_key(spec_a, side) != _model_key(spec_b, side):
+            continue
+        old, new = _recorded_model(db, run_a, side), _recorded_model(db, run_b, side)
+        if old and new and any(key in old and key in new and old[key] != new[key] for key in ("path", "fingerprint")):
+            continue
+        same.add(side)
+    return same
 
 
 @torch.no_grad()
@@ -183,7 +212,7 @@ def _greedy(scores: torch.Tensor, threshold: float) -> dict[int, tuple[int, floa
     return matches
 
 
-def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tuple[dict[int, tuple[int, float]], str]:
+def _match_side(db, run_a, run_b, unchanged, side, feats_a, feats_b) -> tuple[dict[int, tuple[int, float]], str]:
     ids_a = [f["feature"] for f in feats_a]
     ids_b = [f["feature"] for f in feats_b]
     if not ids_a or not ids_b:
@@ -192,7 +221,7 @@ def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tup
     # matches when either method says so (two crosscoders trained apart rarely agree on decoders
     # as closely as two seeds of one run).
     score, methods = None, []
-    if _model_key(spec_a, side) == _model_key(spec_b, side):
+    if side in unchanged:
         train_a, train_b = _artefact(db, run_a, "train"), _artefact(db, run_b, "train")
         if train_a is not None and train_b is not None:
             from crosscoder import Crosscoder
@@ -204,8 +233,7 @@ def _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b) -> tup
                 score, methods = cos / DECODER_MATCH, ["decoder cosine"]
     # Token-level profiles when one model (hence its tokenizer) is the same in both runs.
     other = "b" if side == "a" else "a"
-    position_key = (f"pos_{other}" if _model_key(spec_a, other) == _model_key(spec_b, other)
-                    else f"pos_{side}" if _model_key(spec_a, side) == _model_key(spec_b, side) else None)
+    position_key = (f"pos_{other}" if other in unchanged else f"pos_{side}" if side in unchanged else None)
     prof_a = _profiles(db, run_a, ids_a, position_key)
     prof_b = _profiles(db, run_b, ids_b, position_key)
     if prof_a is not None and prof_b is not None:
@@ -242,6 +270,10 @@ def _matters(feature: dict) -> bool:
     return not feature["is_artefact"] and (bool(feature["safety_critical"]) or bool(feature["effects"]))
 
 
+def _measured(value) -> bool:
+    return value is not None and not math.isnan(value)
+
+
 def _best_effect(feature: dict, verified_only: bool = False) -> float | None:
     values = [abs(e["effect"]) for e in feature["effects"] if e["effect"] is not None and not math.isnan(e["effect"])
               and (e["verified"] or not verified_only)]
@@ -268,11 +300,12 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
     all_a, all_b = _run_features(db, run_a), _run_features(db, run_b)
     # A feature its own run's other seeds do not have may be new or vanished by a draw of training.
     seeds_a, seeds_b = own_seed_verdicts(db, run_a), own_seed_verdicts(db, run_b)
+    unchanged = unchanged_models(db, run_a, run_b, spec_a, spec_b)
     result: dict = {"run_a": run_a, "run_b": run_b, "sides": {}, "new": [], "vanished": [], "changed": []}
     for side in ("a", "b"):
         feats_a = [f for f in all_a if f["partition"] == side and f["frequency"] > 0]
         feats_b = [f for f in all_b if f["partition"] == side and f["frequency"] > 0]
-        matches, method = _match_side(db, run_a, run_b, spec_a, spec_b, side, feats_a, feats_b)
+        matches, method = _match_side(db, run_a, run_b, unchanged, side, feats_a, feats_b)
         matched_b = {j for j, _ in matches.values()}
         vanished = [f for i, f in enumerate(feats_a) if i not in matches]
         new = [f for j, f in enumerate(feats_b) if j not in matched_b]
@@ -285,14 +318,16 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
             fa, fb = feats_a[i], feats_b[j]
             if not (_matters(fa) or _matters(fb)):
                 continue
-            effects_a = {e["rubric"]: e["effect"] for e in fa["effects"]}
-            effects_b = {e["rubric"]: e["effect"] for e in fb["effects"]}
-            changes = {r: (effects_b.get(r) or 0.0) - (effects_a.get(r) or 0.0)
-                       for r in sorted(set(effects_a) & set(effects_b))}  # sorted: a set's order varies by process
+            effects_a = {e["rubric"]: e for e in fa["effects"] if _measured(e["effect"])}
+            effects_b = {e["rubric"]: e for e in fb["effects"] if _measured(e["effect"])}
+            both = sorted(set(effects_a) & set(effects_b))  # sorted: a set's order varies by process
+            changes = {r: effects_b[r]["effect"] - effects_a[r]["effect"] for r in both}
+            verified = [r for r in both if effects_a[r]["verified"] or effects_b[r]["verified"]]
             result["changed"].append({"side": side, "feature_a": fa["feature"], "feature_b": fb["feature"],
                                       "match_score": round(score, 3), "explanation_a": fa["explanation"],
                                       "explanation_b": fb["explanation"], "safety_a": fa["safety_critical"],
-                                      "safety_b": fb["safety_critical"], "effect_changes": changes})
+                                      "safety_b": fb["safety_critical"], "effect_changes": changes,
+                                      "verified_in_either": verified})
     result["warnings"] = missing_artefacts(db, [run_a, run_b]) + platform_warnings(db, run_a, run_b)
     result["concepts"], result["behaviour"] = compare_concepts(db, run_a, run_b, spec_a, spec_b)
     result["gate_failures"] = diff_gate_failures(result, gates)
@@ -342,6 +377,16 @@ def _baselines(db: AuditStore, run_id: str) -> dict[tuple[str, str], float]:
     return {(r["own_model"], r["rubric"]): r["baseline"] for r in rows}
 
 
+def _swept_rubrics(db: AuditStore, run_id: str, spec: dict) -> set[str]:
+    """The rubrics a run measured: those its spec sweeps (``verify.rubrics`` and the rubrics of
+    ``verify.features``) and those of its stored sweeps and unsteered answers."""
+    verify = spec.get("verify") or {}
+    named = set(verify.get("rubrics") or []) | {r for rs in (verify.get("features") or {}).values() for r in rs}
+    rows = db.query("SELECT DISTINCT rubric FROM effects WHERE run_id = ? UNION "
+                    "SELECT DISTINCT rubric FROM baselines WHERE run_id = ?", [run_id, run_id])
+    return named | {r["rubric"] for r in rows}
+
+
 def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_b: dict) -> tuple[list[dict], list[dict]]:
     """The concept rows and the behaviour changes (``behaviour_changes``) of two runs.
 
@@ -366,8 +411,8 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
 
     old, new = _verified_concepts(db, run_a), _verified_concepts(db, run_b)
     base_old, base_new = _baselines(db, run_a), _baselines(db, run_b)
-    swept_by_new = set((spec_b.get("verify") or {}).get("rubrics") or [])
-    unchanged = {side for side in ("a", "b") if _model_key(spec_a, side) == _model_key(spec_b, side)}
+    swept_by_old, swept_by_new = _swept_rubrics(db, run_a, spec_a), _swept_rubrics(db, run_b, spec_b)
+    unchanged = unchanged_models(db, run_a, run_b, spec_a, spec_b)
     out = []
     for side, rubric in sorted(set(old) | set(new)):
         before, after = old.get((side, rubric)), new.get((side, rubric))
@@ -377,8 +422,8 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
             status = "kept"
         elif model in unchanged:
             status = "model unchanged"
-        elif before and rubric not in swept_by_new:
-            status = "unmeasured"
+        elif (before and rubric not in swept_by_new) or (after and rubric not in swept_by_old):
+            status = "unmeasured"  # the other run never measured it: its absence there says nothing
         elif baseline_old is not None and baseline_new is not None and abs(baseline_new - baseline_old) < MIN_EFFECT:
             # the model answers the rubric's prompts as before: one of the dictionaries missed it
             status = "not isolated" if before else "newly isolated"
@@ -445,11 +490,18 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
         if rule.rule in ("new_feature", "vanished_feature"):
             listed = result["new"] if rule.rule == "new_feature" else result["vanished"]
             for f in listed:
+                # the effect the rule reads: on its rubric when it names one, verified when it requires that
+                counted = [e for e in f["effects"] if _measured(e["effect"])
+                           and (rule.rubric is None or e["rubric"] == rule.rubric)
+                           and (e["verified"] or not rule.require_verified)]
+                if rule.rubric is not None and not counted:
+                    continue  # not swept on that rubric (or not verified there): the rule is about another one
+                best = max(counted, key=lambda e: abs(e["effect"])) if counted else None
                 row = {"partition": f["side"], "safety_critical": f["safety_critical"],
-                       "rubric": max(f["effects"], key=lambda e: abs(e["effect"] or 0))["rubric"] if f["effects"] else None}
+                       "rubric": best["rubric"] if best else None}
                 if not rule_matches(rule, row):
                     continue
-                effect = f["best_verified_effect"] if rule.require_verified else f["best_effect"]
+                effect = abs(best["effect"]) if best else None
                 if rule.min_effect > 0 and (effect is None or effect < rule.min_effect):
                     continue
                 what = "appeared in" if rule.rule == "new_feature" else "vanished from"
@@ -489,6 +541,9 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
             for c in result["changed"]:
                 for rubric, delta in c["effect_changes"].items():
                     if rule.rubric is not None and rubric != rule.rubric:
+                        continue
+                    # a verified effect in at least one run (rows of older diffs carry no record: counted)
+                    if rule.require_verified and rubric not in c.get("verified_in_either", [rubric]):
                         continue
                     if rule.side != "any" and c["side"] != rule.side:
                         continue

@@ -584,7 +584,9 @@ class AuditRunner:
         for side, entry in (("model_a", self.spec.model_a), ("model_b", self.spec.model_b)):
             try:
                 path = resolve_model_path(entry.id, side)
-                out[side] = {"id": entry.id, "path": path, "layers": _count_layers(path, entry, side)}
+                # the fingerprint tells `audit diff` a local folder retrained in place from the same folder
+                out[side] = {"id": entry.id, "path": path, "layers": _count_layers(path, entry, side),
+                             "fingerprint": self._model_fingerprint(entry.id)}
             except ModelLoadError as exc:
                 raise StageError("models", str(exc)) from None
             if entry.layer >= out[side]["layers"]:
@@ -597,6 +599,9 @@ class AuditRunner:
         settings = harvest_settings(self.spec, self.device)
         settings.extra = {"models": [self._model_fingerprint(self.spec.model_a.id),
                                      self._model_fingerprint(self.spec.model_b.id)]}
+        files = _data_file_fingerprints(self.spec)
+        if files:  # a local data file edited in place is other data: harvest it afresh, never resume into it
+            settings.extra["data_files"] = files
         settings.ranks = self.nproc
         return settings
 
@@ -1050,6 +1055,20 @@ def _count_layers(path: str, entry, side: str) -> int:
     if layers is None:
         raise ModelLoadError(f"{side}.id: {entry.id!r} has no num_hidden_layers in its config")
     return int(layers)
+
+
+def _data_file_fingerprints(spec: AuditSpec) -> list[list]:
+    """``[path, size, modification time]`` of each local data file of the spec (hub datasets and the zoo's
+    data are keyed by their names and versions instead)."""
+    from crosscoder.data import LOCAL_FORMATS
+
+    out = []
+    for source in spec.data.sources:
+        path = Path(source.path).expanduser()
+        if not source.path.startswith("zoo:") and path.suffix in LOCAL_FORMATS and path.is_file():
+            stat = path.stat()
+            out.append([source.path, stat.st_size, stat.st_mtime_ns])
+    return out
 
 
 def _trait_path(name: str) -> Path:

@@ -117,6 +117,8 @@ def data(
         raise typer.Exit(code=2)
     path = resolve_data(name)
     if out is not None:
+        if out.is_dir():  # a folder: the file keeps its name there
+            out = out / path.name
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, out)
         path = out
@@ -162,10 +164,24 @@ def discovery(
         if not entry.id.startswith("zoo:"):
             errors.print(f"{spec_path}: {field} is {entry.id!r}; discovery needs the zoo's ground truth (zoo:<name>)")
             raise typer.Exit(code=2)
+    from audit.checks import spec_problems
+
+    problems = spec_problems(spec)  # a bad layer or a missing file, named before any model loads
+    if problems:
+        for problem in problems:
+            errors.print(f"{spec_path}: {problem}", highlight=False, markup=False)
+        raise typer.Exit(code=2)
+    from crosscoder.data import DataSourceError
+    from crosscoder.models import ModelLoadError
+
     build_zoo_models([spec.model_a.id, spec.model_b.id])
     settings = harvest_settings(spec)
     folder = workspace / "discovery"
-    store = harvest(settings, folder / f"harvest-{settings.input_hash()}", progress=True)
+    try:
+        store = harvest(settings, folder / f"harvest-{settings.input_hash()}", progress=True)
+    except (ModelLoadError, DataSourceError) as exc:
+        errors.print(f"{spec_path}: {exc}", highlight=False, markup=False)
+        raise typer.Exit(code=1) from None
     try:
         topics = document_topics(store)
     except ValueError as exc:

@@ -334,3 +334,62 @@ def test_a_run_whose_other_seeds_all_diverged_says_nothing_of_seeds(tmp_path):
     result = diff_runs(db, "v1", "v2")
     assert result["sides"]["b"]["vanished_stable"] is None and result["vanished"][0]["own_seeds"] is None
     assert "other seed" not in render_diff_markdown(result)
+
+
+def test_a_concept_the_old_run_never_swept_is_unmeasured_not_new(tmp_path):
+    # adding a rubric to the spec must not fail CI: the old run never asked
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [])
+    spec = json.loads(db.run("v1")["spec_json"])
+    spec["verify"]["rubrics"] = ["zoo_sentiment"]
+    db.upsert_run({**db.run("v1"), "spec_json": json.dumps(spec)})
+    add_run(db, "v2", "zoo:beta-v2", [{**NARRATIVE, "id": 500}])
+    result = diff_runs(db, "v1", "v2", [GateRule(rule="new_concept")])
+    assert [c["status"] for c in result["concepts"]] == ["unmeasured"] and result["gate_failures"] == []
+
+
+def test_a_local_model_retrained_in_place_is_a_changed_model(tmp_path):
+    # the same folder in both specs, other files: what each run's models stage recorded tells them apart
+    db = AuditStore(tmp_path / "audit.duckdb")
+    for run_id, fingerprint in (("v1", "models/beta@1111"), ("v2", "models/beta@2222")):
+        add_run(db, run_id, "models/beta", [{**NARRATIVE, "id": 500}] if run_id == "v1" else [])
+        db.replace_rows("stages", run_id, [{"stage": "models", "status": "done", "message": json.dumps(
+            {"model_a": {"id": "zoo:alpha", "path": "/zoo/alpha", "fingerprint": "zoo:alpha"},
+             "model_b": {"id": "models/beta", "path": "/m/beta", "fingerprint": fingerprint}})}])
+        db.replace_rows("baselines", run_id, _baseline_rows("b", "zoo_state_narrative",
+                                                            [4.5, 4.5] if run_id == "v1" else [1.2, 1.2]))
+    result = diff_runs(db, "v1", "v2", [GateRule(rule="vanished_concept"), GateRule(rule="behaviour_change")])
+    assert [(c["rubric"], c["status"], c["model_changed"]) for c in result["concepts"]] == [
+        ("zoo_state_narrative", "vanished", True)]
+    assert len(result["gate_failures"]) == 2
+
+
+def test_effect_change_counts_measured_verified_effects_only(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [{**WEATHER, "id": 505, "effect": 0.1}, {**NARRATIVE, "id": 500}])
+    add_run(db, "v2", "zoo:beta-v2", [{**WEATHER, "id": 507, "effect": 2.0}, {**NARRATIVE, "id": 501}])
+    for run_id in ("v1", "v2"):  # the sentiment effects were swept but not verified; v2's narrative not measured
+        rows = db.rows("effects", run_id)
+        for row in rows:
+            row["verified"] = row["rubric"] == "zoo_state_narrative" and run_id == "v1"
+            if row["rubric"] == "zoo_state_narrative" and run_id == "v2":
+                row["effect"] = None
+        db.replace_rows("effects", run_id, rows)
+    rule = GateRule(rule="effect_change", min_effect=1.0, safety_critical_only=False)
+    assert diff_runs(db, "v1", "v2", [rule])["gate_failures"] == []
+    loose = GateRule(rule="effect_change", min_effect=1.0, safety_critical_only=False, require_verified=False)
+    assert [m.split(" by ")[1] for m in diff_runs(db, "v1", "v2", [loose])["gate_failures"]] == ["+1.90"]
+
+
+def test_a_feature_gate_on_one_rubric_reads_that_rubrics_effect(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [])
+    add_run(db, "v2", "zoo:beta-v2", [{**NARRATIVE, "id": 600}])
+    db.replace_rows("effects", "v2", [
+        {"feature": 600, "rubric": "zoo_state_narrative", "effect": 3.0, "spearman": 0.5, "verified": False},
+        {"feature": 600, "rubric": "zoo_sentiment", "effect": 1.5, "spearman": 1.0, "verified": True}])
+    on_narrative = GateRule(rule="new_feature", rubric="zoo_state_narrative", min_effect=1.0)
+    on_sentiment = GateRule(rule="new_feature", rubric="zoo_sentiment", min_effect=1.0)
+    assert diff_runs(db, "v1", "v2", [on_narrative])["gate_failures"] == []  # not verified on the narrative
+    [failure] = diff_runs(db, "v1", "v2", [on_sentiment])["gate_failures"]
+    assert "feature 600" in failure and "verified effect 1.50" in failure

@@ -742,3 +742,17 @@ def test_only_transfer_needs_the_training_not_the_verify_stage(first_run, worksp
     assert {json.loads(r["curve"])[0]["alpha"] for r in runner.db.rows("transfers", result.run_id)} == {-0.75}
     with pytest.raises(StageError, match="needs the verify stage"):
         runner.run(only="report")
+
+
+def test_a_local_data_file_edited_in_place_is_harvested_afresh(tmp_path):
+    import os
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "first version"}\n')
+    spec_path = write_spec(tmp_path, data={"sources": [{"path": str(corpus), "text_field": "text"}]})
+    runner = AuditRunner(load_spec(spec_path), spec_path, workspace=tmp_path / "ws")
+    before = runner._hash_harvest()
+    assert runner._hash_harvest() == before  # stable while the file is untouched
+    corpus.write_text('{"text": "second version, other rows"}\n')
+    os.utime(corpus, ns=(1, 1))  # even a file whose clock went back
+    assert runner._hash_harvest() != before
