@@ -321,6 +321,10 @@ def _settings_that_differ(a: CrosscoderConfig, b: CrosscoderConfig) -> list[str]
 # ---- the step -------------------------------------------------------------------------------------
 
 
+#: Pairs whose norm exceeds this multiple of the sample's median are left out of the initialisation.
+INIT_OUTLIER_FACTOR = 100.0
+
+
 def _check_finite(model: Crosscoder, when: str, error: type[Exception] = ValueError) -> None:
     """Refuse weights that hold NaN or infinite values (a finite loss does not rule them out: a NaN
     feature loses every BatchTopK selection and simply never fires)."""
@@ -648,8 +652,11 @@ def train_crosscoder(
         else:
             with torch.no_grad():
                 x0_a, x0_b = model.normalise(sample[0][:4096].to(device, dtype), sample[1][:4096].to(device, dtype))
-                # the pairs the loss will see: one extreme row would otherwise set a decoder direction
-                keep = outlier_mask(x0_a, x0_b, config.outlier_factor)
+                # Rows far beyond any activation's scale (a corrupt or exploded pair) would dominate the
+                # median and the ridge solve, down to NaN directions. The high-norm pairs the loss masks
+                # (above outlier_factor × the median) stay: masking them as well made the demo's exclusive
+                # features more alike across seeds but less specific to its planted concepts.
+                keep = outlier_mask(x0_a, x0_b, INIT_OUTLIER_FACTOR)
                 if keep.any():
                     x0_a, x0_b = x0_a[keep], x0_b[keep]
                 model.b_dec_A.copy_(geometric_median(x0_a))
