@@ -295,10 +295,14 @@ def _load_state(folder: storage.Location, model: Crosscoder, optimizer: torch.op
     tensors = load_file(str(folder / "trainer.safetensors"))
     meta = json.loads((folder / "trainer.json").read_text())
     device = model.W_enc_AD.device
+    # where torch keeps Adam's step count: on the parameters' device for fused (or capturable) Adam, which
+    # the trainer uses on CUDA, else on the CPU; float32 either way (as Optimizer.load_state_dict does)
+    group = optimizer.param_groups[0]
+    step_device = device if group.get("fused") or group.get("capturable") else torch.device("cpu")
     for name, param in model.named_parameters():
         if f"adam.{name}.exp_avg" in tensors:
             optimizer.state[param] = {
-                "step": torch.tensor(meta["adam_steps"][name]),
+                "step": torch.tensor(float(meta["adam_steps"][name]), dtype=torch.float32, device=step_device),
                 "exp_avg": tensors[f"adam.{name}.exp_avg"].to(device),
                 "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(device),
             }
