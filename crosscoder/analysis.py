@@ -442,10 +442,18 @@ def render_window(tokenizer, token_ids: list[int], position: int, marked: set[in
     parts = []
     for p in range(lo, hi):
         piece = tokenizer.decode([token_ids[p]])
-        parts.append(f"<<{piece}>>" if p in marked else piece)
+        parts.append(f"{_OPEN}{piece}{_CLOSE}" if p in marked else piece)
     prefix = "…" if lo > 0 else ""
     suffix = "…" if hi < len(token_ids) else ""
-    return prefix + "".join(parts) + suffix
+    text = "".join(parts)
+    # The text's own angle brackets must not read as marks (C++'s "<<", a "<" right before a marked
+    # token): those become look-alike guillemets, then the marks are written.
+    text = text.replace("<<", "‹‹").replace(">>", "››").replace("<" + _OPEN, "‹" + _OPEN).replace(_CLOSE + ">", _CLOSE + "›")
+    return prefix + text.replace(_OPEN, "<<").replace(_CLOSE, ">>") + suffix
+
+
+# placeholders for the marks while a window is assembled (private-use characters: never in text)
+_OPEN, _CLOSE = "\ue002", "\ue003"
 
 
 def artefact_reasons(a: FeatureAnalysis) -> list[str]:

@@ -189,3 +189,17 @@ def test_top_contexts_keep_the_largest_firings_across_batches_earliest_first_on_
     counts.add(torch.tensor([0, 0, 1]), torch.tensor([7, 7, 9]))
     counts.add(torch.tensor([0, 1, 1]), torch.tensor([8, 9, -1]))  # -1: no token there, not counted
     assert counts.per_feature() == [{7: 2, 8: 1}, {9: 2}]
+
+
+def test_a_windows_own_angle_brackets_never_read_as_marks():
+    import re
+
+    from crosscoder.analysis import render_window
+
+    class Pieces:  # a tokenizer whose tokens are these strings
+        def decode(self, ids):
+            return ["std::cout", " <<", " x", " >>", " 2;", "<", "<b"][ids[0]]
+
+    text = render_window(Pieces(), list(range(7)), 2, {2, 6}, 5, 5)
+    assert re.findall(r"<<(.*?)>>", text) == [" x", "<b"]  # exactly the marked tokens
+    assert text == "std::cout ‹‹<< x>> ›› 2;‹<<<b>>"
