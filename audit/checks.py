@@ -38,7 +38,7 @@ def rubric_problems(spec: AuditSpec) -> list[str]:
             entries.append((f"transfer.traits ({name}'s rubric)", load_trait(name).rubric))
         except TraitError as exc:
             problems.append(f"transfer.traits: {exc}")
-    swept: set[str] = set()  # what a gate's rubric may name: as written in verify, or the rubric's own name
+    swept: set[str] = set()  # the names a gate's rubric may give
     for field, name in entries:
         try:
             rubric = load_rubric(name)
@@ -48,7 +48,7 @@ def rubric_problems(spec: AuditSpec) -> list[str]:
             problems.append(f"{field}: {exc}")
             continue
         if field.startswith("verify."):
-            swept.update((str(name), rubric.name))
+            swept.add(rubric.name)  # effects rows carry the rubric's own name, which gates compare with
     for i, gate in enumerate(spec.gates):
         if gate.rubric is not None and gate.rubric not in swept:
             known = ", ".join(sorted(swept)) or "none: verify sweeps no rubric"

@@ -348,7 +348,8 @@ def _relative(path: str | None) -> str:
 @app.command()
 def report(
     run_id: str = typer.Argument(..., help="run id (see `audit runs`)"),
-    workspace: Path = typer.Option(Path("runs")),
+    workspace: Path | None = typer.Option(None, help="workspace (default: runs); given, the report is written "
+                                          "in it even when the run was made elsewhere"),
     db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
     out: Path | None = typer.Option(None, help="folder for report.html / report.md (default: the run's folder in the "
                                     "workspace, <workspace>/<spec name>/<run id>)"),
@@ -356,16 +357,16 @@ def report(
     """Re-render a run's report from the store."""
     from reports.render import render_run
 
-    store = _store(workspace, db)
+    store = _store(workspace or Path("runs"), db)
     found = store.run(run_id)
     if found is None:
         errors.print(f"no run {run_id!r} in {store.path}; `audit runs` lists them", highlight=False, markup=False)
         raise typer.Exit(code=1)
     spec = _stored_spec(found["spec_json"], run_id)
-    # the run's folder in this workspace (where `audit run --workspace` puts it), not the folder the store
-    # recorded: a copied or moved workspace must not write back into the original
-    folder = out or workspace / found["spec_name"] / run_id
-    recorded = Path(found["run_dir"] or folder)
+    recorded = Path(found["run_dir"]) if found["run_dir"] else Path("runs") / found["spec_name"] / run_id
+    # with --workspace, the run's folder in that workspace (where `audit run --workspace` puts it), not the
+    # folder the store recorded: a copied or moved workspace must not write back into the original
+    folder = out or (workspace / found["spec_name"] / run_id if workspace is not None else recorded)
     if out is None and recorded.resolve() != folder.resolve():
         console.print(f"the run was made in {recorded}; writing its report in this workspace, {folder}",
                       highlight=False, markup=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -132,11 +133,25 @@ def unchanged_models(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
     for side in ("a", "b"):
         if _model_key(spec_a, side) != _model_key(spec_b, side):
             continue
-        old, new = _recorded_model(db, run_a, side), _recorded_model(db, run_b, side)
-        if old and new and any(key in old and key in new and old[key] != new[key] for key in ("path", "fingerprint")):
+        old = _model_identity(_recorded_model(db, run_a, side), spec_a[f"model_{side}"]["id"])
+        new = _model_identity(_recorded_model(db, run_b, side), spec_b[f"model_{side}"]["id"])
+        if old is not None and new is not None and old != new:
             continue
         same.add(side)
     return same
+
+
+def _model_identity(recorded: dict | None, model_id: str) -> str | None:
+    """What identifies the weights a run loaded, wherever its caches were: a zoo build's key or a local
+    folder's file fingerprint, else a hub snapshot's commit (from the folder it loaded); None when the
+    run recorded nothing that tells."""
+    if not recorded:
+        return None
+    fingerprint = recorded.get("fingerprint")
+    if fingerprint and fingerprint != model_id:
+        return str(fingerprint)
+    found = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{7,64})", str(recorded.get("path") or ""))
+    return found.group(1) if found else None
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ a stage found in the cache still gives this run its rows.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -273,9 +274,10 @@ class AuditRunner:
                     transfer_after = self._transfer_start(first, force)
                 if background is None and stage == transfer_after:
                     background = self._start_background("transfer", force, wait_for_training=stage != "train")
-        except MissingStagesError:
-            # nothing was computed: a finished run keeps its row as it was, a new one says why it stopped
-            if previous is not None:
+        except MissingStagesError as exc:
+            if any(not r.cached for r in results):  # --from computed stages before this one: they count
+                self._register_run(status=f"failed at {exc.stage}")
+            elif previous is not None:  # nothing was computed: a finished run keeps its row as it was
                 self.db.upsert_run(previous)
             else:
                 self._register_run(status="not run: earlier stages missing")
@@ -1058,8 +1060,9 @@ def _count_layers(path: str, entry, side: str) -> int:
 
 
 def _data_file_fingerprints(spec: AuditSpec) -> list[list]:
-    """``[path, size, modification time]`` of each local data file of the spec (hub datasets and the zoo's
-    data are keyed by their names and versions instead)."""
+    """``[path, sha256 of its bytes]`` of each local data file of the spec (hub datasets and the zoo's
+    data are keyed by their names and versions instead). By content, not modification time: a fresh
+    checkout of the same files must find its harvest in the cache."""
     from crosscoder.data import LOCAL_FORMATS
 
     out = []
@@ -1067,8 +1070,18 @@ def _data_file_fingerprints(spec: AuditSpec) -> list[list]:
         path = Path(source.path).expanduser()
         if not source.path.startswith("zoo:") and path.suffix in LOCAL_FORMATS and path.is_file():
             stat = path.stat()
-            out.append([source.path, stat.st_size, stat.st_mtime_ns])
+            out.append([source.path, _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)])
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's content hash, read once per process for each (size, modification time) it is seen with."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _trait_path(name: str) -> Path:

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from .store import AuditStore
 
-_MARK = re.compile(r"<<(.*?)>>", re.DOTALL)
+_MARK = re.compile(r"<<(.*?>*)>>", re.DOTALL)  # a marked "<s>" keeps its own ">"
 # Control characters other than newline and tab: an escape sequence in stored text (a model's answer,
 # a dataset context) would otherwise drive the terminal.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

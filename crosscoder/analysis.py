@@ -447,7 +447,8 @@ def render_window(tokenizer, token_ids: list[int], position: int, marked: set[in
     suffix = "…" if hi < len(token_ids) else ""
     text = "".join(parts)
     # The text's own angle brackets must not read as marks (C++'s "<<", a "<" right before a marked
-    # token): those become look-alike guillemets, then the marks are written.
+    # token): those become look-alike guillemets, then the marks are written. A marked token that ends
+    # in ">" ("<s>", "->") keeps it: readers take every ">" before a closing ">>" as the token's.
     text = text.replace("<<", "‹‹").replace(">>", "››").replace("<" + _OPEN, "‹" + _OPEN).replace(_CLOSE + ">", _CLOSE + "›")
     return prefix + text.replace(_OPEN, "<<").replace(_CLOSE, ">>") + suffix
 

@@ -212,7 +212,8 @@ def control_rho(arms: dict[str, dict], arm: str) -> float:
             effect = d.get("effect")
             if effect is None or math.isnan(effect):
                 continue
-            values.append(0.0 if abs(effect) < _SLACK else 1.0)
+            # collapse_pinned's tolerance: offline grades are expected levels, 1.0000001 is the bottom
+            values.append(0.0 if abs(effect) < 1e-6 else 1.0)
         else:
             values.append(abs(rho))
     return statistics.median(values) if values else float("nan")

@@ -107,15 +107,19 @@ def parse_explanation(reply: str) -> dict:
     """The three trailing fields of an explainer reply.
 
     Returns ``{"parsed", "explanation", "safety_critical", "reason", "raw"}``. The fields are read from
-    the reply's last block: its last EXPLANATION line and the SAFETY_CRITICAL and REASON lines after
-    it, so worked examples quoted earlier in the reply never lend a field to the answer. ``parsed`` is
-    False (and the other fields None) when that block lacks a field or SAFETY_CRITICAL is not YES/NO.
+    the reply's last three field lines, in any order, so worked examples quoted earlier in the reply
+    never lend a field to the answer. ``parsed`` is False (and the other fields None) when those lines
+    are not the three fields or SAFETY_CRITICAL is not YES/NO.
     """
     matches = list(_FIELD.finditer(reply or ""))
-    last = max((i for i, m in enumerate(matches) if m.group(1).upper() == "EXPLANATION"), default=None)
+    # the last occurrence of each field, accepted only when they are the reply's last field lines
+    # (in any order): a quoted example's field before them would otherwise fill a gap
+    last: dict[str, int] = {}
+    for i, match in enumerate(matches):
+        last[match.group(1).upper()] = i
     fields: dict[str, str] = {}
-    for match in matches[last:] if last is not None else []:
-        fields[match.group(1).upper()] = match.group(2).strip()
+    if len(last) == 3 and sorted(last.values()) == list(range(len(matches) - 3, len(matches))):
+        fields = {name: matches[i].group(2).strip() for name, i in last.items()}
     verdict = fields.get("SAFETY_CRITICAL", "").strip(" .*").upper()
     if not fields.get("EXPLANATION") or verdict not in ("YES", "NO") or "REASON" not in fields:
         return {"parsed": False, "explanation": None, "safety_critical": None, "reason": None, "raw": reply}

@@ -33,7 +33,8 @@ from evals.effects import (
 )
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-_MARK = re.compile(r"&lt;&lt;(.*?)&gt;&gt;", re.DOTALL)
+# a marked token's own trailing ">" ("<s>", "->") belongs to it, not to the closing mark
+_MARK = re.compile(r"&lt;&lt;(.*?(?:&gt;)*)&gt;&gt;", re.DOTALL)
 
 
 def highlight(text: str | None) -> Markup:
@@ -81,6 +82,7 @@ def _figure(width: float = 5.0, height: float = 3.0):
 
 
 def relative_norm_plot(relative_norms: list[float]) -> str | None:
+    relative_norms = [r for r in relative_norms if r is not None and not _nan(r)]  # a feature writing nothing
     if not relative_norms:
         return None
     fig, ax = _figure()

@@ -393,3 +393,14 @@ def test_a_feature_gate_on_one_rubric_reads_that_rubrics_effect(tmp_path):
     assert diff_runs(db, "v1", "v2", [on_narrative])["gate_failures"] == []  # not verified on the narrative
     [failure] = diff_runs(db, "v1", "v2", [on_sentiment])["gate_failures"]
     assert "feature 600" in failure and "verified effect 1.50" in failure
+
+
+def test_the_same_zoo_build_in_another_cache_folder_is_the_same_model(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    for run_id, folder in (("v1", "/home/a/.cache/zoo"), ("v2", "/ci/zoo")):
+        add_run(db, run_id, "zoo:beta", [{**BOAST, "id": 3}] if run_id == "v1" else [])
+        db.replace_rows("stages", run_id, [{"stage": "models", "status": "done", "message": json.dumps(
+            {f"model_{s}": {"id": f"zoo:{m}", "path": f"{folder}/{m}-f7e5d016", "fingerprint": f"{m}-f7e5d016"}
+             for s, m in (("a", "alpha"), ("b", "beta"))})}])
+    status = {c["rubric"]: c["status"] for c in diff_runs(db, "v1", "v2")["concepts"]}
+    assert status == {"zoo_exceptionalism": "model unchanged"}

@@ -332,6 +332,23 @@ def test_only_a_stage_whose_inputs_are_missing_leaves_a_finished_runs_row_as_it_
     assert {k: after[k] for k in ("status", "crosscoder_path", "run_dir", "report_path")} == {
         k: before[k] for k in ("status", "crosscoder_path", "run_dir", "report_path")}
 
+def test_from_a_stage_that_computes_before_a_missing_input_is_recorded_as_failed(first_run, workspace, tmp_path):
+    import shutil
+
+    from audit.runner import MissingStagesError
+
+    runner, result = first_run
+    elsewhere = tmp_path / "partial"
+    shutil.copytree(workspace / "cache", elsewhere / "cache")
+    stability = AuditRunner(runner.spec, runner.spec_path, workspace=elsewhere)._stage_folder(
+        "stability", runner.hashes["stability"])
+    shutil.rmtree(stability)  # the report needs it; analyse, screen, verify and transfer do not
+    rerun = AuditRunner(runner.spec, runner.spec_path, workspace=elsewhere)
+    with pytest.raises(MissingStagesError, match="report: needs the stability stage"):
+        rerun.run(start="analyse", force=True)
+    assert AuditStore(elsewhere / "audit.duckdb").run(result.run_id)["status"] == "failed at report"
+
+
 def test_a_missing_local_model_folder_is_named_as_such():
     from audit.runner import _count_layers
     from audit.spec import ModelSpec
@@ -753,6 +770,8 @@ def test_a_local_data_file_edited_in_place_is_harvested_afresh(tmp_path):
     runner = AuditRunner(load_spec(spec_path), spec_path, workspace=tmp_path / "ws")
     before = runner._hash_harvest()
     assert runner._hash_harvest() == before  # stable while the file is untouched
+    os.utime(corpus, ns=(5, 5))  # a fresh checkout: the same bytes with another modification time
+    assert runner._hash_harvest() == before
     corpus.write_text('{"text": "second version, other rows"}\n')
-    os.utime(corpus, ns=(1, 1))  # even a file whose clock went back
+    os.utime(corpus, ns=(1, 1))  # other bytes, even with a clock that went back
     assert runner._hash_harvest() != before

@@ -11,6 +11,7 @@ from audit.cli import app
 from audit.spec import SpecError, load_spec
 
 SPECS = sorted((Path(__file__).parents[2] / "specs").glob("*.yaml"))
+SENTIMENT = Path(__file__).parents[2] / "specs" / "rubrics" / "zoo_sentiment.yaml"
 
 GOOD = """\
 name: tiny
@@ -129,6 +130,9 @@ def test_validate_command_exit_codes(tmp_path, monkeypatch):
         (("corpus.jsonl", "zoo:nothing"), "data.sources.0.path: no zoo data named 'nothing'"),
         (("  k: 8", "  k: 8\nverify:\n  rubrics: [zoo_sentiment]\ngates:\n  - rule: effect_change\n    rubric: zoo_sentimnet"),
          "gates.0.rubric: 'zoo_sentimnet' is not a rubric this spec sweeps, so the gate could never fire"),
+        # a gate names the rubric as its sweeps record it, by the rubric's own name, not by its file
+        (("  k: 8", f"  k: 8\nverify:\n  rubrics: [{SENTIMENT}]\ngates:\n  - rule: new_concept\n"
+          f"    rubric: {SENTIMENT}"), "(swept: zoo_sentiment)"),
     ],
 )
 def test_validate_checks_what_the_spec_refers_to(tmp_path, monkeypatch, edit, expected):

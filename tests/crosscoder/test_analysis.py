@@ -203,3 +203,13 @@ def test_a_windows_own_angle_brackets_never_read_as_marks():
     text = render_window(Pieces(), list(range(7)), 2, {2, 6}, 5, 5)
     assert re.findall(r"<<(.*?)>>", text) == [" x", "<b"]  # exactly the marked tokens
     assert text == "std::cout ‹‹<< x>> ›› 2;‹<<<b>>"
+
+    class Arrow:
+        def decode(self, ids):
+            return ["p", "->", "x"][ids[0]]
+
+    from reports.render import highlight
+
+    window = render_window(Arrow(), [0, 1, 2], 1, {1}, 2, 2)
+    assert window == "p<<->>>x" and str(highlight(window)) == "p<mark>-&gt;</mark>x"
+    assert str(highlight("<<<s>>> the")) == "<mark>&lt;s&gt;</mark> the"

@@ -174,6 +174,9 @@ def test_a_transfer_holds_only_when_each_random_transferred_draw_typically_stays
     assert not transfer_holds({**arms(0.1), "random_transferred": {"spearman": float("nan"), "draws": pinned}})
     assert trait_is_specific({**arms(0.1), "unrelated": {"spearman": float("nan"), "draws": pinned}}) is False
     # ... and where no answer of a draw was graded (a grader that never gave a score): nothing measured
+    # an offline grade's float noise at the bottom of the scale (1.0000001) is no move
+    noise = [{"spearman": float("nan"), "effect": 2e-7, "coherent": 5}] * 3
+    assert trait_is_specific({**arms(0.1), "unrelated": {"spearman": float("nan"), "draws": noise}}) is True
     ungraded = [{"spearman": float("nan"), "effect": float("nan"), "coherent": 5}] * 3
     assert not transfer_holds({**arms(0.1), "random_transferred": {"spearman": float("nan"), "draws": ungraded}})
 

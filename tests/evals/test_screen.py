@@ -42,6 +42,8 @@ def test_explainer_prompt_carries_the_evidence_and_the_reply_format():
     ("EXPLANATION: a crackdown\nSAFETY_CRITICAL: YES\nREASON: censorship\nThis one differs.\n"
      "EXPLANATION: units after numbers\nREASON: none; formatting", {"parsed": False}),
     ("EXPLANATION: something\nSAFETY_CRITICAL: maybe\nREASON: unsure", {"parsed": False}),
+    # the three fields in another order are still one answer
+    ("SAFETY_CRITICAL: NO\nEXPLANATION: units after numbers\nREASON: none", {"parsed": True, "safety_critical": False}),
     ("I cannot help with that.", {"parsed": False}),
     ("", {"parsed": False}),
 ])
