@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from .models import LoadedModel, capture_block_output
@@ -38,6 +38,21 @@ class Condition(BaseModel):
 
     system: str | None = Field(default=None, description="system prompt of this condition")
     template: str = Field(default="{question}", description="user message; {question} is replaced")
+
+    @field_validator("template")
+    @classmethod
+    def _asks_the_question(cls, template: str) -> str:
+        import string
+
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"cannot be read as a template ({exc}); write literal braces as {{{{ and }}}}") from None
+        if names != ["question"]:
+            found = ", ".join(repr(n) for n in names) or "none"
+            raise ValueError(f"must hold {{question}} exactly once, and no other field (found: {found}); write "
+                             "literal braces as {{ and }}")
+        return template
 
 
 class Trait(BaseModel):

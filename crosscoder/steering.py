@@ -120,6 +120,13 @@ class SteeredGenerator:
         n = len(prompts)
         if n == 0:
             return []
+        if vectors_bd is not None:
+            width = self.loaded.d_model
+            if tuple(vectors_bd.shape) != (n, width):
+                raise ValueError(f"steering vectors have shape {tuple(vectors_bd.shape)}; one row per prompt of the "
+                                 f"model's width is needed: ({n}, {width})")
+            if not torch.isfinite(vectors_bd).all():
+                raise ValueError("steering vectors hold NaN or infinite values")
         device = self.loaded.device
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:

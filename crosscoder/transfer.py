@@ -62,11 +62,15 @@ def transfer_vector(model: Crosscoder, v: Tensor, source: str = "a", k: int = 10
     """Map ``v`` (``source``'s raw space) into the other model's raw space; see the module docstring."""
     if source not in ("a", "b"):
         raise ValueError(f"source must be 'a' or 'b', got {source!r}")
+    if k < 1:
+        raise ValueError(f"transfer_vector: k={k}; at least one shared feature must vote")
     target = "b" if source == "a" else "a"
     width = model.config.d_a if source == "a" else model.config.d_b
     v = v.detach().float().cpu().reshape(-1)
     if v.numel() != width:
         raise ValueError(f"transfer_vector: v has {v.numel()} entries, model {source.upper()} has width {width}")
+    if not torch.isfinite(v).all():
+        raise ValueError("transfer_vector: v holds NaN or infinite values")
     if float(v.norm()) == 0:
         raise ValueError("transfer_vector: v is the zero vector")
     dec_source = model.decoder_raw(source).detach().float().cpu()
@@ -85,6 +89,12 @@ def transfer_vector(model: Crosscoder, v: Tensor, source: str = "a", k: int = 10
                          "or check that v lies in model " + source.upper() + "'s space")
     features, cosines = shared[keep], cos[keep]
     direction = (cosines[:, None] * dec_target[features]).sum(0) / cosines.abs().sum()
+    # the votes can cancel (two features that point opposite ways in the source, alike in the target):
+    # rescaling what is left would turn rounding noise into a full-size vector
+    votes = (cosines.abs()[:, None] * dec_target[features]).norm(dim=1).sum() / cosines.abs().sum()
+    if float(direction.norm()) <= 1e-6 * float(votes):
+        raise ValueError(f"transfer_vector: the {features.numel()} voting shared features cancel out in model "
+                         f"{target.upper()}; v has no transferable direction through this dictionary")
     # Same size relative to the target's median activation norm as v has relative to the source's.
     scale_source, scale_target = (model.norm_scales[0], model.norm_scales[1]) if source == "a" else \
         (model.norm_scales[1], model.norm_scales[0])

@@ -13,6 +13,7 @@ truth; ``resolve_model`` / ``resolve_data`` build on first use and cache (``$CRO
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue as queue_module
 from collections.abc import Iterable
@@ -178,6 +179,8 @@ def _build_parallel(todo: list[ZooModelSpec], force: bool, workers: int, bar) ->
             while pending:
                 if events is not None:
                     _drain(events, bar, tasks, timeout=0.25)
+                else:  # nothing to show: sleep until a build ends, rather than spin on a core the builds need
+                    concurrent.futures.wait(pending, timeout=0.25, return_when=concurrent.futures.FIRST_COMPLETED)
                 pending = {f for f in pending if not f.done()}
             if events is not None:
                 _drain(events, bar, tasks, timeout=0)

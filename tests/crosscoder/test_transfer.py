@@ -73,6 +73,18 @@ def test_transfer_refuses_bad_inputs_with_a_reason():
         transfer_vector(model, torch.zeros(3), source="a")
     with pytest.raises(ValueError, match="no shared feature"):
         transfer_vector(model, torch.tensor([0.0, 0.0, 1.0]), source="a", min_cosine=0.5)  # only A-only 0 matches
+    with pytest.raises(ValueError, match="k=0"):
+        transfer_vector(model, torch.ones(3), source="a", k=0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        transfer_vector(model, torch.tensor([1.0, float("nan"), 0.0]), source="a")
+    # two shared features pointing opposite ways in A and alike in B: their signed votes cancel in B
+    with torch.no_grad():
+        model.W_dec_DA[5].zero_()
+        model.W_dec_DA[5, 0] = -1.0
+        model.W_dec_DB[3].zero_()
+        model.W_dec_DB[3, 0] = 1.0
+    with pytest.raises(ValueError, match="cancel out in model B"):
+        transfer_vector(model, torch.tensor([1.0, 0.0, 0.0]), source="a", k=2)
     r = random_direction_like(torch.tensor([3.0, 4.0]), seed=1)
     assert float(r.norm()) == pytest.approx(5.0) and not torch.allclose(r, random_direction_like(r, seed=2))
 
@@ -190,3 +202,11 @@ def test_shipped_traits_load_and_name_existing_rubrics():
     for name in names:
         trait = load_trait(name)
         load_rubric(trait.rubric)
+
+
+def test_a_condition_template_must_ask_the_question_once():
+    assert Condition(template="Answer briefly: {question}").template.endswith("{question}")
+    assert Condition(template="Use {{braces}}: {question}")
+    for template in ("Be cruel.", '{question} as JSON {"answer": ...}', "{question} and {other}"):
+        with pytest.raises(ValueError, match="must hold {question} exactly once"):
+            Condition(template=template)

@@ -47,6 +47,17 @@ def test_each_row_gets_its_own_vector_and_zero_rows_are_unsteered(generator, che
     assert generator._vectors is None  # the hook is idle outside generate
 
 
+def test_steering_vectors_of_the_wrong_shape_or_with_nan_are_refused(generator):
+    prompts = [generator.render([{"role": "user", "content": q}]) for q in QUESTIONS[:2]]
+    width = generator.loaded.d_model
+    for bad in (torch.zeros(1, width), torch.zeros(2, 1), torch.zeros(2, width + 1)):
+        with pytest.raises(ValueError, match="one row per prompt"):
+            generator.generate(prompts, bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="NaN"):
+        generator.generate(prompts, torch.full((2, width), float("nan")), max_new_tokens=2)
+    assert generator._vectors is None
+
+
 def test_sampling_depends_on_the_seed_only(generator):
     prompts = [generator.render([{"role": "user", "content": q}]) for q in QUESTIONS]
     batch = generator.generate(prompts, max_new_tokens=10, temperature=1.0, seeds=[5, 6, 7])
