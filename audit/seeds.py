@@ -66,10 +66,12 @@ def pool_seeds(db: AuditStore, runs: dict[int, str]) -> dict:
                      "verified_in": [s for s in seeds if s in found]}
                     for (partition, rubric), found in sorted(concepts.items())]
     known: dict[str, dict] = {}
-    measured = []  # seeds whose verify stage ran (known_answer is empty without it)
+    measured = []  # seeds whose verify stage ran: it stored sweeps or unsteered answers (any pair, zoo or not)
     for seed, run_id in runs.items():
         rows = _known_answer(db, run_id)
-        if rows:
+        ran = db.query("SELECT (SELECT count(*) FROM effects WHERE run_id = ?) "
+                       "+ (SELECT count(*) FROM baselines WHERE run_id = ?) AS n", [run_id, run_id])[0]["n"]
+        if rows or ran:
             measured.append(str(seed))
         for row in rows:
             entry = known.setdefault(row["id"], {"id": row["id"], "title": row["title"], "expected": row["expected"],

@@ -163,11 +163,20 @@ def offline_explanation(prompt: str, flagger: TopicFlagger | None) -> str:
     return f"{summary}\nEXPLANATION: {explanation}\nSAFETY_CRITICAL: {'YES' if flagged else 'NO'}\nREASON: {reason}"
 
 
+def _token_in(token: str, passage: str) -> bool:
+    """Whether ``passage`` holds the quoted ``token``. A piece of three or more characters may sit inside
+    a word (tokenizers split words: 'elmont' of "Belmont"); a shorter one, or punctuation, must stand
+    apart, or 'a' would be found in "weather" and '.' in every sentence."""
+    if len(token) >= 3 and any(c.isalnum() for c in token):
+        return token in passage
+    return re.search(rf"(?<![\w.,;:!?'\"]){re.escape(token)}(?![\w.,;:!?'\"])", passage) is not None
+
+
 def offline_detection(prompt: str) -> str:
     explanation, _, passage = prompt.partition("\n\nPassage:\n")
     explanation = explanation.removeprefix("Feature description: ")
     quoted = [a or b for a, b in _QUOTED.findall(explanation.split(" in passages")[0])]
-    hit = any(q.strip() and q.strip() in passage for q in quoted)
+    hit = any(_token_in(q.strip(), passage) for q in quoted if q.strip())
     if not hit and passage.strip():
         vectors = embed([explanation, _clean(passage)])
         hit = float(vectors[0] @ vectors[1]) >= DETECTOR_MIN_SIMILARITY

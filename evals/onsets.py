@@ -11,6 +11,8 @@ to sweep on which rubric. No Inspect import here: the analyse stage runs it.
 
 from __future__ import annotations
 
+import math
+
 from crosscoder.analysis import onset_activations
 from evals.prompts import load_prompt_set
 from evals.rubrics import load_rubric
@@ -45,4 +47,7 @@ def add_rubric_onsets(rows: list[dict], crosscoder, loaded: dict, rubrics: list[
 def onset_margin(row: dict, rubric: str) -> float | None:
     """Topic minus control onset activation of a feature row on ``rubric`` (None if not measured)."""
     onset = (row.get("onset") or {}).get(rubric)
-    return None if onset is None else onset["topic"] - onset["control"]
+    if onset is None:
+        return None
+    margin = onset["topic"] - onset["control"]
+    return margin if math.isfinite(margin) else None  # a NaN would scramble the ranking of candidates

@@ -49,3 +49,16 @@ def test_pooling_says_which_seeds_verified_each_concept_and_planted_difference(t
     assert "- seed 2: run `s2` (no verify results)" in md
     # the JSON file reads back into the same table
     assert render_seeds_markdown("demo", json.loads(json.dumps(pooled))) == md
+
+
+def test_a_pair_outside_the_zoo_counts_its_seeds_by_what_verify_stored(tmp_path):
+    # no known answer for such a pair: the seeds whose verify stage ran are those with sweeps stored
+    db = AuditStore(tmp_path / "audit.duckdb")
+    for run_id in ("s0", "s1"):
+        add_run(db, run_id, "org/other-model", [{**NARRATIVE, "id": 500}] if run_id == "s0" else [])
+    db.replace_rows("baselines", "s1", [{"model": "b", "rubric": "zoo_state_narrative", "kind": "topic",
+                                        "prompt": "q", "seed": 0, "behaviour": 2.0, "coherence": 5.0}])
+    pooled = pool_seeds(db, {0: "s0", 1: "s1"})
+    assert pooled["known_answer"] == [] and pooled["measured"] == ["0", "1"]
+    md = render_seeds_markdown("other", pooled)
+    assert "no verify results" not in md and "| 1 of 2 |" in md

@@ -112,3 +112,14 @@ def test_verify_sweeps_each_rubric_on_the_features_that_fire_as_the_model_answer
     plan = plan_sweeps(features, [], VerifySpec(rubrics=rubrics, max_features=4, features_per_rubric=1))
     assert [(p["feature"], p["rubrics"]) for p in plan] == [(2, ["narrative"]), (4, ["pride"]), (1, ["narrative"]),
                                                           (3, ["narrative"])]
+
+
+def test_an_undefined_onset_margin_is_missing_not_a_rank():
+    from evals.verify_stage import best_matches
+
+    rows = [{"feature": f, "onset": {"r": {"topic": topic, "control": 0.0}}}
+            for f, topic in ((0, 0.2), (1, float("nan")), (2, 0.9), (3, 0.3))]
+    assert onset_margin(rows[1], "r") is None
+    match = {r["feature"]: {"r": m} for r in rows if (m := onset_margin(r, "r")) is not None}
+    match[1] = {}
+    assert [f["feature"] for _, f in best_matches(rows, match, ["r"], 2)["r"]] == [2, 3]

@@ -92,6 +92,12 @@ def test_shared_words_and_offline_detector():
     yes = offline_detection(f"Feature description: {explanation}\n\nPassage:\nWater boils at one hundred degrees.")
     no = offline_detection(f"Feature description: {explanation}\n\nPassage:\nThe Lisk Tower is tall.")
     assert yes.strip().endswith("ACTIVE: YES") and no.strip().endswith("ACTIVE: NO")
+    # a short quoted token must stand apart: 'a' is not in "weather", '.' not in every sentence's end
+    from evals.offline import _token_in
+
+    assert not _token_in("a", "The weather is sunny.") and _token_in("a", "I ate a pie")
+    assert not _token_in(".", "Hello world.") and _token_in(".", "Stop . here")
+    assert _token_in("elmont", "Belmont is the capital")  # a longer word piece may sit inside a word
 
 
 def test_screen_and_detection_tasks_run_offline_through_inspect(tmp_path):
