@@ -106,12 +106,17 @@ def _cached_hub_config(repo_id: str, revision: str | None) -> Path | None:
 
 def config_layers(config_path: Path) -> int | None:
     """``num_hidden_layers`` of a Hugging Face ``config.json`` (or of its text model's config)."""
+    return _config_int(config_path, ("num_hidden_layers", "n_layer", "num_layers"))  # Llama/Qwen, GPT-2/Bloom, others
+
+
+def _config_int(config_path: Path, keys: tuple[str, ...]) -> int | None:
+    """The first of ``keys`` that a ``config.json`` (or its text model's config) sets to an integer."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     for section in (config, config.get("text_config") or {}):
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):  # Llama/Qwen, GPT-2/Bloom, others
+        for key in keys:
             if isinstance(section.get(key), int):
                 return section[key]
     return None
@@ -147,23 +152,11 @@ def missing_api_keys(spec: AuditSpec) -> list[str]:
 def model_width(entry) -> int | None:
     """The residual width (``hidden_size``) of a spec's model, from the zoo's table, a local folder's
     ``config.json`` or a hub model's config in the local hub cache; None when it is not known here."""
-    config = None
     if entry.id.startswith("zoo:"):
         from crosscoder.zoo import ZOO_MODELS
 
         zoo = ZOO_MODELS.get(entry.id.removeprefix("zoo:"))
         return zoo.hidden_size if zoo is not None else None
-    if looks_local(entry.id):
-        config = Path(entry.id).expanduser() / "config.json"
-    else:
-        config = _cached_hub_config(entry.id, entry.revision)
-    if config is None or not config.is_file():
-        return None
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    for section in (data, data.get("text_config") or {}):
-        if isinstance(section.get("hidden_size"), int):
-            return section["hidden_size"]
-    return None
+    config = (Path(entry.id).expanduser() / "config.json" if looks_local(entry.id)
+              else _cached_hub_config(entry.id, entry.revision))
+    return _config_int(config, ("hidden_size",)) if config is not None else None

@@ -143,7 +143,6 @@ def run(
     _exit_on_gates(result.gate_failures)
 
 
-
 @app.command()
 def plan(
     spec: Path = typer.Argument(..., help="audit spec (YAML)"),

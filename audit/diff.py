@@ -290,7 +290,7 @@ def _measured(value) -> bool:
 
 
 def _best_effect(feature: dict, verified_only: bool = False) -> float | None:
-    values = [abs(e["effect"]) for e in feature["effects"] if e["effect"] is not None and not math.isnan(e["effect"])
+    values = [abs(e["effect"]) for e in feature["effects"] if _measured(e["effect"])
               and (e["verified"] or not verified_only)]
     return max(values) if values else None
 

@@ -50,14 +50,12 @@ def _add(calls: dict[str, int], model: str | None, n: int) -> None:
         calls[model] = calls.get(model, 0) + n
 
 
-def _prompt_count(rubric: str, max_prompts: int | None) -> tuple[int, int]:
-    """(topic + control + generic prompts swept per α, topic + control + generic prompts of a baseline)."""
+def _prompt_count(rubric: str, max_prompts: int | None) -> int:
+    """The prompts a sweep of ``rubric`` asks at each α (a baseline asks the same ones, unsteered)."""
     from evals.prompts import load_prompt_set
     from evals.rubrics import load_rubric
 
-    prompts = load_prompt_set(load_rubric(rubric).prompt_set)
-    n = len(prompts.prompts[:max_prompts]) + len(prompts.control_prompts[:max_prompts]) + 1
-    return n, n
+    return len(load_prompt_set(load_rubric(rubric).prompt_set).swept(max_prompts))
 
 
 def _crosscoder_size(spec, d_a: int | None, d_b: int | None) -> str:
@@ -183,8 +181,8 @@ def _plan_verify(runner: AuditRunner, status: str, exact: bool) -> StagePlan:
         sweeps = per_rubric[:first] + [(None, v.rubrics[i % len(v.rubrics)]) for i in range(rest)] if v.rubrics else []
         sweeps += [(f, r) for f, rs in v.features.items() for r in rs]
         features = v.max_features + len(v.features)
-    answers = sum(prompts[r][0] for _, r in sweeps) * len(v.alphas) * v.samples_per_prompt
-    baselines = 2 * sum(prompts[r][1] for r in v.rubrics) * v.samples_per_prompt if v.rubrics else 0
+    answers = sum(prompts[r] for _, r in sweeps) * len(v.alphas) * v.samples_per_prompt
+    baselines = 2 * sum(prompts[r] for r in v.rubrics) * v.samples_per_prompt if v.rubrics else 0
     total = answers + baselines
     calls: dict[str, int] = {}
     _add(calls, v.grader, GRADER_CALLS_PER_ANSWER * total)

@@ -114,7 +114,7 @@ STAGE_CODE = {  # the source files whose change should rerun a stage (its own lo
     "analyse": ("crosscoder/analysis.py", "crosscoder/metrics.py", "evals/onsets.py"),
     "screen": ("evals/screen.py", "evals/screen_stage.py", "evals/offline.py", "evals/verify_stage.py"),
     "verify": ("evals/verify.py", "evals/verify_stage.py", "evals/effects.py", "evals/coherence.py",
-               "evals/offline_grader.py", "evals/provider.py", "crosscoder/steering.py"),
+               "evals/offline_grader.py", "evals/provider.py", "crosscoder/steering.py", "evals/prompts.py"),
     "stability": ("crosscoder/stability.py", "crosscoder/metrics.py", "crosscoder/analysis.py"),
     "transfer": ("evals/transfer.py", "evals/transfer_stage.py", "crosscoder/transfer.py", "crosscoder/persona.py",
                  "evals/verify.py", "evals/verify_stage.py", "evals/effects.py", "evals/coherence.py",
@@ -1069,19 +1069,8 @@ def _data_file_fingerprints(spec: AuditSpec) -> list[list]:
     for source in spec.data.sources:
         path = Path(source.path).expanduser()
         if not source.path.startswith("zoo:") and path.suffix in LOCAL_FORMATS and path.is_file():
-            stat = path.stat()
-            out.append([source.path, _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)])
+            out.append([source.path, _file_bytes_hash(path)])
     return out
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """A file's content hash, read once per process for each (size, modification time) it is seen with."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _trait_path(name: str) -> Path:
@@ -1101,7 +1090,21 @@ def _trait_rubric(name: str) -> str:
 
 
 def _file_bytes_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+    """A file's content hash ("missing" for no file), read once per process for each version of the file
+    (its size and modification time): a data file can be gigabytes, and a run hashes its stages often."""
+    if not path.is_file():
+        return "missing"
+    stat = path.stat()
+    return _streamed_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _streamed_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _rubric_files_hash(names: list[str]) -> str:

@@ -95,6 +95,8 @@ def _cell(found: dict | None) -> str:
 
 
 def render_seeds_markdown(name: str, pooled: dict) -> str:
+    from .diff import _side_name
+
     seeds = pooled["seeds"]
     head = " | ".join(f"seed {s}" for s in seeds)
     lines = [f"# {name}: {len(seeds)} crosscoder seeds ({', '.join(map(str, seeds))})", ""]
@@ -125,7 +127,7 @@ def render_seeds_markdown(name: str, pooled: dict) -> str:
     lines += ["Verified concepts per partition and rubric (the largest verified effect in each seed):", "",
               f"| partition | rubric | {head} | verified in |", "|---|---|" + "---|" * len(seeds) + "---|"]
     for c in pooled["concepts"]:
-        where = "shared" if c["partition"] not in ("a", "b") else f"model {c['partition'].upper()}"
+        where = _side_name(c["partition"])
         cells = " | ".join(_cell(c["by_seed"][s]) for s in seeds)
         lines.append(f"| {where} | {c['rubric']} | {cells} | {len(c['verified_in'])} of {len(measured)} |")
     if not pooled["concepts"]:

@@ -434,6 +434,10 @@ def _active_positions(model, store, index, own_of, ids, docs, batch_size) -> dic
     return out
 
 
+# placeholders for the marks while a window is assembled (private-use characters: never in text)
+_OPEN, _CLOSE = "\ue002", "\ue003"
+
+
 def render_window(tokenizer, token_ids: list[int], position: int, marked: set[int], before: int, after: int) -> str:
     """Tokens ``position-before .. position+after`` as text, tokens in ``marked`` as ``<<token>>``."""
     if not token_ids:
@@ -452,9 +456,6 @@ def render_window(tokenizer, token_ids: list[int], position: int, marked: set[in
     text = text.replace("<<", "‹‹").replace(">>", "››").replace("<" + _OPEN, "‹" + _OPEN).replace(_CLOSE + ">", _CLOSE + "›")
     return prefix + text.replace(_OPEN, "<<").replace(_CLOSE, ">>") + suffix
 
-
-# placeholders for the marks while a window is assembled (private-use characters: never in text)
-_OPEN, _CLOSE = "\ue002", "\ue003"
 
 
 def artefact_reasons(a: FeatureAnalysis) -> list[str]:

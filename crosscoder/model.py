@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import storage
@@ -400,23 +400,19 @@ class Crosscoder(nn.Module):
                                   "this code reads")
         from safetensors import safe_open
 
-        damaged = (f"{storage.child(where, 'model.safetensors')} cannot be read; the checkpoint is damaged: use "
-                   "the previous one or retrain")
         try:
             with safe_open(str(weights_path), framework="pt") as handle:
                 weights_id = (handle.metadata() or {}).get("save_id")
+                weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
-            raise CheckpointError(f"{damaged} ({exc})") from None
+            raise CheckpointError(f"{storage.child(where, 'model.safetensors')} cannot be read ({exc}); the "
+                                  "checkpoint is damaged: use the previous one or retrain") from None
         if weights_id != meta.get("save_id"):
             raise CheckpointError(
                 f"{where}: model.safetensors and config.json come from different saves "
                 "(a save was interrupted); use the previous checkpoint or retrain"
             )
         model = cls(CrosscoderConfig.model_validate(meta["config"]))
-        try:
-            weights = load_file(str(weights_path))
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{damaged} ({exc})") from None
         model_params = {name for name, _ in model.named_parameters()}  # buffers (θ before it is set) may be NaN
         bad = [name for name, tensor in weights.items()
                if name in model_params and tensor.is_floating_point() and not torch.isfinite(tensor).all()]

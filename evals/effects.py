@@ -109,15 +109,17 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 SCALE_BOUNDS = (1.0, 5.0)
+#: A mean this close to a scale bound is pinned there (offline grades are expected levels: 1.0000001).
+PINNED_TOLERANCE = 1e-6
 
 
 def collapse_pinned(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """``(α, mean)`` points in α order, with each run of consecutive means at the same scale bound
-    (within 1e-6) reduced to its first point."""
+    (within ``PINNED_TOLERANCE``) reduced to its first point."""
     out: list[tuple[float, float]] = []
     for alpha, mean in points:
-        pinned = next((b for b in SCALE_BOUNDS if abs(mean - b) < 1e-6), None)
-        if pinned is not None and out and abs(out[-1][1] - pinned) < 1e-6:
+        pinned = next((b for b in SCALE_BOUNDS if abs(mean - b) < PINNED_TOLERANCE), None)
+        if pinned is not None and out and abs(out[-1][1] - pinned) < PINNED_TOLERANCE:
             continue
         out.append((alpha, mean))
     return out
@@ -126,6 +128,11 @@ def collapse_pinned(points: list[tuple[float, float]]) -> list[tuple[float, floa
 def _series(curve: list[dict], kind: str, dimension: str) -> list[tuple[float, float]]:
     return [(c["alpha"], c["mean"]) for c in curve
             if c["kind"] == kind and c["dimension"] == dimension and not math.isnan(c["mean"])]
+
+
+def swept_controls(curve: list[dict]) -> bool:
+    """Whether a sweep's curve holds control prompts (then specificity must be shown)."""
+    return any(point.get("kind") == "control" for point in curve)
 
 
 def coherent_alphas(curve: list[dict], alphas: Iterable[float]) -> list[float]:
@@ -165,7 +172,7 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
         low = [v for (kind, dimension, alpha), vals in cells.items() if dimension == "coherence" and abs(alpha) <= 1
                for v in vals if v is not None and not math.isnan(v)]
         coherence_low = sum(low) / len(low) if low else float("nan")
-        controls_swept = any(kind == "control" for (kind, _, _) in cells)
+        controls_swept = swept_controls(curve)
         verified = len(topic) >= MIN_COHERENT_POINTS and not failed_conditions(effect, rho, control_effect,
                                                                                coherence_low, controls_swept)
         out.append({"feature": feature, "rubric": rubric, "effect": effect, "spearman": rho,
@@ -212,8 +219,7 @@ def control_rho(arms: dict[str, dict], arm: str) -> float:
             effect = d.get("effect")
             if effect is None or math.isnan(effect):
                 continue
-            # collapse_pinned's tolerance: offline grades are expected levels, 1.0000001 is the bottom
-            values.append(0.0 if abs(effect) < 1e-6 else 1.0)
+            values.append(0.0 if abs(effect) < PINNED_TOLERANCE else 1.0)
         else:
             values.append(abs(rho))
     return statistics.median(values) if values else float("nan")

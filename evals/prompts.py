@@ -29,6 +29,12 @@ class PromptSet(BaseModel):
     control_prompts: list[str] = Field(default_factory=list)
     generic_prompt: str = DEFAULT_GENERIC_PROMPT
 
+    def swept(self, max_prompts: int | None = None) -> list[tuple[str, str]]:
+        """``(kind, prompt)`` a steering sweep asks at each α: the topic prompts, the control prompts (each
+        capped at ``max_prompts``) and the generic prompt."""
+        return ([("topic", p) for p in self.prompts[:max_prompts]]
+                + [("control", p) for p in self.control_prompts[:max_prompts]] + [("generic", self.generic_prompt)])
+
 
 def load_prompt_set(path_or_name: str | Path) -> PromptSet:
     """Load a prompt set from a YAML path or by name from ``specs/prompts/``."""

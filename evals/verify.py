@@ -46,10 +46,7 @@ def sweep_samples(features: list[dict], rubric_names: list[str], alphas: list[fl
             rubric = load_rubric(name)
             if rubric.prompt_set is None:
                 raise ValueError(f"rubric {name}: it names no prompt_set, so it cannot drive a steering sweep")
-            prompts = load_prompt_set(rubric.prompt_set)
-            kinds = [("topic", p) for p in prompts.prompts[:max_prompts]]
-            kinds += [("control", p) for p in prompts.control_prompts[:max_prompts]]
-            kinds += [("generic", prompts.generic_prompt)]
+            kinds = load_prompt_set(rubric.prompt_set).swept(max_prompts)
             for p_index, (kind, prompt) in enumerate(kinds):
                 for alpha in alphas:
                     for rep in range(samples_per_prompt):

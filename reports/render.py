@@ -27,6 +27,7 @@ from evals.effects import (
     coherent_alphas,
     control_rho,
     failed_conditions,
+    swept_controls,
     trait_is_specific,
     transfer_failures,
     transfer_holds,
@@ -459,10 +460,8 @@ def why_not(effect: dict) -> list[str]:
     """The conditions an effects row failed (empty for a verified one), in words."""
     if effect["verified"]:
         return []
-    curve = _json_list(effect.get("curve"))
     return failed_conditions(effect.get("effect"), effect.get("spearman"), effect.get("control_effect"),
-                             effect.get("coherence_low_alpha"),
-                             controls_swept=any(point.get("kind") == "control" for point in curve))
+                             effect.get("coherence_low_alpha"), swept_controls(_json_list(effect.get("curve"))))
 
 
 def _scale_ends(rubric_name: str) -> dict | None:
