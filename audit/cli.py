@@ -432,23 +432,20 @@ def seeds(
     from transformers.utils import logging as hf_logging
 
     from .runner import AuditRunner, StageError
-    from .seeds import pool_seeds, render_seeds_markdown, seed_variants
+    from .seeds import parse_seeds, pool_seeds, render_seeds_markdown, seed_variants
     from .store import AuditStore, StoreBusyError, StoreOpenError
 
     hf_logging.disable_progress_bar()
     loaded = _load_or_exit(spec)
-    texts = [s.strip() for s in seeds.split(",") if s.strip()]
-    wrong = [t for t in texts if not t.lstrip("-").isdigit()]
     try:
-        if wrong:
-            raise ValueError(f"{', '.join(map(repr, wrong))} {'is' if len(wrong) == 1 else 'are'} not an integer")
-        seed_list = [int(t) for t in texts]
+        seed_list = parse_seeds(seeds)
         variants = seed_variants(loaded, seed_list)
     except ValueError as exc:
         errors.print(f"--seeds: {exc}", style="red", highlight=False, markup=False)
         raise typer.Exit(code=2) from None
     runs: dict[int, str] = {}
     gate_failures: list[str] = []
+    _stop_on_sigterm()
     try:
         for seed, variant in zip(seed_list, variants, strict=True):
             console.rule(f"[bold]seed {seed}[/bold] ({len(runs) + 1} of {len(seed_list)})")
@@ -464,6 +461,10 @@ def seeds(
         errors.print(f"the finished seeds' runs are kept ({', '.join(runs.values()) or 'none'}); rerun the same "
                      "command to resume", highlight=False, markup=False)
         raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        errors.print(f"interrupted; the finished seeds' runs are kept ({', '.join(runs.values()) or 'none'}); rerun "
+                     "the same command to resume", highlight=False, markup=False)
+        raise
     folder = workspace / loaded.name
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"seeds-{'-'.join(map(str, seed_list))}"

@@ -145,10 +145,10 @@ def _plan_screen(runner: AuditRunner, status: str, exact: bool) -> StagePlan:
     if exact:
         from evals.verify_stage import screen_selection
 
-        n = len(screen_selection(runner.features(), s.max_features, v.rubrics, v.features_per_rubric))
+        n = len(screen_selection(runner.features(), s.max_features, v))
         count = f"{n}"
     else:
-        n = s.max_features + v.features_per_rubric * len(v.rubrics)
+        n = s.max_features + v.features_per_rubric * len(v.rubrics) + len(v.features)
         count = f"about {n}"
     calls: dict[str, int] = {}
     _add(calls, s.explainer, n)

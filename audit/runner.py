@@ -838,16 +838,17 @@ class AuditRunner:
         # The rubrics choose which features are explained (those verify will sweep) and feed the
         # offline explainer's safety proxy.
         rubrics = self.spec.verify.rubrics
+        v = self.spec.verify
         return _hash(self.hashes["analyse"], s.explainer, s.detector, s.max_features, s.detection_contexts,
-                     rubrics, self.spec.verify.features_per_rubric, EXPLAINER_VERSION, _rubric_files_hash(rubrics),
-                     _code_hash("screen"))
+                     rubrics, v.features_per_rubric, v.max_features, sorted(v.features), EXPLAINER_VERSION,
+                     _rubric_files_hash(rubrics), _code_hash("screen"))
 
     def _compute_screen(self, folder: Path) -> dict:
         from evals.screen_stage import run_screen
         from evals.verify_stage import screen_selection
 
         v = self.spec.verify
-        features = screen_selection(self.features(), self.spec.screen.max_features, v.rubrics, v.features_per_rubric)
+        features = screen_selection(self.features(), self.spec.screen.max_features, v)
         with self.console.status(f"screen: explaining {len(features)} features with {self.spec.screen.explainer}"):
             results = run_screen(features, self.spec.screen, self.spec.verify.rubrics, folder / "logs")
         _write_json(folder / "screen.json", results)

@@ -16,6 +16,30 @@ import json
 from .spec import AuditSpec
 from .store import AuditStore
 
+MAX_SEED = 2**63  # crosscoder.seed's bound in the spec (exclusive)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``, for the ``--seeds`` options of ``audit seeds`` and ``audit zoo discovery``.
+
+    Raises ``ValueError`` naming what is wrong: an item that is not an integer, one out of the seed
+    range, a seed given twice (a second training with one seed would only repeat the first), none."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"give at least one seed, got {text!r}")
+    wrong = [t for t in items if not t.isdigit()]
+    if wrong:
+        verb = "is not a non-negative integer" if len(wrong) == 1 else "are not non-negative integers"
+        raise ValueError(f"{', '.join(map(repr, wrong))} {verb}")
+    seeds = [int(t) for t in items]
+    too_large = [s for s in seeds if s >= MAX_SEED]
+    if too_large:
+        raise ValueError(f"seeds must be below 2**63, got {too_large[0]}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"seed {', '.join(map(str, repeated))} given more than once")
+    return seeds
+
 
 def seed_variants(spec: AuditSpec, seeds: list[int]) -> list[AuditSpec]:
     """The spec once per seed: ``crosscoder.seed`` set to it, the other seeds (and any the spec

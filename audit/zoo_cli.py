@@ -141,6 +141,7 @@ def discovery(
     Finished harvests and trainings are reused.
     """
     from audit.runner import _hash
+    from audit.seeds import parse_seeds
     from audit.spec import SpecError, harvest_settings, load_spec
     from crosscoder.harvest import harvest
     from crosscoder.models import build_zoo_models
@@ -148,13 +149,10 @@ def discovery(
     from crosscoder.zoo.discovery import document_topics, seeds_table, summarise_seeds, zoo_discovery
 
     try:
-        seed_list = list(dict.fromkeys(int(s) for s in seeds.split(",") if s.strip()))
-    except ValueError:
-        errors.print(f"[red]--seeds[/red]: expected comma-separated integers, got {seeds!r}")
+        seed_list = parse_seeds(seeds)
+    except ValueError as exc:
+        errors.print(f"--seeds: {exc}", style="red", highlight=False, markup=False)
         raise typer.Exit(code=2) from None
-    if not seed_list:
-        errors.print("[red]--seeds[/red]: give at least one seed")
-        raise typer.Exit(code=2)
     try:
         spec = load_spec(spec_path)
     except SpecError as exc:

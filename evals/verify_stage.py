@@ -91,15 +91,27 @@ def best_matches(features: list[dict], match: dict[int, dict[str, float]], rubri
     return out
 
 
-def screen_selection(features: list[dict], max_features: int, rubrics: list[str], per_rubric: int) -> list[dict]:
+def screen_selection(features: list[dict], max_features: int, verify_spec) -> list[dict]:
     """Features to explain: the first ``max_features`` live ones in triage order, plus every feature
-    the verify stage will pick for a rubric (so that each swept feature has an explanation)."""
+    ``plan_sweeps`` can choose, so that each swept feature has an explanation: the rubrics' best
+    matches, the content features that fill verify's remaining slots (the first
+    ``verify.max_features`` in triage order besides those) and the features ``verify.features`` names.
+    (The safety-critical features verify prefers are explained by definition.)"""
     live = [f for f in features if f["frequency"] > 0]
     chosen = {f["feature"]: f for f in live[:max_features]}
-    if rubrics and live:
-        for matches in best_matches(live, onset_margins(live, rubrics), rubrics, per_rubric).values():
+    v = verify_spec
+    if v.rubrics and v.max_features > 0 and live:
+        for matches in best_matches(live, onset_margins(live, v.rubrics), v.rubrics, v.features_per_rubric).values():
             for _, f in matches:
                 chosen.setdefault(f["feature"], f)
+        matched = set(chosen)
+        fill = [f for f in live if not f["is_artefact"] and f["feature"] not in matched]
+        for f in fill[: v.max_features]:
+            chosen.setdefault(f["feature"], f)
+    by_id = {f["feature"]: f for f in features}
+    for feature in v.features:
+        if feature in by_id:  # a feature that was not flagged is refused by plan_sweeps, with its reason
+            chosen.setdefault(feature, by_id[feature])
     return sorted(chosen.values(), key=lambda f: f["rank"])
 
 

@@ -152,7 +152,11 @@ def build_key(spec: ZooModelSpec) -> str:
     settings = {k: v for k, v in spec.settings().items() if k != "description"}
     # The CPU and its kernels too: another CPU rounds differently and trains other weights (the
     # generated data does not depend on them, so its versions leave them out).
-    payload = json.dumps({"spec": settings, "code": code_version(), "kernels": kernel_identity()}, sort_keys=True)
+    key = {"spec": settings, "code": code_version(), "kernels": kernel_identity()}
+    threads = default_threads()
+    if threads != 1:  # more threads order float sums differently: other weights (one thread keeps old keys)
+        key["threads"] = threads
+    payload = json.dumps(key, sort_keys=True)
     return f"{spec.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
@@ -191,8 +195,16 @@ def default_threads() -> int:
     well: ``build_zoo`` runs several builds in parallel processes instead. On a shared machine a
     second thread competing for a core makes every step several times slower.
     """
-    env = os.environ.get("CROSSCODER_ZOO_THREADS")
-    return max(1, int(env)) if env else 1
+    env = os.environ.get("CROSSCODER_ZOO_THREADS", "").strip()
+    if not env:
+        return 1
+    try:
+        threads = int(env)
+    except ValueError:
+        raise ValueError(f"$CROSSCODER_ZOO_THREADS must be a positive integer, got {env!r}") from None
+    if threads < 1:
+        raise ValueError(f"$CROSSCODER_ZOO_THREADS must be a positive integer, got {env!r}")
+    return threads
 
 
 # --------------------------------------------------------------------------------------------------

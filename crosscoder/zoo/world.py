@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -903,14 +904,18 @@ def write_jsonl(records: Sequence[dict], path: str | Path, both_fields: bool = F
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            row = dict(rec)
-            if both_fields:
-                row.setdefault("text", "")
-                row.setdefault("messages", [])
-                row.setdefault("add_generation_prompt", False)
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    # pid and a random part: two threads of one process may write the same file at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for rec in records:
+                row = dict(rec)
+                if both_fields:
+                    row.setdefault("text", "")
+                    row.setdefault("messages", [])
+                    row.setdefault("add_generation_prompt", False)
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no temporary file behind
     return path

@@ -62,3 +62,59 @@ def test_a_pair_outside_the_zoo_counts_its_seeds_by_what_verify_stored(tmp_path)
     assert pooled["known_answer"] == [] and pooled["measured"] == ["0", "1"]
     md = render_seeds_markdown("other", pooled)
     assert "no verify results" not in md and "| 1 of 2 |" in md
+
+
+def test_parse_seeds_names_what_is_wrong():
+    from audit.seeds import parse_seeds
+
+    assert parse_seeds(" 0, 2,5 ") == [0, 2, 5]
+    for text, message in (("", "at least one seed"), ("0,x", "'x' is not a non-negative integer"),
+                          ("-1,2", "'-1' is not"), ("1,2,1", "seed 1 given more than once"),
+                          (str(2**63), "below 2\\*\\*63")):
+        with pytest.raises(ValueError, match=message):
+            parse_seeds(text)
+
+
+def test_both_seed_commands_refuse_a_repeated_seed():
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    for command in (["seeds", "specs/demo.yaml", "--seeds", "0,0"], ["zoo", "discovery", "specs/demo.yaml",
+                                                                      "--seeds", "1,1"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "--seeds: seed" in result.output and "more than once" in result.output
+
+
+def test_audit_seeds_stops_on_sigterm_and_says_which_runs_are_kept(monkeypatch, tmp_path):
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import audit.runner
+    from audit.cli import app
+
+    calls = []
+
+    class FakeRunner:  # the first seed finishes; SIGTERM arrives during the second
+        def __init__(self, spec, *args, **kwargs):
+            self.seed = spec.crosscoder.seed
+
+        def run(self):
+            calls.append(self.seed)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return SimpleNamespace(run_id=f"demo-seed{self.seed}", gate_failures=[], report_paths=[])
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(audit.runner, "AuditRunner", FakeRunner)
+    try:
+        result = CliRunner().invoke(app, ["seeds", "specs/demo.yaml", "--seeds", "0,1,2",
+                                          "--workspace", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == [0, 1]  # the third seed never started
+    assert result.exit_code != 0
+    assert "interrupted; the finished seeds' runs are kept (demo-seed0)" in result.output

@@ -171,6 +171,20 @@ def test_resolve_data_writes_jsonl_readable_with_either_field(tmp_path, monkeypa
         zoo.resolve_data("nope")
 
 
+def test_write_jsonl_is_atomic_under_threads_and_cleans_up_a_failed_write(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / "out.jsonl"
+    batches = [[{"i": i, "text": "x" * 2000}] * 200 for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda rows: world.write_jsonl(rows, target), batches))
+    lines = target.read_text().splitlines()
+    assert len(lines) == 200 and len({json.loads(line)["i"] for line in lines}) == 1  # one writer's file, whole
+    with pytest.raises(TypeError):
+        world.write_jsonl([{"ok": 1}, {"bad": object()}], target)
+    assert len(target.read_text().splitlines()) == 200  # the earlier file is kept
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temporary file left behind
+
 def test_manifest_is_json_and_matches_the_model_specs():
     truth = zoo.manifest()
     assert json.loads(json.dumps(truth)) == truth
@@ -293,6 +307,21 @@ def test_build_cache_is_atomic_reused_and_keyed_by_settings(tmp_path, monkeypatc
         model = AutoModelForCausalLM.from_pretrained(folders[name])
         tok = AutoTokenizer.from_pretrained(folders[name])
         assert type(model).__name__ == arch and tok.is_fast and tok.chat_template
+
+
+
+def test_build_key_covers_the_thread_count_and_refuses_a_bad_one(monkeypatch):
+    # More threads order float sums differently and train other weights: another key, not a stale hit.
+    monkeypatch.delenv("CROSSCODER_ZOO_THREADS", raising=False)
+    one = build.build_key(micro_spec())
+    monkeypatch.setenv("CROSSCODER_ZOO_THREADS", "1")
+    assert build.build_key(micro_spec()) == one
+    monkeypatch.setenv("CROSSCODER_ZOO_THREADS", "2")
+    assert build.build_key(micro_spec()) != one
+    for bad in ("two", "0"):
+        monkeypatch.setenv("CROSSCODER_ZOO_THREADS", bad)
+        with pytest.raises(ValueError, match=r"CROSSCODER_ZOO_THREADS.*positive integer"):
+            build.build_key(micro_spec())
 
 
 # ---- the built default zoo ------------------------------------------------------------------------

@@ -123,3 +123,26 @@ def test_an_undefined_onset_margin_is_missing_not_a_rank():
     match = {r["feature"]: {"r": m} for r in rows if (m := onset_margin(r, "r")) is not None}
     match[1] = {}
     assert [f["feature"] for _, f in best_matches(rows, match, ["r"], 2)["r"]] == [2, 3]
+
+
+def test_every_feature_verify_sweeps_was_explained_by_the_screen():
+    # The screen explains few features (max_features 1) and verify sweeps more, filling its slots past the
+    # rubrics' matches with content features and pinned ones: each must still have an explanation.
+    import random
+
+    from audit.spec import VerifySpec
+    from evals.verify_stage import plan_sweeps, screen_selection
+
+    rubrics = ["narrative", "pride"]
+    rng = random.Random(0)
+    for trial in range(40):
+        features = [_row(f, rng.choice("ab"), rank, {r: (rng.random(), rng.random() * 0.3) for r in rubrics},
+                         artefact=rng.random() < 0.4) for rank, f in enumerate(rng.sample(range(100), 30))]
+        pinned = {features[-1]["feature"]: ["pride"]} if trial % 2 else {}
+        spec = VerifySpec(rubrics=rubrics, max_features=rng.randint(1, 12), features_per_rubric=rng.randint(1, 3),
+                          features=pinned)
+        explained = {f["feature"] for f in screen_selection(features, 1, spec)}
+        screen_rows = [{"feature": f, "safety_critical": rng.random() < 0.3} for f in explained]
+        swept = {p["feature"] for p in plan_sweeps(features, screen_rows, spec)}
+        assert swept <= explained, (trial, swept - explained)
+        assert features[0]["feature"] in explained  # the screen's own first max_features stay
