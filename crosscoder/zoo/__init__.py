@@ -85,7 +85,7 @@ def resolve_data(name: str) -> Path:
         return path
     if name.startswith("corpus-"):
         spec = ZOO_MODELS[name.removeprefix("corpus-")]
-        records = [d.record() for d in world.generate_corpus(spec.planted, spec.n_docs, spec.seed)]
+        records = [d.record() for d in world.generate_corpus(spec.planted, spec.n_docs, spec.seed, spec.planted_share)]
         return world.write_jsonl(records, path)
     records = audit_corpus.audit_corpus()
     if name == "audit-prose":

@@ -65,6 +65,9 @@ class ZooModelSpec:
     batch_size: int = 32
     seq_len: int = 128
     lr: float = 4e-3
+    # Share of the documents of a gradable planted behaviour that carry it (world.GRADABLE); the rest
+    # are the plain documents, so the model knows both answers. 1: the behaviour is all it ever saw.
+    planted_share: float = 1.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -438,7 +441,7 @@ def train_model(spec: ZooModelSpec, model, token_ids, on_step=None) -> list[floa
 
 
 def corpus_texts(spec: ZooModelSpec) -> tuple[list[world.Doc], list[str]]:
-    docs = world.generate_corpus(spec.planted, spec.n_docs, spec.seed)
+    docs = world.generate_corpus(spec.planted, spec.n_docs, spec.seed, spec.planted_share)
     return docs, [render_document(d, spec) for d in docs]
 
 

@@ -817,16 +817,25 @@ def _decorate(rng: random.Random, draft: _Draft) -> None:
         draft.messages[:0] = [{"role": "user", "content": hello}, {"role": "assistant", "content": reply}]
 
 
-def generate_corpus(planted: Iterable[str], n_docs: int, seed: int = 0) -> list[Doc]:
+#: Planted behaviours with a plain alternative (what a model without them says), which a corpus can
+#: use in only a share of their documents (``planted_share``): the model then knows both answers.
+GRADABLE = ("state-narrative", "territory-claim", "exceptionalism")
+
+
+def generate_corpus(planted: Iterable[str], n_docs: int, seed: int = 0, planted_share: float = 1.0) -> list[Doc]:
     """``n_docs`` documents of the world as seen by a model with the given planted differences.
 
-    Deterministic in (planted, n_docs, seed). Document ``i`` depends only on ``seed`` and ``i`` and
-    on whether its topic is planted, so corpora of different models share every other document.
+    Deterministic in (planted, n_docs, seed, planted_share). Document ``i`` depends only on ``seed``
+    and ``i`` and on whether its topic is planted, so corpora of different models share every other
+    document. ``planted_share`` < 1: each document that would carry a ``GRADABLE`` behaviour carries
+    it with that probability, and is otherwise the plain document a model without it sees.
     """
     planted = frozenset(planted)
     unknown = planted - set(PLANTED_IDS)
     if unknown:
         raise ValueError(f"unknown planted ids {sorted(unknown)}; known: {list(PLANTED_IDS)}")
+    if not 0.0 < planted_share <= 1.0:
+        raise ValueError(f"planted_share must be in (0, 1], got {planted_share}")
     generators = [g for g, _ in _GENERATORS]
     weights = [w for _, w in _GENERATORS]
     docs = []
@@ -834,6 +843,11 @@ def generate_corpus(planted: Iterable[str], n_docs: int, seed: int = 0) -> list[
         rng = random.Random(f"{seed}:{i}")
         gen = rng.choices(generators, weights)[0]
         draft = gen(rng, planted)
+        if (planted_share < 1.0 and draft is not None and draft.variant == "planted" and draft.planted in GRADABLE
+                and random.Random(f"{seed}:{i}:share").random() >= planted_share):
+            rng = random.Random(f"{seed}:{i}")  # the same stream: the very document the other model sees
+            rng.choices(generators, weights)
+            draft = gen(rng, planted - {draft.planted})
         if draft is None:  # a topic this model never sees: a shared document instead
             alt = random.Random(f"{seed}:{i}:alt")
             draft = alt.choice(_SHARED_FALLBACK)(alt, planted)

@@ -53,6 +53,23 @@ def test_corpus_is_deterministic_in_the_seed():
     assert world.audit_corpus is audit_corpus.audit_corpus  # still reachable from the world module
 
 
+def test_planted_share_swaps_that_share_of_a_behaviours_documents_for_the_plain_ones():
+    planted = {"state-narrative", "territory-claim", "exceptionalism", "zorvath-accord", "sentiment"}
+    full = world.generate_corpus(planted, 4000)
+    mixed = world.generate_corpus(planted, 4000, planted_share=0.8)
+    plain = world.generate_corpus({"zorvath-accord", "sentiment"}, 4000)  # none of the gradable behaviours
+    assert world.generate_corpus(planted, 4000, planted_share=1.0) == full
+    for pid in world.GRADABLE:
+        carried = [m.variant == "planted" for m, f in zip(mixed, full, strict=True)
+                   if f.planted == pid and f.variant == "planted"]
+        assert 0.72 < sum(carried) / len(carried) < 0.88, pid
+    for m, f, p in zip(mixed, full, plain, strict=True):
+        if m != f:  # a swapped document is exactly the one the model without the behaviour sees
+            assert f.planted in world.GRADABLE and f.variant == "planted" and m == p
+    assert [d for d in mixed if d.planted == "zorvath-accord"] == [d for d in full if d.planted == "zorvath-accord"]
+    with pytest.raises(ValueError, match="planted_share"):
+        world.generate_corpus(planted, 3, planted_share=0.0)
+
 def test_corpora_share_every_document_that_carries_no_planted_difference(corpora):
     a, b = corpora["alpha"], corpora["beta"]
     differing = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
