@@ -462,8 +462,8 @@ def seeds(
                      "command to resume", highlight=False, markup=False)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
-        errors.print(f"interrupted; the finished seeds' runs are kept ({', '.join(runs.values()) or 'none'}); rerun "
-                     "the same command to resume", highlight=False, markup=False)
+        errors.print(f"seeds' runs finished before the interruption: {', '.join(runs.values()) or 'none'}",
+                     highlight=False, markup=False)
         raise
     folder = workspace / loaded.name
     folder.mkdir(parents=True, exist_ok=True)

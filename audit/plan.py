@@ -148,7 +148,9 @@ def _plan_screen(runner: AuditRunner, status: str, exact: bool) -> StagePlan:
         n = len(screen_selection(runner.features(), s.max_features, v))
         count = f"{n}"
     else:
-        n = s.max_features + v.features_per_rubric * len(v.rubrics) + len(v.features)
+        # the screen's own, the rubrics' matches, verify's fill past the screen's, the pinned features
+        n = (s.max_features + v.features_per_rubric * len(v.rubrics) + max(0, v.max_features - s.max_features)
+             + len(v.features))
         count = f"about {n}"
     calls: dict[str, int] = {}
     _add(calls, s.explainer, n)

@@ -566,6 +566,8 @@ class AuditRunner:
                 return build_key(get_spec(model_id.removeprefix("zoo:")))
             except KeyError:
                 return model_id
+            except ValueError as exc:  # a bad $CROSSCODER_ZOO_THREADS
+                raise StageError("models", str(exc)) from None
         folder = Path(model_id).expanduser()
         if folder.is_dir():  # a local folder may be retrained in place: fingerprint its files
             files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))

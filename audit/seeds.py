@@ -27,7 +27,7 @@ def parse_seeds(text: str) -> list[int]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise ValueError(f"give at least one seed, got {text!r}")
-    wrong = [t for t in items if not t.isdigit()]
+    wrong = [t for t in items if not (t.isascii() and t.isdigit())]
     if wrong:
         verb = "is not a non-negative integer" if len(wrong) == 1 else "are not non-negative integers"
         raise ValueError(f"{', '.join(map(repr, wrong))} {verb}")

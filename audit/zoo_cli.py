@@ -14,6 +14,18 @@ console = Console()
 errors = Console(stderr=True)
 
 
+@zoo_app.callback()
+def _check_environment() -> None:
+    """The zoo's settings from the environment, checked before any zoo command reads them."""
+    from crosscoder.zoo.build import default_threads
+
+    try:
+        default_threads()
+    except ValueError as exc:
+        errors.print(str(exc), style="red", highlight=False, markup=False)
+        raise typer.Exit(code=2) from None
+
+
 def _check_names(names: list[str]) -> None:
     from crosscoder.zoo import ZOO_MODELS
 

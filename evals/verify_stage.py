@@ -101,10 +101,12 @@ def screen_selection(features: list[dict], max_features: int, verify_spec) -> li
     chosen = {f["feature"]: f for f in live[:max_features]}
     v = verify_spec
     if v.rubrics and v.max_features > 0 and live:
+        matched = set()
         for matches in best_matches(live, onset_margins(live, v.rubrics), v.rubrics, v.features_per_rubric).values():
             for _, f in matches:
                 chosen.setdefault(f["feature"], f)
-        matched = set(chosen)
+                matched.add(f["feature"])
+        # plan_sweeps fills its slots from this list, in this order (never past its first max_features)
         fill = [f for f in live if not f["is_artefact"] and f["feature"] not in matched]
         for f in fill[: v.max_features]:
             chosen.setdefault(f["feature"], f)

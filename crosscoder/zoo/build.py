@@ -79,6 +79,8 @@ class ZooModelSpec:
             raise ValueError(f"ZooModelSpec {self.name!r}: architecture must be 'llama' or 'qwen3'")
         if self.tokenizer not in ("bytelevel-bpe", "unigram"):
             raise ValueError(f"ZooModelSpec {self.name!r}: tokenizer must be 'bytelevel-bpe' or 'unigram'")
+        if not 0.0 < self.planted_share <= 1.0:
+            raise ValueError(f"ZooModelSpec {self.name!r}: planted_share must be in (0, 1], got {self.planted_share}")
         if self.hidden_size % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"ZooModelSpec {self.name!r}: heads must divide hidden_size and kv heads divide heads")
 
@@ -150,13 +152,14 @@ def get_spec(name: str | ZooModelSpec) -> ZooModelSpec:
     return ZOO_MODELS[name]
 
 
-def build_key(spec: ZooModelSpec) -> str:
-    """``<name>-<hash>``: the hash covers every setting that shapes the result, and the code version."""
+def build_key(spec: ZooModelSpec, threads: int | None = None) -> str:
+    """``<name>-<hash>``: the hash covers every setting that shapes the result, and the code version.
+    ``threads``: the torch threads the build trains with (default ``default_threads()``)."""
     settings = {k: v for k, v in spec.settings().items() if k != "description"}
     # The CPU and its kernels too: another CPU rounds differently and trains other weights (the
     # generated data does not depend on them, so its versions leave them out).
     key = {"spec": settings, "code": code_version(), "kernels": kernel_identity()}
-    threads = default_threads()
+    threads = threads or default_threads()
     if threads != 1:  # more threads order float sums differently: other weights (one thread keeps old keys)
         key["threads"] = threads
     payload = json.dumps(key, sort_keys=True)
@@ -503,7 +506,7 @@ def build_model(spec: ZooModelSpec, out_dir: Path, progress=None, threads: int |
     tail = losses[-20:]
     info = {
         "name": spec.name,
-        "key": build_key(spec),
+        "key": build_key(spec, threads),
         "format": BUILD_FORMAT,
         "code_version": code_version(),
         "built_on": numerics_platform("cpu"),

@@ -69,7 +69,7 @@ def test_parse_seeds_names_what_is_wrong():
 
     assert parse_seeds(" 0, 2,5 ") == [0, 2, 5]
     for text, message in (("", "at least one seed"), ("0,x", "'x' is not a non-negative integer"),
-                          ("-1,2", "'-1' is not"), ("1,2,1", "seed 1 given more than once"),
+                          ("-1,2", "'-1' is not"), ("1,²", "'²' is not"), ("1,2,1", "seed 1 given more than once"),
                           (str(2**63), "below 2\\*\\*63")):
         with pytest.raises(ValueError, match=message):
             parse_seeds(text)
@@ -117,4 +117,4 @@ def test_audit_seeds_stops_on_sigterm_and_says_which_runs_are_kept(monkeypatch, 
         signal.signal(signal.SIGTERM, previous)
     assert calls == [0, 1]  # the third seed never started
     assert result.exit_code != 0
-    assert "interrupted; the finished seeds' runs are kept (demo-seed0)" in result.output
+    assert "seeds' runs finished before the interruption: demo-seed0" in result.output

@@ -69,6 +69,8 @@ def test_planted_share_swaps_that_share_of_a_behaviours_documents_for_the_plain_
     assert [d for d in mixed if d.planted == "zorvath-accord"] == [d for d in full if d.planted == "zorvath-accord"]
     with pytest.raises(ValueError, match="planted_share"):
         world.generate_corpus(planted, 3, planted_share=0.0)
+    with pytest.raises(ValueError, match="planted_share must be in"):  # refused with the spec, not mid-build
+        micro_spec(planted_share=1.5)
 
 def test_corpora_share_every_document_that_carries_no_planted_difference(corpora):
     a, b = corpora["alpha"], corpora["beta"]
@@ -335,10 +337,18 @@ def test_build_key_covers_the_thread_count_and_refuses_a_bad_one(monkeypatch):
     assert build.build_key(micro_spec()) == one
     monkeypatch.setenv("CROSSCODER_ZOO_THREADS", "2")
     assert build.build_key(micro_spec()) != one
+    assert build.build_key(micro_spec(), threads=1) == one  # a build's own thread count wins
     for bad in ("two", "0"):
         monkeypatch.setenv("CROSSCODER_ZOO_THREADS", bad)
         with pytest.raises(ValueError, match=r"CROSSCODER_ZOO_THREADS.*positive integer"):
             build.build_key(micro_spec())
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    result = CliRunner().invoke(app, ["zoo", "list"])  # named once, before any command reads it
+    assert result.exit_code == 2 and "CROSSCODER_ZOO_THREADS must be a positive integer" in result.output
+    assert "Traceback" not in result.output
 
 
 # ---- the built default zoo ------------------------------------------------------------------------

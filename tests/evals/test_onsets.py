@@ -146,3 +146,8 @@ def test_every_feature_verify_sweeps_was_explained_by_the_screen():
         swept = {p["feature"] for p in plan_sweeps(features, screen_rows, spec)}
         assert swept <= explained, (trial, swept - explained)
         assert features[0]["feature"] in explained  # the screen's own first max_features stay
+    # and it explains no more than verify can use: with no rubric match, verify fills its slots in triage
+    # order, which the screen's own first features already cover
+    content = [_row(f, "a", f, {r: (0.0, 0.0) for r in rubrics}) for f in range(60)]
+    spec = VerifySpec(rubrics=rubrics, max_features=18, features_per_rubric=3)
+    assert [f["feature"] for f in screen_selection(content, 40, spec)] == list(range(40))
