@@ -109,6 +109,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 SCALE_BOUNDS = (1.0, 5.0)
+#: Mean scores are compared for ranking at this many decimals (ties below are grading noise).
+MEAN_DECIMALS = 6
 #: A mean this close to a scale bound is pinned there (offline grades are expected levels: 1.0000001).
 PINNED_TOLERANCE = 1e-6
 
@@ -133,6 +135,13 @@ def _series(curve: list[dict], kind: str, dimension: str) -> list[tuple[float, f
 def swept_controls(curve: list[dict]) -> bool:
     """Whether a sweep's curve holds control prompts (then specificity must be shown)."""
     return any(point.get("kind") == "control" for point in curve)
+
+
+def coherent_topic_scores(curve: list[dict], coherent: Iterable[float]) -> list[tuple[float, float]]:
+    """``(α, mean topic score)`` at the ``coherent`` strengths, in α order: the points an effect is read
+    from (its score change is the last one's minus the first one's)."""
+    keep = set(coherent)
+    return [(a, m) for a, m in _series(curve, "topic", "behaviour") if a in keep]
 
 
 def coherent_alphas(curve: list[dict], alphas: Iterable[float]) -> list[float]:
@@ -162,12 +171,14 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
                     curve.append({"kind": kind, "dimension": dimension, "alpha": alpha, "mean": m, "se": se, "n": n})
 
         coherent = coherent_alphas(curve, alphas)
-        topic = [(a, m) for a, m in _series(curve, "topic", "behaviour") if a in coherent]
+        topic = coherent_topic_scores(curve, coherent)
         control = [(a, m) for a, m in _series(curve, "control", "behaviour") if a in coherent]
         effect = topic[-1][1] - topic[0][1] if len(topic) >= 2 else float("nan")
         control_effect = control[-1][1] - control[0][1] if len(control) >= 2 else float("nan")
         ranked = collapse_pinned(topic)
-        rho = spearman([a for a, _ in ranked], [m for _, m in ranked])
+        # Offline grades are expected levels: means that differ in their last bits (4.4999999 and 4.5) are
+        # one score, and ranking their rounding noise would give a flat curve a ρ of ±0.87.
+        rho = spearman([a for a, _ in ranked], [round(m, MEAN_DECIMALS) for _, m in ranked])
         baseline = next((m for a, m in topic if a == 0.0), float("nan"))
         low = [v for (kind, dimension, alpha), vals in cells.items() if dimension == "coherence" and abs(alpha) <= 1
                for v in vals if v is not None and not math.isnan(v)]

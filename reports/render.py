@@ -25,6 +25,7 @@ from evals.effects import (
     HOLD_SPEARMAN,
     MIN_EFFECT,
     coherent_alphas,
+    coherent_topic_scores,
     control_rho,
     failed_conditions,
     swept_controls,
@@ -157,8 +158,11 @@ def recurrence_label(rows: list[dict]) -> str:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     if counts.get("absent") == len(rows):
         closest = max((r["nearest_cosine"] for r in rows if not _nan(r["nearest_cosine"])), default=None)
-        return (f"in none of {len(rows)} other seed{'s' if len(rows) > 1 else ''}"
-                + (f" (closest cosine {cosine_text(closest)})" if closest is not None else ""))
+        seeds = sorted(r["seed"] for r in rows if r.get("seed") is not None)
+        where = (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if len(seeds) == len(rows)
+                 else f"any of {len(rows)} other seeds")
+        return f"not found in {where}" + (f" (closest decoder cosine {cosine_text(closest)})" if closest is not None
+                                          else "")
     return ", ".join(f"{RECURRENCE_WORDS.get(status, status)} {counts[status]}/{len(rows)}"
                      for status in RECURRENCE_WORDS if status in counts and status != "absent")
 
@@ -312,6 +316,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         e = dict(e)
         e["curve"] = _json_list(e["curve"])
         e["why_not"] = why_not(e)
+        e["span"] = effect_span(e["curve"])
         by_feature_effects.setdefault(e["feature"], []).append(e)
     cards = []
     for f in features:
@@ -322,6 +327,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         best = max(feature_effects, key=lambda e: (bool(e["verified"]), abs(e["effect"] or 0)), default=None)
         cards.append({
             "feature": f, "explanation": explanation, "effects": feature_effects, "best": best,
+            "safety_label": safety_label(explanation),
             "contexts": contexts.get(f["feature"], [])[:10],
             "artefact_reasons": _json_list(f["artefact_reasons"]),
             "top_tokens": _json_list(f["top_tokens"]), "promoted": _json_list(f["promoted_tokens"]),
@@ -406,6 +412,9 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "verified_stability": verified_stability,
         "baselines": baselines, "baseline_plot": baseline_plot(baselines),
         "known_answer": known, "found": [k for k in known if k["found"]],
+        # verified sweeps on a behaviour the zoo gave both models: a control, not a difference between them
+        "verified_shared": [{"feature": v["feature"], "rubric": k["rubric"]} for k in known
+                            if k["planted_in"] == "shared" for v in k["verified_features"]],
         "missed": [k for k in known if k["expected"] and not k["found"]],
         "transfers": transfers,
         "run": run, "spec": spec, "metrics": metrics, "features": features, "cards": cards,
@@ -454,6 +463,34 @@ def computed_on(db, run_id: str) -> list[dict]:
         record = json.loads(row["platform"]) if row["platform"] else None
         grouped.setdefault(describe_platform(record), []).append(row["stage"])
     return [{"description": description, "stages": stages} for description, stages in grouped.items()]
+
+
+_TOPIC_MATCH = re.compile(r"match the topic of rubric (\S+)")
+
+
+def safety_label(explanation: dict | None) -> str:
+    """The screen's safety flag in a few words: "yes" or "no" from an LLM explainer; from the offline
+    one, which flags a topic match rather than judging safety, "topic match (<rubric>)"."""
+    if not explanation or not explanation["parsed"]:
+        return ""
+    if not explanation["safety_critical"]:
+        return "no"
+    if not (explanation["explainer"] or "").startswith("offline"):
+        return "yes"
+    match = _TOPIC_MATCH.search(explanation["reason"] or "")
+    return f"topic match ({match.group(1)})" if match else "topic match"
+
+
+def effect_span(curve: list[dict]) -> dict | None:
+    """Where a score change was read: the topic score at the smallest and at the largest coherent α
+    (None with fewer than two coherent strengths), so a reader sees which way the change runs: a
+    +3 can be a rise from 2 to 5, or the fall from 5 to 2 that turning the feature down causes."""
+    alphas = sorted({c["alpha"] for c in curve})
+    points = coherent_topic_scores(curve, coherent_alphas(curve, alphas))
+    if len(points) < 2:
+        return None
+    (low_alpha, low), (high_alpha, high) = points[0], points[-1]
+    return {"low_alpha": low_alpha, "low": low, "high_alpha": high_alpha, "high": high}
 
 
 def why_not(effect: dict) -> list[str]:
@@ -552,14 +589,16 @@ def _rubrics_by_prompt_set(spec: dict) -> dict[str, list[str]]:
 
 COHERENT_RANGE = "coherent range"
 FIXED = "spec"
+COHERENT_EDGE = "coherent edge"
 FALLBACK = "fallback"
 
 
 def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None) -> tuple[float, float, str] | None:
     """The two steering strengths whose answers a card shows next to the unsteered ones, and where
     they come from: ``±fixed`` when the report spec sets one (FIXED), else the ends of the coherent
-    range of the card's best sweep, where its effect was read (COHERENT_RANGE), else the largest
-    α ≤ 1 and its negative (FALLBACK: no coherence grades, or fewer than two coherent strengths)."""
+    range of the card's best sweep, where its effect was read (COHERENT_RANGE); when the only coherent
+    steered strength is one α (the effect was read between it and 0), α and −α (COHERENT_EDGE); else
+    the largest α ≤ 1 and its negative (FALLBACK: no coherence grades, or no coherent steered strength)."""
     if not alphas:
         return None
     if fixed:
@@ -570,6 +609,8 @@ def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None
     coherent = [a for a in coherent_alphas(curve, alphas) if a != 0] if graded else []
     if len(coherent) >= 2:
         return coherent[0], coherent[-1], COHERENT_RANGE
+    if len(coherent) == 1 and -coherent[0] in alphas:
+        return min(coherent[0], -coherent[0]), max(coherent[0], -coherent[0]), COHERENT_EDGE
     positive = [a for a in alphas if 0 < a <= 1]
     high = max(positive) if positive else max(alphas)
     return -high, high, FALLBACK
@@ -589,7 +630,10 @@ def _examples(generations: list[dict], grades: dict, feature: int, effect: dict 
     source = {FIXED: "the strengths set in the report spec",
               COHERENT_RANGE: f"the ends of the coherent range of the {(effect or {}).get('rubric')} sweep, where "
                               "its effect was read",
-              FALLBACK: "no coherent range was measured, so the largest α ≤ 1 each way"}[origin]
+              COHERENT_EDGE: f"the answers stay coherent only between α = 0 and the one steered strength of "
+                             f"the {(effect or {}).get('rubric')} sweep where its score change was read, shown with "
+                             "the same strength the other way, past the coherent range",
+              FALLBACK: "no steered strength gave coherent answers, so the largest α ≤ 1 each way"}[origin]
     table: dict[tuple[str, str], dict] = {}
     for g in rows:
         entry = table.setdefault((g["rubric"], g["prompt"]), {"rubric": g["rubric"], "prompt": g["prompt"]})

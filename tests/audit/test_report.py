@@ -128,7 +128,7 @@ def test_a_zoo_report_scores_the_planted_differences_against_the_ground_truth(tm
     assert rows["sentiment"]["planted_in"] == "shared" and rows["sentiment"]["expected"] is None
     html_path, md_path = render_run(db, "r1", tmp_path / "out")
     assert "1 of the\n5 differences" in html_path.read_text() and 'id="known-answer"' in html_path.read_text()
-    assert "Known answer (tiny zoo): 1 of 5" in md_path.read_text()
+    assert "## Known answer (tiny zoo)\n\n1 of 5 planted" in md_path.read_text()
 
 
 def test_known_answer_follows_the_pair_and_is_empty_without_a_zoo_pair():
@@ -172,9 +172,11 @@ def test_steered_examples_are_shown_where_the_effect_was_read():
     assert example_alphas({"curve": curve}, alphas, None) == (-1.5, 1.0, "coherent range")
     assert example_alphas({"curve": curve}, alphas, 0.5) == (-0.5, 0.5, "spec")  # the report spec decides
     assert example_alphas(None, alphas, None) == (-1.0, 1.0, "fallback")  # nothing graded: ±(largest ≤ 1)
-    # coherent only at 0 and 1.0: one steered strength is too few for a range
+    # coherent only at 0 and 1.0: the effect was read between those; 1.0 and, past the range, −1.0 are shown
     only_positive = [dict(c, mean=1.0) if c["alpha"] < 0 else c for c in curve]
-    assert example_alphas({"curve": only_positive}, alphas, None) == (-1.0, 1.0, "fallback")  # 0 is not a steered end
+    assert example_alphas({"curve": only_positive}, alphas, None) == (-1.0, 1.0, "coherent edge")
+    only_zero = [dict(c, mean=1.0) if c["alpha"] != 0 else c for c in curve]
+    assert example_alphas({"curve": only_zero}, alphas, None) == (-1.0, 1.0, "fallback")  # 0 is not a steered end
     grid_up = [dict(c, mean=4.0) for c in curve]
     assert example_alphas({"curve": grid_up}, [0.0, 1.0, 1.5, 2.0], None) == (1.0, 2.0, "coherent range")
     assert example_alphas({"curve": curve}, [], None) is None
@@ -300,10 +302,10 @@ def test_the_report_says_where_each_stage_was_computed(tmp_path):
     assert "This run's stages ran on\ndifferent platforms" in html
     assert "Computed on a platform the version that made it did not record (analyse)" in html
     md = md_path.read_text()
-    assert ("Computed on Intel Xeon \\(x86_64\\), torch 2.13.0, CPU kernels AVX512, BLAS MKL (harvest); AMD EPYC "
+    assert ("**Computed on** Intel Xeon \\(x86_64\\), torch 2.13.0, CPU kernels AVX512, BLAS MKL (harvest); AMD EPYC "
             "\\<b\\> \\(x86_64\\), torch 2.13.0, CPU kernels AVX2, BLAS MKL (train, verify); a platform the version that "
             "made it did not record (analyse). The stages ran") in md
-    assert "another dictionary.\n\n| FVE A |" in md
+    assert "another dictionary.\n\n## Findings" in md
 
 
 def test_seed_stability_is_a_section_a_card_line_and_a_column(tmp_path):
@@ -324,7 +326,7 @@ def test_seed_stability_is_a_section_a_card_line_and_a_column(tmp_path):
     assert stability["summary"]["b"] == {"features": 2, "exclusive_in_all": 0, "exclusive_in_any": 1,
                                          "shared_somewhere": 1, "absent_everywhere": 1}
     labels = {f["feature"]: f["recurrence_label"] for f in data["features"]}
-    assert labels == {9: "exclusive 1/2, shared 1/2", 7: "in none of 2 other seeds (closest cosine 0.62)"}
+    assert labels == {9: "exclusive 1/2, shared 1/2", 7: "not found in seeds 1, 2 (closest decoder cosine 0.62)"}
     card = next(c for c in data["cards"] if c["feature"]["feature"] == 9)
     assert card["recurrence"] == ["seed 1: recurs as B-exclusive feature 8 (cosine 0.97)",
                                   "seed 2: recurs as shared feature 5 (cosine 0.93); closest B-exclusive: 3 (0.41)"]
@@ -379,8 +381,8 @@ def test_cosines_are_rounded_down_so_a_miss_never_reads_as_the_threshold():
     from reports.render import cosine_text, recurrence_label
 
     assert cosine_text(0.8956) == "0.89" and cosine_text(0.93) == "0.93" and cosine_text(0.29) == "0.29"
-    row = {"status": "absent", "nearest_cosine": 0.8956}
-    assert recurrence_label([row]) == "in none of 1 other seed (closest cosine 0.89)"
+    row = {"status": "absent", "nearest_cosine": 0.8956, "seed": 1}
+    assert recurrence_label([row]) == "not found in seed 1 (closest decoder cosine 0.89)"
 
 
 def test_feature_cards_in_the_terminal_print_stored_text_as_text(tmp_path):

@@ -112,3 +112,13 @@ def test_a_sweep_whose_control_answers_were_never_graded_is_not_verified():
     # a sweep that asked no control prompts at all is judged on the other conditions
     (no_controls,) = feature_effects([r for r in rows if r["kind"] != "control"])
     assert not no_controls["controls_swept"] and no_controls["verified"]
+
+
+def test_a_flat_curve_with_grading_noise_has_no_rho():
+    # feature 92 of the demo on the Zorvath rubric: 4.5 at three coherent strengths, in the last bits
+    # 4.4999999997, 4.5, 4.5000000002 (offline grades are expected levels); their order is noise
+    (effect,) = feature_effects(_rows([4.5 - 3e-10, 4.5, 4.5 + 2e-10, 1.0], [1, 1, 1, 1], [5, 5, 5, 1]))
+    assert effect["coherent_alphas"] == [-1.0, 0.0, 1.0]
+    assert math.isnan(effect["spearman"]) and not effect["verified"]
+    (effect,) = feature_effects(_rows([4.4, 4.5, 4.6, 1.0], [1, 1, 1, 1], [5, 5, 5, 1]))
+    assert effect["spearman"] == pytest.approx(1.0)  # a real rise, however small, keeps its order
