@@ -82,13 +82,14 @@ def _mean_se(values: list[float]) -> tuple[float, float, int]:
     return m, math.sqrt(var / len(values)), len(values)
 
 
-def _ranks(values: list[float]) -> list[float]:
+def _ranks(values: list[float], tolerance: float = 0.0) -> list[float]:
+    """Average ranks; sorted neighbours at most ``tolerance`` apart are one tie (chained)."""
     order = sorted(range(len(values)), key=lambda i: values[i])
     ranks = [0.0] * len(values)
     i = 0
     while i < len(order):
         j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+        while j + 1 < len(order) and values[order[j + 1]] - values[order[j]] <= tolerance:
             j += 1
         for t in range(i, j + 1):
             ranks[order[t]] = (i + j) / 2 + 1
@@ -96,11 +97,12 @@ def _ranks(values: list[float]) -> list[float]:
     return ranks
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's ρ with average ranks for ties; NaN when either side is constant or too short."""
+def spearman(x: list[float], y: list[float], y_tolerance: float = 0.0) -> float:
+    """Spearman's ρ with average ranks for ties (``y`` values within ``y_tolerance`` of each other are
+    ties); NaN when either side is constant or too short."""
     if len(x) < 3:
         return float("nan")
-    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = _ranks(x), _ranks(y, y_tolerance)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     vx = math.sqrt(sum((a - mx) ** 2 for a in rx))
@@ -109,8 +111,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 SCALE_BOUNDS = (1.0, 5.0)
-#: Mean scores are compared for ranking at this many decimals (ties below are grading noise).
-MEAN_DECIMALS = 6
+#: Mean scores closer than this are one tie when ranked (their difference is grading noise).
+MEAN_TIE_TOLERANCE = 1e-6
 #: A mean this close to a scale bound is pinned there (offline grades are expected levels: 1.0000001).
 PINNED_TOLERANCE = 1e-6
 
@@ -178,7 +180,7 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
         ranked = collapse_pinned(topic)
         # Offline grades are expected levels: means that differ in their last bits (4.4999999 and 4.5) are
         # one score, and ranking their rounding noise would give a flat curve a ρ of ±0.87.
-        rho = spearman([a for a, _ in ranked], [round(m, MEAN_DECIMALS) for _, m in ranked])
+        rho = spearman([a for a, _ in ranked], [m for _, m in ranked], y_tolerance=MEAN_TIE_TOLERANCE)
         baseline = next((m for a, m in topic if a == 0.0), float("nan"))
         low = [v for (kind, dimension, alpha), vals in cells.items() if dimension == "coherence" and abs(alpha) <= 1
                for v in vals if v is not None and not math.isnan(v)]
@@ -247,7 +249,11 @@ def transfer_failures(arms: dict[str, dict]) -> list[str]:
     if math.isnan(source):
         out.append("the source model's own arm was not measured")
     if math.isnan(moved):
-        out.append("the transferred arm was not measured")
+        moved_effect = arms.get("transferred", {}).get("effect")
+        if moved_effect is not None and not math.isnan(moved_effect):  # graded, but the curve is flat
+            out.append("the transferred vector did not move the trait (a flat curve)")
+        else:
+            out.append("the transferred arm was not measured")
     elif abs(moved) < HOLD_SPEARMAN:
         out.append(f"the transferred vector's |ρ| {abs(moved):.2f} < {HOLD_SPEARMAN}")
     elif not math.isnan(source) and source * moved <= 0:

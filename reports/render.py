@@ -591,14 +591,16 @@ COHERENT_RANGE = "coherent range"
 FIXED = "spec"
 COHERENT_EDGE = "coherent edge"
 FALLBACK = "fallback"
+UNGRADED = "ungraded"
 
 
 def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None) -> tuple[float, float, str] | None:
     """The two steering strengths whose answers a card shows next to the unsteered ones, and where
     they come from: ``±fixed`` when the report spec sets one (FIXED), else the ends of the coherent
     range of the card's best sweep, where its effect was read (COHERENT_RANGE); when the only coherent
-    steered strength is one α (the effect was read between it and 0), α and −α (COHERENT_EDGE); else
-    the largest α ≤ 1 and its negative (FALLBACK: no coherence grades, or no coherent steered strength)."""
+    steered strength is one α (the effect was read between it and 0), α and the strength nearest −α
+    (COHERENT_EDGE); else the largest α ≤ 1 and its negative (FALLBACK: no coherent steered strength;
+    UNGRADED: no coherence grades)."""
     if not alphas:
         return None
     if fixed:
@@ -609,11 +611,18 @@ def example_alphas(effect: dict | None, alphas: list[float], fixed: float | None
     coherent = [a for a in coherent_alphas(curve, alphas) if a != 0] if graded else []
     if len(coherent) >= 2:
         return coherent[0], coherent[-1], COHERENT_RANGE
-    if len(coherent) == 1 and -coherent[0] in alphas:
-        return min(coherent[0], -coherent[0]), max(coherent[0], -coherent[0]), COHERENT_EDGE
+    if len(coherent) == 1:
+        # the effect was read between this strength and 0: show it, and the strength nearest its mirror
+        # (past the coherent range) for contrast when the grid has one
+        only = coherent[0]
+        other_side = [a for a in alphas if a * only < 0]
+        if other_side:
+            mirror = min(other_side, key=lambda a: abs(a + only))
+            return min(only, mirror), max(only, mirror), COHERENT_EDGE
+        return only, only, COHERENT_EDGE
     positive = [a for a in alphas if 0 < a <= 1]
     high = max(positive) if positive else max(alphas)
-    return -high, high, FALLBACK
+    return -high, high, FALLBACK if graded else UNGRADED
 
 
 def _examples(generations: list[dict], grades: dict, feature: int, effect: dict | None, fixed: float | None) -> dict:
@@ -633,7 +642,8 @@ def _examples(generations: list[dict], grades: dict, feature: int, effect: dict 
               COHERENT_EDGE: f"the answers stay coherent only between α = 0 and the one steered strength of "
                              f"the {(effect or {}).get('rubric')} sweep where its score change was read, shown with "
                              "the same strength the other way, past the coherent range",
-              FALLBACK: "no steered strength gave coherent answers, so the largest α ≤ 1 each way"}[origin]
+              FALLBACK: "no steered strength gave coherent answers, so the largest α ≤ 1 each way",
+              UNGRADED: "coherence was not graded, so the largest α ≤ 1 each way"}[origin]
     table: dict[tuple[str, str], dict] = {}
     for g in rows:
         entry = table.setdefault((g["rubric"], g["prompt"]), {"rubric": g["rubric"], "prompt": g["prompt"]})

@@ -171,12 +171,16 @@ def test_steered_examples_are_shown_where_the_effect_was_read():
              for a, m in zip(alphas, (1.5, 3.4, 4.0, 5.0, 4.2, 2.9, 1.2), strict=True)]
     assert example_alphas({"curve": curve}, alphas, None) == (-1.5, 1.0, "coherent range")
     assert example_alphas({"curve": curve}, alphas, 0.5) == (-0.5, 0.5, "spec")  # the report spec decides
-    assert example_alphas(None, alphas, None) == (-1.0, 1.0, "fallback")  # nothing graded: ±(largest ≤ 1)
+    assert example_alphas(None, alphas, None) == (-1.0, 1.0, "ungraded")  # nothing graded: ±(largest ≤ 1)
     # coherent only at 0 and 1.0: the effect was read between those; 1.0 and, past the range, −1.0 are shown
     only_positive = [dict(c, mean=1.0) if c["alpha"] < 0 else c for c in curve]
     assert example_alphas({"curve": only_positive}, alphas, None) == (-1.0, 1.0, "coherent edge")
     only_zero = [dict(c, mean=1.0) if c["alpha"] != 0 else c for c in curve]
     assert example_alphas({"curve": only_zero}, alphas, None) == (-1.0, 1.0, "fallback")  # 0 is not a steered end
+    # no −1 in the grid: the nearest strength on the other side stands in for it
+    assert example_alphas({"curve": only_positive}, [-2.0, -1.5, 0.0, 1.0, 1.5, 2.0], None) == (
+        -1.5, 1.0, "coherent edge")
+    assert example_alphas({"curve": []}, alphas, None) == (-1.0, 1.0, "ungraded")  # no coherence grades at all
     grid_up = [dict(c, mean=4.0) for c in curve]
     assert example_alphas({"curve": grid_up}, [0.0, 1.0, 1.5, 2.0], None) == (1.0, 2.0, "coherent range")
     assert example_alphas({"curve": curve}, [], None) is None

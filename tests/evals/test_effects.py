@@ -122,3 +122,18 @@ def test_a_flat_curve_with_grading_noise_has_no_rho():
     assert math.isnan(effect["spearman"]) and not effect["verified"]
     (effect,) = feature_effects(_rows([4.4, 4.5, 4.6, 1.0], [1, 1, 1, 1], [5, 5, 5, 1]))
     assert effect["spearman"] == pytest.approx(1.0)  # a real rise, however small, keeps its order
+
+    # noise that straddles a rounding boundary is still one tie (a tolerance, not rounding)
+    (effect,) = feature_effects(_rows([4.0078125 - 3e-10, 4.0078125 + 1e-10, 4.0078125 + 2e-10, 1.0], [1, 1, 1, 1],
+                                      [5, 5, 5, 1]))
+    assert math.isnan(effect["spearman"])
+
+
+def test_a_flat_transferred_arm_did_not_move_rather_than_was_not_measured():
+    from evals.effects import transfer_failures
+
+    arms = {"source": {"spearman": 0.95}, "transferred": {"spearman": float("nan"), "effect": 0.0},
+            "random_transferred": {"spearman": 0.1, "draws": []}}
+    assert "the transferred vector did not move the trait (a flat curve)" in transfer_failures(arms)
+    arms["transferred"] = {"spearman": float("nan"), "effect": float("nan")}
+    assert "the transferred arm was not measured" in transfer_failures(arms)
