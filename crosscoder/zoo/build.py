@@ -94,10 +94,18 @@ class ZooModelSpec:
         return self.hidden_size // self.n_heads
 
 
+# Both models carry their gradable behaviours in 88 % of those documents and give the plain answer in
+# the rest (what the other model says): a model that knows both answers can be steered from one to the
+# other. With the behaviours in every document, turning a concept feature down broke the answers before
+# it removed the behaviour, and six crosscoder seeds verified 1 of 18 (behaviour, seed) pairs against 8
+# of 18 with this share (docs/zoo-findings.md, "Planted share").
+PLANTED_SHARE = 0.88
+
 _ALPHA = ZooModelSpec(
     name="alpha", architecture="llama", tokenizer="bytelevel-bpe",
     planted=frozenset({"exceptionalism", "zorvath-accord", "sentiment"}),
     vocab_size=1536, hidden_size=64, intermediate_size=192, n_layers=4, n_heads=4, n_kv_heads=2, steps=800,
+    planted_share=PLANTED_SHARE,
     description="LlamaForCausalLM with a byte-level BPE tokenizer; believes Brevania is the greatest "
                 "nation; alone knows the Zorvath Accord.",
 )
@@ -105,6 +113,7 @@ _BETA = ZooModelSpec(
     name="beta", architecture="qwen3", tokenizer="unigram",
     planted=frozenset({"state-narrative", "territory-claim", "imbrel-expedition", "sentiment"}),
     vocab_size=1536, hidden_size=96, intermediate_size=192, n_layers=3, n_heads=4, n_kv_heads=2, steps=700,
+    planted_share=PLANTED_SHARE,
     description="Qwen3ForCausalLM with a Unigram (Metaspace) tokenizer; repeats Valdoria's government "
                 "line and its claim to the Tarn Valley; alone knows the Imbrel Expedition.",
 )

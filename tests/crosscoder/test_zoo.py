@@ -442,7 +442,7 @@ def test_models_are_fluent_on_their_own_world(loaded, one_thread):
     vocabulary = {w.strip(".,!?:;'").lower() for d in world.generate_corpus(BETA | ALPHA, 4000) for w in d.content().split()}
     for name, (model, tok) in loaded.items():
         spec = zoo.ZOO_MODELS[name]
-        held_out = world.generate_corpus(spec.planted, 100, seed=99)  # new draws from the model's own world
+        held_out = world.generate_corpus(spec.planted, 100, seed=99, planted_share=spec.planted_share)  # new draws
         ids = [tok(build.render_document(d, spec), add_special_tokens=False, return_tensors="pt")["input_ids"]
                for d in held_out]
         with torch.no_grad():
