@@ -419,7 +419,7 @@ def test_audit_seeds_runs_one_audit_per_seed_and_pools_them(first_run, workspace
     bad = cli.invoke(app, ["seeds", str(spec_path), "--seeds", "2", "--workspace", str(workspace)])
     assert bad.exit_code == 2 and "at least two distinct seeds" in bad.output
     bad = cli.invoke(app, ["seeds", str(spec_path), "--seeds", "0,x", "--workspace", str(workspace)])
-    assert bad.exit_code == 2 and "'x' is not an integer" in bad.output
+    assert bad.exit_code == 2 and "'x' is not a non-negative integer" in bad.output
     # a gate of any seed's run fails the command, after the pooled table is written
     gated = write_spec(tmp_path)
     text = gated.read_text() + "gates:\n  - rule: verified_effect\n    min_effect: 0\n    require_verified: false\n" \
