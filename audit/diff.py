@@ -23,12 +23,13 @@ rubric in each run. A behaviour that was verified in the old run and is not in t
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from evals.effects import GRADING_NOISE, measured
 
 from .gates import rule_matches
 from .store import AuditStore
@@ -285,12 +286,8 @@ def _matters(feature: dict) -> bool:
     return not feature["is_artefact"] and (bool(feature["safety_critical"]) or bool(feature["effects"]))
 
 
-def _measured(value) -> bool:
-    return value is not None and not math.isnan(value)
-
-
 def _best_effect(feature: dict, verified_only: bool = False) -> float | None:
-    values = [abs(e["effect"]) for e in feature["effects"] if _measured(e["effect"])
+    values = [abs(e["effect"]) for e in feature["effects"] if measured(e["effect"])
               and (e["verified"] or not verified_only)]
     return max(values) if values else None
 
@@ -333,8 +330,8 @@ def diff_runs(db: AuditStore, run_a: str, run_b: str, gates=()) -> dict:
             fa, fb = feats_a[i], feats_b[j]
             if not (_matters(fa) or _matters(fb)):
                 continue
-            effects_a = {e["rubric"]: e for e in fa["effects"] if _measured(e["effect"])}
-            effects_b = {e["rubric"]: e for e in fb["effects"] if _measured(e["effect"])}
+            effects_a = {e["rubric"]: e for e in fa["effects"] if measured(e["effect"])}
+            effects_b = {e["rubric"]: e for e in fb["effects"] if measured(e["effect"])}
             both = sorted(set(effects_a) & set(effects_b))  # sorted: a set's order varies by process
             changes = {r: effects_b[r]["effect"] - effects_a[r]["effect"] for r in both}
             verified = [r for r in both if effects_a[r]["verified"] or effects_b[r]["verified"]]
@@ -469,9 +466,6 @@ def behaviour_changes(base_old: dict, base_new: dict, unchanged: set[str]) -> li
             if (model, rubric) in base_new and model not in unchanged]
 
 
-#: Below this a change of a mean grade is two gradings' last bits, not a behaviour (they differ ~1e-16).
-BEHAVIOUR_NOISE = 1e-6
-
 #: Concept statuses read from the unsteered answers alone (no feature verified in either run).
 UNSTEERED_VANISHED = "vanished (unsteered answers)"
 UNSTEERED_NEW = "new (unsteered answers)"
@@ -506,7 +500,7 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
             listed = result["new"] if rule.rule == "new_feature" else result["vanished"]
             for f in listed:
                 # the effect the rule reads: on its rubric when it names one, verified when it requires that
-                counted = [e for e in f["effects"] if _measured(e["effect"])
+                counted = [e for e in f["effects"] if measured(e["effect"])
                            and (rule.rubric is None or e["rubric"] == rule.rubric)
                            and (e["verified"] or not rule.require_verified)]
                 if rule.rubric is not None and not counted:
@@ -544,7 +538,7 @@ def diff_gate_failures(result: dict, gates) -> list[str]:
             statuses = {(c["side"], c["rubric"]): c["status"] for c in result.get("concepts", [])}
             for change in result.get("behaviour", []):
                 # min_effect 0: any move, but not the last-bit noise of two gradings
-                if abs(change["change"]) < max(rule.min_effect, BEHAVIOUR_NOISE):
+                if abs(change["change"]) < max(rule.min_effect, GRADING_NOISE):
                     continue
                 if (rule.side != "any" and change["model"] != rule.side) or rule.rubric not in (None, change["rubric"]):
                     continue

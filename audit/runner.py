@@ -836,14 +836,12 @@ class AuditRunner:
     def _hash_screen(self) -> str:
         from evals.screen import EXPLAINER_VERSION
 
-        s = self.spec.screen
-        # The rubrics choose which features are explained (those verify will sweep) and feed the
-        # offline explainer's safety proxy.
-        rubrics = self.spec.verify.rubrics
-        v = self.spec.verify
+        s, v = self.spec.screen, self.spec.verify
+        # Verify's settings choose which features are explained (those it can sweep), and its rubrics feed
+        # the offline explainer's safety proxy.
         return _hash(self.hashes["analyse"], s.explainer, s.detector, s.max_features, s.detection_contexts,
-                     rubrics, v.features_per_rubric, v.max_features, sorted(v.features), EXPLAINER_VERSION,
-                     _rubric_files_hash(rubrics), _code_hash("screen"))
+                     v.rubrics, v.features_per_rubric, v.max_features, sorted(v.features), EXPLAINER_VERSION,
+                     _rubric_files_hash(v.rubrics), _code_hash("screen"))
 
     def _compute_screen(self, folder: Path) -> dict:
         from evals.screen_stage import run_screen

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 
+from crosscoder.config import SEED_LIMIT
+
 from .spec import AuditSpec
 from .store import AuditStore
-
-MAX_SEED = 2**63  # crosscoder.seed's bound in the spec (exclusive)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -32,7 +32,7 @@ def parse_seeds(text: str) -> list[int]:
         verb = "is not a non-negative integer" if len(wrong) == 1 else "are not non-negative integers"
         raise ValueError(f"{', '.join(map(repr, wrong))} {verb}")
     seeds = [int(t) for t in items]
-    too_large = [s for s in seeds if s >= MAX_SEED]
+    too_large = [s for s in seeds if s >= SEED_LIMIT]
     if too_large:
         raise ValueError(f"seeds must be below 2**63, got {too_large[0]}")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})

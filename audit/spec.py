@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from crosscoder.config import CrosscoderConfig
+from crosscoder.config import SEED_LIMIT, CrosscoderConfig
 from crosscoder.yamlfile import load_yaml_model
 
 
@@ -21,8 +21,8 @@ class SpecError(ValueError):
     """A spec file that cannot be used; the message names the file, line and field."""
 
 
-#: Seeds reach torch and numpy generators, which take 64-bit values.
-Seed = Annotated[int, Field(ge=0, lt=2**63)]
+#: A seed setting (each reaches a torch or numpy generator).
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 
 
 class _Strict(BaseModel):

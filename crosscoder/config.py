@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: Seeds reach torch and numpy generators, which take 64-bit values: a seed is below this.
+SEED_LIMIT = 2**63
+
 Architecture = Literal["batchtopk", "dfc", "dsf"]
 
 
@@ -89,7 +92,7 @@ class CrosscoderConfig(BaseModel):
             raise ValueError(f"grad_clip={self.grad_clip} must be a positive finite number")
         if not all(math.isfinite(b) and 0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas={self.adam_betas} must both lie in [0, 1)")
-        if not 0 <= self.seed < 2**63:
+        if not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed={self.seed} must lie in [0, 2**63)")
         return self
 

@@ -192,6 +192,11 @@ class Crosscoder(nn.Module):
         total = norm_a + norm_b
         return torch.where(total > 0, norm_a / total.clamp_min(1e-12), torch.full_like(total, float("nan")))
 
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of the parameters holding NaN or infinite values (buffers, e.g. θ before it is set,
+        may be NaN by design and are not checked)."""
+        return [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+
     # ---- the computation ------------------------------------------------------------------------
     def normalise(self, x_nA: Tensor, x_nB: Tensor) -> tuple[Tensor, Tensor]:
         return x_nA * self.norm_scales[0], x_nB * self.norm_scales[1]
@@ -413,13 +418,11 @@ class Crosscoder(nn.Module):
                 "(a save was interrupted); use the previous checkpoint or retrain"
             )
         model = cls(CrosscoderConfig.model_validate(meta["config"]))
-        model_params = {name for name, _ in model.named_parameters()}  # buffers (θ before it is set) may be NaN
-        bad = [name for name, tensor in weights.items()
-               if name in model_params and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        model.load_state_dict(weights)
+        bad = model.nonfinite_parameters()
         if bad:
             raise CheckpointError(f"{storage.child(where, 'model.safetensors')}: {', '.join(sorted(bad))} hold NaN or "
                                   "infinite values; the checkpoint is damaged or came from a diverged run")
-        model.load_state_dict(weights)
         model.training_metrics = meta.get("training", {})
         return model.to(device)
 

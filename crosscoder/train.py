@@ -332,7 +332,7 @@ INIT_OUTLIER_FACTOR = 100.0
 def _check_finite(model: Crosscoder, when: str, error: type[Exception] = ValueError) -> None:
     """Refuse weights that hold NaN or infinite values (a finite loss does not rule them out: a NaN
     feature loses every BatchTopK selection and simply never fires)."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = model.nonfinite_parameters()
     if bad:
         raise error(f"the crosscoder's {', '.join(bad)} hold NaN or infinite values {when}")
 

@@ -36,6 +36,15 @@ MIN_COHERENT_POINTS = 3
 # Offline grades are expected levels (posterior means), so a change of exactly one point can come out
 # as 0.9999999999997: thresholds are compared with this much slack.
 _SLACK = 1e-9
+#: Mean grades closer than this are the same grade: offline grades are expected levels, and two gradings
+#: of one level differ in their last bits (4.4999999 and 4.5; 1.0000001 at the bottom of the scale). Ties
+#: for ρ, a plateau at a scale bound, an arm or a behaviour that did not move are all read with it.
+GRADING_NOISE = 1e-6
+
+
+def measured(value: float | None) -> bool:
+    """Whether a stored number was measured (not None, not NaN)."""
+    return value is not None and not math.isnan(value)
 
 
 def failed_conditions(effect: float | None, spearman: float | None, control_effect: float | None,
@@ -48,7 +57,7 @@ def failed_conditions(effect: float | None, spearman: float | None, control_effe
     then fails the rule instead of passing it unexamined."""
 
     def missing(value) -> bool:
-        return value is None or math.isnan(value)
+        return not measured(value)
 
     out = []
     if missing(spearman):
@@ -72,7 +81,7 @@ def failed_conditions(effect: float | None, spearman: float | None, control_effe
 
 
 def _mean_se(values: list[float]) -> tuple[float, float, int]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    values = [v for v in values if measured(v)]
     if not values:
         return float("nan"), float("nan"), 0
     m = sum(values) / len(values)
@@ -111,19 +120,15 @@ def spearman(x: list[float], y: list[float], y_tolerance: float = 0.0) -> float:
 
 
 SCALE_BOUNDS = (1.0, 5.0)
-#: Mean scores closer than this are one tie when ranked (their difference is grading noise).
-MEAN_TIE_TOLERANCE = 1e-6
-#: A mean this close to a scale bound is pinned there (offline grades are expected levels: 1.0000001).
-PINNED_TOLERANCE = 1e-6
 
 
 def collapse_pinned(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """``(α, mean)`` points in α order, with each run of consecutive means at the same scale bound
-    (within ``PINNED_TOLERANCE``) reduced to its first point."""
+    (within ``GRADING_NOISE``) reduced to its first point."""
     out: list[tuple[float, float]] = []
     for alpha, mean in points:
-        pinned = next((b for b in SCALE_BOUNDS if abs(mean - b) < PINNED_TOLERANCE), None)
-        if pinned is not None and out and abs(out[-1][1] - pinned) < PINNED_TOLERANCE:
+        pinned = next((b for b in SCALE_BOUNDS if abs(mean - b) < GRADING_NOISE), None)
+        if pinned is not None and out and abs(out[-1][1] - pinned) < GRADING_NOISE:
             continue
         out.append((alpha, mean))
     return out
@@ -180,10 +185,10 @@ def feature_effects(score_rows: Iterable[dict]) -> list[dict]:
         ranked = collapse_pinned(topic)
         # Offline grades are expected levels: means that differ in their last bits (4.4999999 and 4.5) are
         # one score, and ranking their rounding noise would give a flat curve a ρ of ±0.87.
-        rho = spearman([a for a, _ in ranked], [m for _, m in ranked], y_tolerance=MEAN_TIE_TOLERANCE)
+        rho = spearman([a for a, _ in ranked], [m for _, m in ranked], y_tolerance=GRADING_NOISE)
         baseline = next((m for a, m in topic if a == 0.0), float("nan"))
         low = [v for (kind, dimension, alpha), vals in cells.items() if dimension == "coherence" and abs(alpha) <= 1
-               for v in vals if v is not None and not math.isnan(v)]
+               for v in vals if measured(v)]
         coherence_low = sum(low) / len(low) if low else float("nan")
         controls_swept = swept_controls(curve)
         verified = len(topic) >= MIN_COHERENT_POINTS and not failed_conditions(effect, rho, control_effect,
@@ -230,9 +235,9 @@ def control_rho(arms: dict[str, dict], arm: str) -> float:
             continue
         if math.isnan(rho):
             effect = d.get("effect")
-            if effect is None or math.isnan(effect):
+            if not measured(effect):
                 continue
-            values.append(0.0 if abs(effect) < PINNED_TOLERANCE else 1.0)
+            values.append(0.0 if abs(effect) < GRADING_NOISE else 1.0)
         else:
             values.append(abs(rho))
     return statistics.median(values) if values else float("nan")
@@ -249,8 +254,7 @@ def transfer_failures(arms: dict[str, dict]) -> list[str]:
     if math.isnan(source):
         out.append("the source model's own arm was not measured")
     if math.isnan(moved):
-        moved_effect = arms.get("transferred", {}).get("effect")
-        if moved_effect is not None and not math.isnan(moved_effect):  # graded, but the curve is flat
+        if measured(arms.get("transferred", {}).get("effect")):  # graded, but the curve is flat
             out.append("the transferred vector did not move the trait (a flat curve)")
         else:
             out.append("the transferred arm was not measured")

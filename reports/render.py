@@ -465,6 +465,7 @@ def computed_on(db, run_id: str) -> list[dict]:
     return [{"description": description, "stages": stages} for description, stages in grouped.items()]
 
 
+# the matched rubric in the reason the offline explainer writes (evals.offline.TopicFlagger.flag)
 _TOPIC_MATCH = re.compile(r"match the topic of rubric (\S+)")
 
 
