@@ -329,27 +329,35 @@ class Interrupt(Exception):
     pass
 
 
-def test_training_resumes_after_interruption_identically(tmp_path):
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# On CUDA the trainer uses fused Adam, which keeps its step count on the GPU: the resumed state
+# must land there too (run on a lent GPU; skipped elsewhere).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])
+def test_training_resumes_after_interruption_identically(tmp_path, device):
     x_a, x_b = toy_pairs(3000)
     config = small_config()
-    straight = train_crosscoder(config, (x_a, x_b), steps=90, batch_size=128)
+    straight = train_crosscoder(config, (x_a, x_b), steps=90, batch_size=128, device=device)
 
     def kill_at_50(step, stats):
         if step == 50:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_crosscoder(config, (x_a, x_b), steps=90, batch_size=128, checkpoint_dir=tmp_path, checkpoint_every=25, callback=kill_at_50)
+        train_crosscoder(config, (x_a, x_b), steps=90, batch_size=128, checkpoint_dir=tmp_path, checkpoint_every=25,
+                         callback=kill_at_50, device=device)
     assert (tmp_path / "state-00000050").is_dir() and not (tmp_path / "config.json").exists()
     steps_run = []
     resumed = train_crosscoder(config, (x_a, x_b), steps=90, batch_size=128, checkpoint_dir=tmp_path,
-                               checkpoint_every=25, callback=lambda s, _: steps_run.append(s))
+                               checkpoint_every=25, callback=lambda s, _: steps_run.append(s), device=device)
     assert steps_run[0] == 51 and steps_run[-1] == 90
     for name, tensor in straight.state_dict().items():
         assert torch.allclose(tensor, resumed.state_dict()[name], atol=1e-6), name
     # A finished run is returned as is, without training.
     again = []
-    train_crosscoder(config, (x_a, x_b), steps=90, batch_size=128, checkpoint_dir=tmp_path, callback=lambda s, _: again.append(s))
+    train_crosscoder(config, (x_a, x_b), steps=90, batch_size=128, checkpoint_dir=tmp_path, callback=lambda s, _: again.append(s),
+                     device=device)
     assert again == []
 
 
