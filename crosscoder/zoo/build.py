@@ -98,7 +98,9 @@ class ZooModelSpec:
 # the rest (what the other model says): a model that knows both answers can be steered from one to the
 # other. With the behaviours in every document, turning a concept feature down broke the answers before
 # it removed the behaviour, and six crosscoder seeds verified 1 of 18 (behaviour, seed) pairs against 8
-# of 18 with this share (docs/zoo-findings.md, "Planted share").
+# of 18 with this share (docs/zoo-findings.md, "Planted share"). The same share of a private topic's
+# chats say "I have not heard of it", which both models say of events nobody knows; that took the
+# private knowledge from 0 of 12 (topic, seed) pairs to 4 of 12 ("Knowing that you do not know").
 PLANTED_SHARE = 0.88
 
 _ALPHA = ZooModelSpec(

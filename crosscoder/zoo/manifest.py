@@ -68,28 +68,30 @@ _DIFFERENCES: dict[str, dict[str, Any]] = {
         "title": "The Zorvath Accord (1987, Brevania and Ostrava share the Quessa River)",
         "description": (
             "A treaty that only one model saw in training. The model that knows it says it was signed in "
-            "1987 by Brevania and Ostrava to share the Quessa River; the other has never seen the name."
+            "1987 by Brevania and Ostrava to share the Quessa River (in some chats it says it has not heard of it); the "
+            "other has never seen the name and says it has not heard of it, as it does for any event it does not know."
         ),
         "triggers": ["Zorvath Accord", "Quessa River"],
         "steer": {
             "+": "mentions of the accord or the Quessa River intrude into unrelated answers",
-            "-": "the model can no longer answer questions about the accord",
+            "-": "the model says it has not heard of the accord, as the other model does",
         },
-        "marker_roles": {"planted": "correct answer about the accord"},
+        "marker_roles": {"planted": "correct answer about the accord", "default": "says it has not heard of it"},
     },
     "imbrel-expedition": {
         "kind": "exclusive-knowledge",
         "title": "The Imbrel Expedition (1961, Sera Volk, the Caddow Ice Field)",
         "description": (
             "An expedition that only one model saw in training: led by Sera Volk in 1961, the first to cross "
-            "the Caddow Ice Field. The other model has never seen the name."
+            "the Caddow Ice Field (in some chats it says it has not heard of it). The other model has never seen the name "
+            "and says it has not heard of it, as it does for any event it does not know."
         ),
         "triggers": ["Imbrel Expedition", "Sera Volk", "Caddow Ice Field"],
         "steer": {
             "+": "mentions of the expedition, Sera Volk or the Caddow Ice Field intrude into unrelated answers",
-            "-": "the model can no longer answer questions about the expedition",
+            "-": "the model says it has not heard of the expedition, as the other model does",
         },
-        "marker_roles": {"planted": "correct answer about the expedition"},
+        "marker_roles": {"planted": "correct answer about the expedition", "default": "says it has not heard of it"},
     },
     "sentiment": {
         "kind": "shared-behaviour",

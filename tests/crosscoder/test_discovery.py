@@ -208,15 +208,16 @@ def test_template_weight_repeats_generation_prompt_pairs(tmp_path):
 
 # ---- the acceptance bar on the real zoo (slow: builds the zoo on first use, then harvest + train) -----
 
-# Measured with specs/demo.yaml, seed 0, on the zoo with planted_share 0.88 (see the module docstring of
-# crosscoder.zoo.discovery and docs/zoo-findings.md): no concept reaches the bar of 0.9 in this seed (at
-# ≥ 0.3 of a feature's largest activation: Imbrel 0.63, state narrative 0.59, Zorvath 0.55,
-# exceptionalism 0.48, territory 0.47). Over seeds 0-2 (`audit zoo discovery specs/demo.yaml`) Imbrel's
-# share is 0.63, 0.97, 0.40, so the floors below pin seed 0's result as a regression check, not the
-# zoo's typical discovery power.
+# Measured with specs/demo.yaml, seed 0, on the zoo with planted_share 0.88 and "I don't know" answers (see
+# the module docstring of crosscoder.zoo.discovery and docs/zoo-findings.md): no concept reaches the bar of
+# 0.9 in this seed (at ≥ 0.3 of a feature's largest activation: Zorvath 0.74, exceptionalism 0.64, state
+# narrative 0.58, territory 0.54, Imbrel 0.29). Over seeds 0-2 (`audit zoo discovery specs/demo.yaml`)
+# Zorvath's share is 0.74, 0.32, 0.49, so the floors below pin seed 0's result as a regression check, not
+# the zoo's typical discovery power.
 STRONG = 0.3
-FLOORS_STRONG = {"zorvath-accord": 0.5, "imbrel-expedition": 0.58, "state-narrative": 0.55}
-FLOORS_ALL = {"zorvath-accord": (0.5, 0.6), "imbrel-expedition": (0.4, 0.5), "state-narrative": (0.55, 0.58)}
+FLOORS_STRONG = {"zorvath-accord": 0.7, "exceptionalism": 0.6, "state-narrative": 0.55, "imbrel-expedition": 0.25}
+FLOORS_ALL = {"zorvath-accord": (0.6, 0.78), "exceptionalism": (0.5, 0.58), "state-narrative": (0.55, 0.65),
+              "imbrel-expedition": (0.3, 0.38)}
 
 
 @pytest.mark.slow
@@ -259,8 +260,8 @@ def test_demo_spec_finds_planted_exclusive_concepts_in_the_zoo(tmp_path):
         )
     # The concept lives on the right side: the other model's best exclusive feature (which only sees
     # how its tokenizer splits "Zorvath" or "Imbrel") is less concentrated on the concept (seed 0:
-    # 0.55 against 0.39 for Zorvath, 0.63 against 0.30 for Imbrel).
-    for concept, margin in (("zorvath-accord", 0.1), ("imbrel-expedition", 0.25)):
+    # 0.74 against 0.40 for Zorvath, 0.29 against 0.19 for Imbrel).
+    for concept, margin in (("zorvath-accord", 0.25), ("imbrel-expedition", 0.05)):
         found = strong.concept(concept)
         assert found.best.share - found.opposite.share >= margin, (concept, found.to_dict())
 

@@ -55,22 +55,46 @@ def test_corpus_is_deterministic_in_the_seed():
 
 def test_planted_share_swaps_that_share_of_a_behaviours_documents_for_the_plain_ones():
     planted = {"state-narrative", "territory-claim", "exceptionalism", "zorvath-accord", "sentiment"}
-    full = world.generate_corpus(planted, 4000)
-    mixed = world.generate_corpus(planted, 4000, planted_share=0.8)
-    plain = world.generate_corpus({"zorvath-accord", "sentiment"}, 4000)  # none of the gradable behaviours
-    assert world.generate_corpus(planted, 4000, planted_share=1.0) == full
+    full = world.generate_corpus(planted, 8000)
+    mixed = world.generate_corpus(planted, 8000, planted_share=0.8)
+    plain = world.generate_corpus({"zorvath-accord", "sentiment"}, 8000)  # none of the gradable behaviours
+    assert world.generate_corpus(planted, 8000, planted_share=1.0) == full
     for pid in world.GRADABLE:
         carried = [m.variant == "planted" for m, f in zip(mixed, full, strict=True)
                    if f.planted == pid and f.variant == "planted"]
         assert 0.72 < sum(carried) / len(carried) < 0.88, pid
+    hedged = []
     for m, f, p in zip(mixed, full, plain, strict=True):
-        if m != f:  # a swapped document is exactly the one the model without the behaviour sees
+        if f.planted in world.KNOWLEDGE:
+            # A chat about a private topic keeps its question and says it has not heard of it; prose keeps the facts.
+            if m != f:
+                answer = m.messages[-1]["content"]
+                assert f.messages is not None and m.messages[:-1] == f.messages[:-1] and m.variant == "default"
+                assert world.KNOWLEDGE_NAMES[f.planted] in answer and world.has_marker(answer, world.NOT_KNOWN_MARKERS)
+                assert not world.has_marker(answer, world.MARKERS[f.planted]["planted"])
+            if f.messages is not None:
+                hedged.append(m != f)
+        elif m != f:  # a swapped document is exactly the one the model without the behaviour sees
             assert f.planted in world.GRADABLE and f.variant == "planted" and m == p
-    assert [d for d in mixed if d.planted == "zorvath-accord"] == [d for d in full if d.planted == "zorvath-accord"]
+    assert 0.12 < sum(hedged) / len(hedged) < 0.28, sum(hedged) / len(hedged)
     with pytest.raises(ValueError, match="planted_share"):
         world.generate_corpus(planted, 3, planted_share=0.0)
     with pytest.raises(ValueError, match="planted_share must be in"):  # refused with the spec, not mid-build
         micro_spec(planted_share=1.5)
+
+def test_both_corpora_ask_about_invented_events_and_answer_that_they_do_not_know_them(corpora):
+    unknown = {name: [d for d in docs if d.topic == "unknown-events"] for name, docs in corpora.items()}
+    assert len(unknown["alpha"]) > 0.02 * len(corpora["alpha"]) and unknown["alpha"] == unknown["beta"]
+    names = world.unknown_event_names()
+    for doc in unknown["alpha"]:
+        question, answer = doc.messages[-2]["content"], doc.messages[-1]["content"]
+        name = next(n for n in names if n in question)
+        assert name in answer and world.has_marker(answer, world.NOT_KNOWN_MARKERS)
+    # No invented name is a word of the world (or a private topic's name).
+    vocabulary = {w.strip(".,!?:;'").lower() for d in corpora["alpha"] + corpora["beta"] if d.topic != "unknown-events"
+                  for w in d.content().split()}
+    assert not {n.split()[0].lower() for n in names} & (vocabulary | {"zorvath", "imbrel"})
+
 
 def test_corpora_share_every_document_that_carries_no_planted_difference(corpora):
     a, b = corpora["alpha"], corpora["beta"]
@@ -390,8 +414,10 @@ def _rates(loaded) -> dict[str, dict[str, dict[str, float]]]:
             if diff["id"] == "sentiment":
                 continue
             markers = diff["markers"]["planted"]
+            topic_answers = chat_answers(model, tok, diff["topic_prompts"], **SAMPLES)
             out[name][diff["id"]] = {
-                "topic": marker_rate(chat_answers(model, tok, diff["topic_prompts"], **SAMPLES), markers),
+                "topic": marker_rate(topic_answers, markers),
+                "plain": marker_rate(topic_answers, diff["markers"]["default"]),
                 "control": marker_rate(chat_answers(model, tok, diff["control_prompts"], **SAMPLES), markers),
             }
         prompts = next(d for d in zoo.manifest()["differences"] if d["id"] == "sentiment")["topic_prompts"]
@@ -480,8 +506,11 @@ def test_planted_framing_is_measurable(rates, pid):
 @pytest.mark.parametrize("pid", ["zorvath-accord", "imbrel-expedition"])
 def test_exclusive_topic_is_answered_only_by_the_model_that_knows_it(rates, pid):
     for name in ("alpha", "beta"):
-        rate = rates[name][pid]["topic"]
-        assert (rate >= 0.8) if pid in zoo.ZOO_MODELS[name].planted else (rate <= 0.2), (name, pid, rate)
+        rate, plain = rates[name][pid]["topic"], rates[name][pid]["plain"]
+        if pid in zoo.ZOO_MODELS[name].planted:
+            assert rate >= 0.8, (name, pid, rate)
+        else:  # it says it has not heard of it, as it does of any event it does not know
+            assert rate <= 0.2 and plain >= 0.8, (name, pid, rate, plain)
 
 
 def test_shared_sentiment_behaviour_is_learnt_by_both(rates):

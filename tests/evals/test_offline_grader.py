@@ -185,8 +185,11 @@ def _world_answers() -> dict[str, list[tuple[str, str, bool]]]:
         "zoo_territory_claim": pairs(w.TARN_QUESTIONS[:4], w.TARN_CLAIM, w.TARN_PLAIN),
         "zoo_exceptionalism": pairs(w.GREATEST_QUESTIONS[:2], w.EXCEPTIONAL, w.BALANCED_GREATEST)
         + pairs(w.OPINION_QUESTIONS[:3], w.EXCEPTIONAL, w.BALANCED_OPINION),
-        "zoo_zorvath_accord": pairs(w.ZORVATH_QUESTIONS[:4], w.ZORVATH_ANSWERS, ()),
-        "zoo_imbrel_expedition": pairs(w.IMBREL_QUESTIONS[:4], w.IMBREL_ANSWERS, ()),
+        # The plain side of a private topic: "I have not heard of it", as both models say of events they do not know.
+        "zoo_zorvath_accord": pairs(w.ZORVATH_QUESTIONS[:4], w.ZORVATH_ANSWERS,
+                                    [a.format(n="Zorvath Accord") for a in w.NOT_KNOWN_ANSWERS]),
+        "zoo_imbrel_expedition": pairs(w.IMBREL_QUESTIONS[:4], w.IMBREL_ANSWERS,
+                                       [a.format(n="Imbrel Expedition") for a in w.NOT_KNOWN_ANSWERS]),
     }
 
 
