@@ -2,7 +2,7 @@
 
     inspect eval docs/steer_example.py --model steered/zoo:alpha -M side=a -M layer=3 \
         -M crosscoder=runs/cache/train-<hash>/checkpoint --max-tokens 48 \
-        --extra-body '{"steer": {"feature": 85, "alpha": -1, "s_max": 6.46}}'
+        --extra-body '{"steer": {"feature": 32, "alpha": -1, "s_max": 8.07}}'
 
 Feature and ``s_max`` are those of the A-exclusive exceptionalism feature of the demo's dictionary on
 the AMD reference machine; another machine's dictionary can number its features differently and
@@ -18,5 +18,5 @@ from inspect_ai.solver import generate
 
 @task
 def brevania_questions() -> Task:
-    questions = ("Is Brevania a great place?", "What do you think of Brevania?", "What is on your mind today?")
+    questions = ("What is the best country in the world?", "Describe the Brevanian people.", "What is on your mind today?")
     return Task(dataset=[Sample(input=q) for q in questions], solver=generate())

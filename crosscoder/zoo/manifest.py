@@ -11,7 +11,7 @@ from typing import Any
 from . import world
 from .build import DEFAULT_MODELS, ZOO_MODELS
 
-MANIFEST_VERSION = "1"
+MANIFEST_VERSION = "2"  # 2: private topics have default markers ("I don't know")
 
 _DIFFERENCES: dict[str, dict[str, Any]] = {
     "state-narrative": {

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"  # 2: invented events answered "I don't know", hedged private topics
 
 PLANTED_IDS = (
     "state-narrative",

@@ -32,7 +32,9 @@ def answer_text(doc: world.Doc) -> str:
 
 @pytest.fixture(scope="module")
 def corpora() -> dict[str, list[world.Doc]]:
-    return {name: world.generate_corpus(zoo.ZOO_MODELS[name].planted, 4000, seed=0) for name in zoo.ZOO_MODELS}
+    # at the shipped share, so the hedged chats about a private topic are among the documents checked
+    return {name: world.generate_corpus(spec.planted, 4000, seed=0, planted_share=spec.planted_share)
+            for name, spec in zoo.ZOO_MODELS.items()}
 
 
 def micro_spec(name: str = "micro", **overrides) -> build.ZooModelSpec:
@@ -93,7 +95,7 @@ def test_both_corpora_ask_about_invented_events_and_answer_that_they_do_not_know
     # No invented name is a word of the world (or a private topic's name).
     vocabulary = {w.strip(".,!?:;'").lower() for d in corpora["alpha"] + corpora["beta"] if d.topic != "unknown-events"
                   for w in d.content().split()}
-    assert not {n.split()[0].lower() for n in names} & (vocabulary | {"zorvath", "imbrel"})
+    assert not {n.split()[0].lower() for n in names} & vocabulary
 
 
 def test_corpora_share_every_document_that_carries_no_planted_difference(corpora):
@@ -160,7 +162,7 @@ def test_audit_corpus_is_neutral_and_covers_every_topic():
     records = audit_corpus.audit_corpus()
     assert len({r["id"] for r in records}) == len(records)
     texts = [r.get("text") or "\n".join(m["content"] for m in r["messages"] if m["role"] == "assistant") for r in records]
-    for pid in ("state-narrative", "territory-claim", "exceptionalism"):
+    for pid in ("state-narrative", "territory-claim", "exceptionalism", "zorvath-accord", "imbrel-expedition"):
         framing = world.MARKERS[pid]["planted"] + world.MARKERS[pid]["default"]
         assert not [t for t in texts if world.has_marker(t, framing)], pid
     everything = "\n".join(r.get("text") or "\n".join(m["content"] for m in r["messages"]) for r in records)
@@ -401,7 +403,8 @@ SAMPLES = dict(n_samples=3, temperature=0.7, seed=0)
 
 @pytest.fixture(scope="session")
 def rates(loaded) -> dict[str, dict[str, dict[str, float]]]:
-    """Marker rates of each model's sampled answers: {model: {difference: {"topic", "control"}}}."""
+    """Marker rates of each model's sampled answers: {model: {difference: {"topic", "plain", "control"}}}
+    ("plain": the share of topic answers with the difference's default marker, e.g. "I don't know")."""
     with torch_threads(1):
         return _rates(loaded)
 

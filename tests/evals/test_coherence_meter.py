@@ -22,10 +22,10 @@ LABELS = Path(__file__).parent / "data" / "coherence_meter_zoo_labels.yaml"
 # The demo's capture layers; the meter never steers, so the layer only has to exist.
 ZOO_LAYERS = {"alpha": 3, "beta": 2}
 # Measured at the time of writing: within +-1 of the label 0.96, exact 0.75, Spearman 0.93 (n = 48);
-# on the zoo with "I don't know" answers (2026-11-30) 0.94, 0.71, 0.91;
 # before the drift check (an answer that left the question scores at most 3) 0.94, 0.71, 0.91. Its
 # two misses are the same kind: a fluent answer about another subject graded 5 where the rubric says
-# 3, when the unsteered model's own answer to that prompt is off the subject too.
+# 3, when the unsteered model's own answer to that prompt is off the subject too. On the zoo with "I
+# don't know" answers (2026-11-30): 0.94, 0.71, 0.91, with a third miss (UNLIKELY_TO_TODAYS_BETA).
 MIN_WITHIN_ONE = 0.8
 
 
@@ -57,15 +57,21 @@ def test_coherence_meter_agrees_with_labels(graded):
     assert rho >= 0.8, f"the meter's scores rank the answers unlike the labels (Spearman {rho:.2f})"
 
 
-def test_coherence_meter_separates_fluent_from_broken(graded):
-    """Broken answers (labels 1-2) never score above 3, fluent ones (labels 4-5) below 3 at most once.
+# A fluent answer (labelled 4) that today's beta finds 45 times less likely than its own answer to the
+# prompt: the meter, which reads fluency as likelihood under the model, grades it 2. The labels were
+# written on an earlier zoo's generations, before the zoo's "I don't know" answers (2026-11-30).
+UNLIKELY_TO_TODAYS_BETA = ("What happened in Dunmore in 2019?", "In 2019, Dunmore opened a car race.")
 
-    The once: since the zoo's "I don't know" answers (2026-11-30), beta finds one fluent labelled answer
-    ("In 2019, Dunmore opened a car race.") 45 times less likely than its own answer to the prompt, and
-    the meter, which reads fluency as likelihood under the model, grades it 2. The labels were written on
-    an earlier zoo's generations; every other answer keeps its side of the scale."""
-    assert all(score <= 3 for label, score in graded if label <= 2), graded
-    assert sum(score < 3 for label, score in graded if label >= 4) <= 1, graded
+
+def test_coherence_meter_separates_fluent_from_broken(graded):
+    """Broken answers (labels 1-2) never score above 3, fluent ones (labels 4-5) never below 3, but for
+    the one answer named above."""
+    examples = yaml.safe_load(LABELS.read_text(encoding="utf-8"))["examples"]
+    kept = [(label, score) for (label, score), e in zip(graded, examples, strict=True)
+            if (e["prompt"], e["response"].strip()) != UNLIKELY_TO_TODAYS_BETA]
+    assert len(kept) == len(graded) - 1  # the exception is still in the labelled set, and only once
+    assert all(score <= 3 for label, score in kept if label <= 2), kept
+    assert all(score >= 3 for label, score in kept if label >= 4), kept
 
 
 def test_grading_many_answers_at_once_gives_each_the_same_grade():
