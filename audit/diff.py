@@ -404,7 +404,7 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
 
     Concept rows: verified concepts of both runs, one row per (partition, rubric) verified in
     either, then one row per rubric verified in neither whose changed model's unsteered answers
-    moved by ``MIN_EFFECT`` or more (``UNSTEERED_VANISHED`` / ``UNSTEERED_NEW``). Each row says which
+    moved by ``MIN_EFFECT`` or more (``unsteered_status``). Each row says which
     model it is about and whether that model differs between the runs (``model``, ``model_changed``).
 
     ``status``: ``kept`` (verified in both), ``vanished`` (verified in the old run only, and the new
@@ -452,7 +452,7 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
         if (change["model"], change["rubric"]) not in covered and abs(change["change"]) >= MIN_EFFECT:
             out.append({"side": change["model"], "rubric": change["rubric"], "baseline_old": change["baseline_old"],
                         "baseline_new": change["baseline_new"],
-                        "status": UNSTEERED_VANISHED if change["change"] < 0 else UNSTEERED_NEW,
+                        "status": unsteered_status(change["baseline_old"], change["baseline_new"]),
                         "old": None, "new": None, "model": change["model"], "model_changed": True})
     return out, changes
 
@@ -469,6 +469,19 @@ def behaviour_changes(base_old: dict, base_new: dict, unchanged: set[str]) -> li
 #: Concept statuses read from the unsteered answers alone (no feature verified in either run).
 UNSTEERED_VANISHED = "vanished (unsteered answers)"
 UNSTEERED_NEW = "new (unsteered answers)"
+UNSTEERED_WEAKER = "weaker (unsteered answers)"
+UNSTEERED_STRONGER = "stronger (unsteered answers)"
+#: A mean topic score at or below this is the rubric's bottom anchor: the behaviour is absent.
+ABSENT_SCORE = 1.5
+
+
+def unsteered_status(before: float, after: float) -> str:
+    """A move of the unsteered answers: ``vanished`` / ``new`` when one side is at the bottom of the scale
+    (the behaviour absent), else ``weaker`` / ``stronger``: on a two-sided scale such as review
+    sentiment a move from positive towards negative is a change, not a disappearance."""
+    if after < before:
+        return UNSTEERED_VANISHED if after <= ABSENT_SCORE else UNSTEERED_WEAKER
+    return UNSTEERED_NEW if before <= ABSENT_SCORE else UNSTEERED_STRONGER
 
 
 def _concept_brief(row: dict | None) -> dict | None:
@@ -572,7 +585,8 @@ def render_diff_markdown(result: dict) -> str:
               "Per rubric and partition: the largest verified steering effect in each run, whichever feature "
               "carries it, and the steered model's unsteered score on the rubric's topic prompts (its baseline, "
               "old → new). Rows marked \"(unsteered answers)\" were verified in neither run: a changed model's "
-              "own answers moved by a point or more.", "",
+              "own answers moved by a point or more (vanished or new: to or from the bottom of the scale, where "
+              "the behaviour is absent; weaker or stronger: a move between).", "",
               "| partition | rubric | status | old run | new run | baseline |", "|---|---|---|---|---|---|"]
     for c in result.get("concepts", []):
         lines.append(f"| {_side_name(c['side'])} | {c['rubric']} | {c['status']} | {_concept_cell(c['old'])} | "

@@ -271,6 +271,21 @@ def test_a_behaviour_the_changed_model_dropped_is_reported_even_when_no_dictiona
     assert reverse["gate_failures"] == []  # 3.57 points is under this rule's 4
 
 
+def test_an_unsteered_move_that_stays_off_the_bottom_of_the_scale_is_weaker_not_vanished(tmp_path):
+    # beta-v2 writes negative reviews on neutral requests where beta wrote positive ones (demo_v2, 2026-11-30):
+    # review sentiment is a two-sided scale, and 4.37 → 2.50 is a change of default, not a lost behaviour.
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [])
+    add_run(db, "v2", "zoo:beta-v2", [])
+    db.replace_rows("baselines", "v1", _baseline_rows("b", "zoo_sentiment", [5, 5, 3.1]))
+    db.replace_rows("baselines", "v2", _baseline_rows("b", "zoo_sentiment", [1, 5, 1.5]))
+    result = diff_runs(db, "v1", "v2", [GateRule(rule="behaviour_change")])
+    assert [c["status"] for c in result["concepts"]] == ["weaker (unsteered answers)"]
+    assert result["gate_failures"] == ["gate behaviour_change: model B's unsteered answers on zoo_sentiment's topic "
+                                       "prompts moved 4.37 → 2.50 (-1.87; weaker (unsteered answers))"]
+    assert [c["status"] for c in diff_runs(db, "v2", "v1")["concepts"]] == ["stronger (unsteered answers)"]
+
+
 def test_behaviour_change_also_covers_verified_concepts_of_a_changed_model(tmp_path):
     db = AuditStore(tmp_path / "audit.duckdb")
     add_run(db, "v1", "zoo:beta", [{**NARRATIVE, "id": 500}])
