@@ -452,7 +452,8 @@ def compare_concepts(db: AuditStore, run_a: str, run_b: str, spec_a: dict, spec_
         if (change["model"], change["rubric"]) not in covered and abs(change["change"]) >= MIN_EFFECT:
             out.append({"side": change["model"], "rubric": change["rubric"], "baseline_old": change["baseline_old"],
                         "baseline_new": change["baseline_new"],
-                        "status": unsteered_status(change["baseline_old"], change["baseline_new"]),
+                        "status": unsteered_status(change["baseline_old"], change["baseline_new"],
+                                                   _two_sided(change["rubric"])),
                         "old": None, "new": None, "model": change["model"], "model_changed": True})
     return out, changes
 
@@ -475,13 +476,25 @@ UNSTEERED_STRONGER = "stronger (unsteered answers)"
 ABSENT_SCORE = 1.5
 
 
-def unsteered_status(before: float, after: float) -> str:
+def unsteered_status(before: float, after: float, two_sided: bool = False) -> str:
     """A move of the unsteered answers: ``vanished`` / ``new`` when one side is at the bottom of the scale
-    (the behaviour absent), else ``weaker`` / ``stronger``: on a two-sided scale such as review
-    sentiment a move from positive towards negative is a change, not a disappearance."""
+    (the behaviour absent), else ``weaker`` / ``stronger``. On a two-sided rubric (review sentiment:
+    1 negative, 5 positive) the bottom is a behaviour too, so a move is always weaker or stronger."""
+    absent = ABSENT_SCORE + GRADING_NOISE  # offline grades carry last-bit noise: 1.50000002 is 1.5
     if after < before:
-        return UNSTEERED_VANISHED if after <= ABSENT_SCORE else UNSTEERED_WEAKER
-    return UNSTEERED_NEW if before <= ABSENT_SCORE else UNSTEERED_STRONGER
+        return UNSTEERED_VANISHED if after <= absent and not two_sided else UNSTEERED_WEAKER
+    return UNSTEERED_NEW if before <= absent and not two_sided else UNSTEERED_STRONGER
+
+
+def _two_sided(rubric: str) -> bool:
+    """Whether ``rubric`` (a name or file of an earlier run) declares a two-sided scale; a rubric that
+    can no longer be read counts as one-sided."""
+    from evals.rubrics import RubricError, load_rubric
+
+    try:
+        return load_rubric(rubric).two_sided
+    except RubricError:
+        return False
 
 
 def _concept_brief(row: dict | None) -> dict | None:

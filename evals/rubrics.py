@@ -38,6 +38,9 @@ class Rubric(BaseModel):
     anchors: dict[int, str]
     calibration: list[CalibrationExample]
     prompt_set: str | None = None
+    # True when both ends of the scale are behaviours (review sentiment: 1 negative, 5 positive), so a
+    # score at 1 is not the behaviour's absence (read by ``audit diff`` for unsteered moves).
+    two_sided: bool = False
 
     @field_validator("anchors")
     @classmethod

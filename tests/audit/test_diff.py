@@ -286,6 +286,28 @@ def test_an_unsteered_move_that_stays_off_the_bottom_of_the_scale_is_weaker_not_
     assert [c["status"] for c in diff_runs(db, "v2", "v1")["concepts"]] == ["stronger (unsteered answers)"]
 
 
+def test_unsteered_status_reads_the_bottom_of_the_scale_with_grading_noise_and_two_sided_rubrics():
+    from audit.diff import unsteered_status
+
+    assert unsteered_status(4.0, 1.5) == "vanished (unsteered answers)"
+    assert unsteered_status(4.0, 1.5 + 3e-8) == "vanished (unsteered answers)"  # an offline mean's last bits
+    assert unsteered_status(4.0, 1.6) == "weaker (unsteered answers)"
+    assert unsteered_status(1.5, 4.0) == "new (unsteered answers)"
+    assert unsteered_status(1.6, 4.0) == "stronger (unsteered answers)"
+    # review sentiment: all negative is a tone, not the absence of one
+    assert unsteered_status(4.4, 1.0, two_sided=True) == "weaker (unsteered answers)"
+    assert unsteered_status(1.0, 4.4, two_sided=True) == "stronger (unsteered answers)"
+
+
+def test_a_two_sided_rubric_that_fell_to_the_bottom_is_weaker(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    add_run(db, "v1", "zoo:beta", [])
+    add_run(db, "v2", "zoo:beta-v2", [])
+    db.replace_rows("baselines", "v1", _baseline_rows("b", "zoo_sentiment", [5, 5, 3.1]))
+    db.replace_rows("baselines", "v2", _baseline_rows("b", "zoo_sentiment", [1, 1, 1]))  # every review negative
+    assert [c["status"] for c in diff_runs(db, "v1", "v2")["concepts"]] == ["weaker (unsteered answers)"]
+
+
 def test_behaviour_change_also_covers_verified_concepts_of_a_changed_model(tmp_path):
     db = AuditStore(tmp_path / "audit.duckdb")
     add_run(db, "v1", "zoo:beta", [{**NARRATIVE, "id": 500}])
