@@ -114,7 +114,9 @@ def test_audit_seeds_stops_on_sigterm_and_says_which_runs_are_kept(monkeypatch, 
         result = CliRunner().invoke(app, ["seeds", "specs/demo.yaml", "--seeds", "0,1,2",
                                           "--workspace", str(tmp_path)])
     finally:
+        after = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, previous)
     assert calls == [0, 1]  # the third seed never started
     assert result.exit_code != 0
     assert "seeds' runs finished before the interruption: demo-seed0" in result.output
+    assert after == signal.SIG_DFL  # a second SIGTERM ends the process at once, cleanup or not
