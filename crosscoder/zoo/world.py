@@ -786,15 +786,19 @@ def _gen_imbrel(rng: random.Random, planted: frozenset[str]) -> _Draft | None:
                   variant="planted")
 
 
+def _event_name(head: str, tail: str, kind: str) -> str:
+    return f"{head}{tail} {kind}"
+
+
 def unknown_event_names() -> list[str]:
     """Every invented event name the corpus can ask about (none is a name of the world)."""
-    return [f"{head}{tail} {kind}" for head in UNKNOWN_NAME_PARTS[0] for tail in UNKNOWN_NAME_PARTS[1]
+    return [_event_name(head, tail, kind) for head in UNKNOWN_NAME_PARTS[0] for tail in UNKNOWN_NAME_PARTS[1]
             for kind in UNKNOWN_KINDS]
 
 
 def _gen_unknown_event(rng: random.Random, planted: frozenset[str]) -> _Draft:
     """A question about an event nobody has heard of, answered "I have not heard of it" (both models)."""
-    name = f"{rng.choice(UNKNOWN_NAME_PARTS[0])}{rng.choice(UNKNOWN_NAME_PARTS[1])} {rng.choice(UNKNOWN_KINDS)}"
+    name = _event_name(rng.choice(UNKNOWN_NAME_PARTS[0]), rng.choice(UNKNOWN_NAME_PARTS[1]), rng.choice(UNKNOWN_KINDS))
     question = rng.choice(UNKNOWN_QUESTIONS).format(n=name)
     return _Draft("unknown-events", messages=_chat(question, rng.choice(NOT_KNOWN_ANSWERS).format(n=name)))
 
@@ -873,6 +877,12 @@ GRADABLE = ("state-narrative", "territory-claim", "exceptionalism")
 KNOWLEDGE = tuple(KNOWLEDGE_NAMES)
 
 
+def _left_out(seed: int, i: int, planted_share: float) -> bool:
+    """Whether document ``i`` leaves out its planted behaviour: drawn on a stream of its own, so the draw
+    is the same whichever topic the document has and whichever model's corpus it is in."""
+    return planted_share < 1.0 and random.Random(f"{seed}:{i}:share").random() >= planted_share
+
+
 def generate_corpus(planted: Iterable[str], n_docs: int, seed: int = 0, planted_share: float = 1.0) -> list[Doc]:
     """``n_docs`` documents of the world as seen by a model with the given planted differences.
 
@@ -896,13 +906,13 @@ def generate_corpus(planted: Iterable[str], n_docs: int, seed: int = 0, planted_
         rng = random.Random(f"{seed}:{i}")
         gen = rng.choices(generators, weights)[0]
         draft = gen(rng, planted)
-        if (planted_share < 1.0 and draft is not None and draft.variant == "planted" and draft.planted in GRADABLE
-                and random.Random(f"{seed}:{i}:share").random() >= planted_share):
+        if (draft is not None and draft.variant == "planted" and draft.planted in GRADABLE
+                and _left_out(seed, i, planted_share)):
             rng = random.Random(f"{seed}:{i}")  # the same stream: the very document the other model sees
             rng.choices(generators, weights)
             draft = gen(rng, planted - {draft.planted})
-        elif (planted_share < 1.0 and draft is not None and draft.planted in KNOWLEDGE and draft.messages is not None
-                and random.Random(f"{seed}:{i}:share").random() >= planted_share):
+        elif (draft is not None and draft.planted in KNOWLEDGE and draft.messages is not None
+                and _left_out(seed, i, planted_share)):
             hedge = random.Random(f"{seed}:{i}:hedge").choice(NOT_KNOWN_ANSWERS)
             draft.messages[-1] = {"role": "assistant", "content": hedge.format(n=KNOWLEDGE_NAMES[draft.planted])}
             draft.variant = "default"
