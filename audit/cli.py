@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .signals import stop_on_sigterm
 from .spec import SpecError, load_spec
 from .zoo_cli import zoo_app
 
@@ -120,7 +121,7 @@ def run(
         errors.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
         raise typer.Exit(code=1) from None
     console.print(f"run [bold]{runner.run_id}[/bold] → {runner.run_dir}", highlight=False)
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         result = runner.run(only=only, start=start, force=force)
     except (StoreOpenError, StoreBusyError) as exc:
@@ -184,22 +185,6 @@ def plan(
     if json_out is not None:
         write_plan(plans, json_out)
         console.print(f"wrote {json_out}", highlight=False)
-
-
-def _stop_on_sigterm() -> None:
-    """Treat SIGTERM (``kill``, ``timeout``, a CI job cancelled) like Ctrl-C: the runner then records where it
-    stopped and stops the stage it started in a second process, instead of dying with it still running.
-
-    Only the first SIGTERM is graceful; a second one ends the process at once. A second interrupt raised
-    inside that cleanup once left Inspect's worker thread running, and the process waiting for it at exit
-    (idle, for 40 minutes, until killed)."""
-    import signal
-
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _store(workspace: Path, db: Path | None):
@@ -450,7 +435,7 @@ def seeds(
         raise typer.Exit(code=2) from None
     runs: dict[int, str] = {}
     gate_failures: list[str] = []
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         for seed, variant in zip(seed_list, variants, strict=True):
             console.rule(f"[bold]seed {seed}[/bold] ({len(runs) + 1} of {len(seed_list)})")

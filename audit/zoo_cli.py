@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .signals import stop_on_sigterm
+
 zoo_app = typer.Typer(no_args_is_help=True, help="The tiny model zoo: two small LMs with planted differences.")
 console = Console()
 errors = Console(stderr=True)
@@ -46,6 +48,7 @@ def build(
 
     names = list(ZOO_MODELS) if all_models else (variant or list(DEFAULT_MODELS))
     _check_names(names)
+    stop_on_sigterm()  # a SIGTERM then kills the build's worker processes too
     console.print(f"zoo cache: {zoo_dir()}", highlight=False)
     folders = build_zoo(names, force=force, progress=True)
     view = Table(title="Zoo models")

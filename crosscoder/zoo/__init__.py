@@ -13,7 +13,6 @@ truth; ``resolve_model`` / ``resolve_data`` build on first use and cache (``$CRO
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import queue as queue_module
 from collections.abc import Iterable
@@ -163,7 +162,6 @@ def build_zoo(names: Iterable[str | ZooModelSpec] | None = None, force: bool = F
 
 def _build_parallel(todo: list[ZooModelSpec], force: bool, workers: int, bar) -> dict[str, Path]:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     from .build import default_threads
 
@@ -172,19 +170,27 @@ def _build_parallel(todo: list[ZooModelSpec], force: bool, workers: int, bar) ->
     manager = ctx.Manager() if bar is not None else None
     events = manager.Queue() if manager is not None else None
     tasks: dict[str, int] = {}
+    # A multiprocessing pool rather than a ProcessPoolExecutor: when the build is interrupted (Ctrl-C, or a
+    # SIGTERM that the CLI turns into one) its workers can be killed at once. The executor's exit waits
+    # for the running builds instead, and a parent killed outright left them building, orphaned.
+    pool = ctx.Pool(processes=workers)
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_build_in_child, s, force, threads, events): s.name for s in todo}
-            pending = set(futures)
-            while pending:
-                if events is not None:
-                    _drain(events, bar, tasks, timeout=0.25)
-                else:  # nothing to show: sleep until a build ends, rather than spin on a core the builds need
-                    concurrent.futures.wait(pending, timeout=0.25, return_when=concurrent.futures.FIRST_COMPLETED)
-                pending = {f for f in pending if not f.done()}
+        results = {s.name: pool.apply_async(_build_in_child, (s, force, threads, events)) for s in todo}
+        while not all(r.ready() for r in results.values()):
             if events is not None:
-                _drain(events, bar, tasks, timeout=0)
-            return {futures[f]: Path(f.result()) for f in futures}
+                _drain(events, bar, tasks, timeout=0.25)
+            else:  # nothing to show: sleep rather than spin on a core the builds need
+                next(r for r in results.values() if not r.ready()).wait(timeout=0.25)
+        if events is not None:
+            _drain(events, bar, tasks, timeout=0)
+        built = {name: Path(r.get()) for name, r in results.items()}  # re-raises a worker's error
+        pool.close()
+        pool.join()
+        return built
+    except BaseException:
+        pool.terminate()  # kills the workers; a killed build leaves only its temporary folder behind
+        pool.join()
+        raise
     finally:
         if manager is not None:
             manager.shutdown()

@@ -8,6 +8,7 @@ sampled answers with the manifest's string markers.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -323,6 +324,63 @@ def test_chat_templates_differ_and_render_a_generation_prompt(small_tokenizers):
     for name, tok in small_tokenizers.items():
         rendered = tok.apply_chat_template(list(doc.messages), tokenize=False)
         assert build.render_document(doc, zoo.ZOO_MODELS[name]).startswith(rendered)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
+def test_sigterm_stops_a_parallel_build_and_its_workers(tmp_path, monkeypatch):
+    # `audit zoo build` killed with a SIGTERM to its own process used to leave its build workers running,
+    # orphaned, for as long as their builds took
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "from audit.signals import stop_on_sigterm\n"
+        "from crosscoder import zoo\n"
+        "from tests.crosscoder.test_zoo import micro_spec\n"
+        "stop_on_sigterm()\n"
+        "zoo.build_zoo([micro_spec('slow1', steps=10**6), micro_spec('slow2', steps=10**6)], progress=False)\n"
+    )
+    env = {**os.environ, "CROSSCODER_ZOO_DIR": str(tmp_path), "CROSSCODER_ZOO_WORKERS": "2",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(parent.pid)) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+        workers = _children(parent.pid)
+        assert len(workers) >= 2, parent.communicate(timeout=5)[0].decode()[-2000:]
+        time.sleep(3)  # let them get into their builds
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if Path(f"/proc/{w}").exists()], "build workers outlived their parent"
+        assert parent.returncode != 0
+        monkeypatch.setenv("CROSSCODER_ZOO_DIR", str(tmp_path))
+        assert not any(zoo.is_built(micro_spec(n, steps=10**6)) for n in ("slow1", "slow2"))
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for worker in workers:
+            if Path(f"/proc/{worker}").exists():
+                os.kill(worker, signal.SIGKILL)
 
 
 def test_build_cache_is_atomic_reused_and_keyed_by_settings(tmp_path, monkeypatch):
