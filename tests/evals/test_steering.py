@@ -103,6 +103,50 @@ def test_provider_serves_concurrent_steered_requests_without_mixing_them(tiny_mo
         assert sample.output.usage.output_tokens == expected[0].output_tokens
 
 
+def test_provider_generates_each_unsteered_answer_once(tiny_model_dirs, checkpoint, tmp_path, monkeypatch):
+    # every feature's α = 0 and every transfer arm's asks the same unsteered question: one generation serves all
+    from inspect_ai import Task
+    from inspect_ai import eval as inspect_eval
+    from inspect_ai.dataset import MemoryDataset, Sample
+    from inspect_ai.model import get_model
+
+    from evals.verify import steered_generation
+
+    def samples(prefix):
+        unsteered = [Sample(id=f"{prefix}u{i}", input=QUESTIONS[0],
+                            metadata={"feature": 9, "alpha": 0.0, "s_max": 1.0, "seed": 0}) for i in range(6)]
+        other_seed = [Sample(id=f"{prefix}s", input=QUESTIONS[0],
+                             metadata={"feature": 9, "alpha": 0.0, "s_max": 1.0, "seed": 1})]
+        steered = [Sample(id=f"{prefix}v{i}", input=QUESTIONS[0],
+                          metadata={"feature": 9, "alpha": 20.0, "s_max": 1.0, "seed": 0}) for i in range(2)]
+        return unsteered + other_seed + steered
+
+    model = get_model(f"steered/{tiny_model_dirs['qwen']}", crosscoder=str(checkpoint), side="b", layer=1,
+                      max_batch=5)  # another instance than the other tests' (Inspect reuses a model per arguments)
+    rows = []
+    generate = model.api.generator.generate
+
+    def counting(prompts, vectors=None, **kwargs):
+        steered = 0 if vectors is None else int((vectors.abs().sum(-1) > 0).sum())
+        rows.append((len(prompts), steered))
+        return generate(prompts, vectors, **kwargs)
+
+    monkeypatch.setattr(model.api.generator, "generate", counting)
+    task = Task(dataset=MemoryDataset(samples("first")), solver=steered_generation(max_tokens=8, temperature=1.0))
+    log = inspect_eval(task, model=model, log_dir=str(tmp_path), display="none")[0]
+    assert log.status == "success"
+    assert sum(n for n, _ in rows) == 4  # one unsteered answer per seed, and the two steered rows
+    assert sum(steered for _, steered in rows) == 2  # steered requests are never shared
+    answers = {s.id: s.output.completion for s in log.samples}
+    assert len({answers[f"firstu{i}"] for i in range(6)}) == 1
+    # a later eval (another event loop) reuses the finished answers
+    task = Task(dataset=MemoryDataset(samples("second")), solver=steered_generation(max_tokens=8, temperature=1.0))
+    log = inspect_eval(task, model=model, log_dir=str(tmp_path), display="none")[0]
+    assert sum(n for n, _ in rows) == 6  # only the two steered rows again
+    assert {s.output.completion for s in log.samples if s.id.startswith("secondu")} == {answers["firstu0"]}
+    assert next(s for s in log.samples if s.id == "seconds").output.completion == answers["firsts"]
+
+
 def test_generators_sharing_a_model_never_see_each_others_vectors(qwen, checkpoint):
     """A steered batch and an unsteered single-row pass on the same model from two threads."""
     import threading
