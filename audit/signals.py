@@ -1,4 +1,5 @@
-"""SIGTERM handling shared by the long-running commands (``audit run``, ``audit seeds``, ``audit zoo build``)."""
+"""SIGTERM handling shared by the long-running commands (``audit run``, ``audit seeds``, ``audit zoo build``,
+``audit zoo discovery``)."""
 
 from __future__ import annotations
 

@@ -187,6 +187,7 @@ def discovery(
     from crosscoder.data import DataSourceError
     from crosscoder.models import ModelLoadError
 
+    stop_on_sigterm()  # a SIGTERM then kills a zoo build's worker processes too
     build_zoo_models([spec.model_a.id, spec.model_b.id])
     settings = harvest_settings(spec)
     folder = workspace / "discovery"

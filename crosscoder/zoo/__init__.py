@@ -162,6 +162,8 @@ def build_zoo(names: Iterable[str | ZooModelSpec] | None = None, force: bool = F
 
 def _build_parallel(todo: list[ZooModelSpec], force: bool, workers: int, bar) -> dict[str, Path]:
     import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     from .build import default_threads
 
@@ -170,30 +172,51 @@ def _build_parallel(todo: list[ZooModelSpec], force: bool, workers: int, bar) ->
     manager = ctx.Manager() if bar is not None else None
     events = manager.Queue() if manager is not None else None
     tasks: dict[str, int] = {}
-    # A multiprocessing pool rather than a ProcessPoolExecutor: when the build is interrupted (Ctrl-C, or a
-    # SIGTERM that the CLI turns into one) its workers can be killed at once. The executor's exit waits
-    # for the running builds instead, and a parent killed outright left them building, orphaned.
-    pool = ctx.Pool(processes=workers)
+    pool = None
     try:
-        results = {s.name: pool.apply_async(_build_in_child, (s, force, threads, events)) for s in todo}
-        while not all(r.ready() for r in results.values()):
+        # An executor (not a multiprocessing pool): a worker that dies (the OOM killer) breaks it, and the
+        # build fails with BrokenProcessPool instead of waiting forever for that worker's result.
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        futures = {pool.submit(_build_in_child, s, force, threads, events): s.name for s in todo}
+        pending = set(futures)
+        while pending:
             if events is not None:
                 _drain(events, bar, tasks, timeout=0.25)
-            else:  # nothing to show: sleep rather than spin on a core the builds need
-                next(r for r in results.values() if not r.ready()).wait(timeout=0.25)
+            else:  # nothing to show: sleep until a build ends, rather than spin on a core the builds need
+                wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            pending = {f for f in pending if not f.done()}
         if events is not None:
             _drain(events, bar, tasks, timeout=0)
-        built = {name: Path(r.get()) for name, r in results.items()}  # re-raises a worker's error
-        pool.close()
-        pool.join()
+        built = {}
+        for future, name in futures.items():
+            try:
+                built[name] = Path(future.result())  # re-raises a worker's error
+            except BrokenProcessPool as exc:
+                raise RuntimeError(f"zoo model {name!r}: a build process ended abruptly (killed, or out of memory?); "
+                                   "builds that finished are kept: run the command again to retry") from exc
         return built
     except BaseException:
-        pool.terminate()  # kills the workers; a killed build leaves only its temporary folder behind
-        pool.join()
+        # Interrupted (Ctrl-C, or a SIGTERM the CLI turns into one): kill the builds now. Leaving the
+        # executor waits for them to finish, and a parent that dies first leaves them building, orphaned.
+        if pool is not None:
+            _kill_workers(pool)
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # every worker is done or killed: returns at once
         if manager is not None:
             manager.shutdown()
+
+
+def _kill_workers(pool) -> None:
+    """Terminate a ProcessPoolExecutor's worker processes (its own method from Python 3.14 on)."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.join(timeout=5)
 
 
 def _drain(events, bar, tasks: dict[str, int], timeout: float) -> None:

@@ -326,23 +326,22 @@ def test_chat_templates_differ_and_render_a_generation_prompt(small_tokenizers):
         assert build.render_document(doc, zoo.ZOO_MODELS[name]).startswith(rendered)
 
 
-def _children(pid: int) -> list[int]:
+def _build_workers(pid: int) -> list[int]:
+    """The zoo build workers (spawned processes, not the resource tracker) whose parent is ``pid``."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
         except OSError:  # the process ended while we looked
             continue
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and spawned:
             out.append(int(stat.parent.name))
     return out
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
-def test_sigterm_stops_a_parallel_build_and_its_workers(tmp_path, monkeypatch):
-    # `audit zoo build` killed with a SIGTERM to its own process used to leave its build workers running,
-    # orphaned, for as long as their builds took
-    import signal
+def _start_slow_build(tmp_path):
+    """A process building two micro models that would train for hours, and its two build workers."""
     import subprocess
     import sys
     import time
@@ -354,33 +353,90 @@ def test_sigterm_stops_a_parallel_build_and_its_workers(tmp_path, monkeypatch):
         "stop_on_sigterm()\n"
         "zoo.build_zoo([micro_spec('slow1', steps=10**6), micro_spec('slow2', steps=10**6)], progress=False)\n"
     )
-    env = {**os.environ, "CROSSCODER_ZOO_DIR": str(tmp_path), "CROSSCODER_ZOO_WORKERS": "2",
+    env = {**os.environ, "CROSSCODER_ZOO_DIR": str(tmp_path / "zoo"), "CROSSCODER_ZOO_WORKERS": "2",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    parent = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-    workers: list[int] = []
+    output = tmp_path / "build.log"
+    with output.open("wb") as sink:
+        parent = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while len(_build_workers(parent.pid)) < 2 and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+    workers = _build_workers(parent.pid)
+    time.sleep(3)  # let them get into their builds
+    return parent, workers, output
+
+
+def _stop(parent, workers: list[int]) -> None:
+    import signal
+
+    if parent.poll() is None:
+        parent.kill()
+    for worker in workers:
+        if Path(f"/proc/{worker}").exists():
+            os.kill(worker, signal.SIGKILL)
+
+
+def _gone(workers: list[int], seconds: float = 10) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(Path(f"/proc/{w}").exists() for w in workers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
+def test_sigterm_stops_a_parallel_build_and_its_workers(tmp_path, monkeypatch):
+    # `audit zoo build` killed with a SIGTERM to its own process used to leave its build workers running,
+    # orphaned, for as long as their builds took
+    import signal
+
+    parent, workers, output = _start_slow_build(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while len(_children(parent.pid)) < 2 and time.monotonic() < deadline and parent.poll() is None:
-            time.sleep(0.2)
-        workers = _children(parent.pid)
-        assert len(workers) >= 2, parent.communicate(timeout=5)[0].decode()[-2000:]
-        time.sleep(3)  # let them get into their builds
+        assert len(workers) == 2, output.read_text()[-2000:]
         parent.send_signal(signal.SIGTERM)
         parent.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [w for w in workers if Path(f"/proc/{w}").exists()], "build workers outlived their parent"
+        assert _gone(workers), "build workers outlived their parent"
         assert parent.returncode != 0
-        monkeypatch.setenv("CROSSCODER_ZOO_DIR", str(tmp_path))
+        monkeypatch.setenv("CROSSCODER_ZOO_DIR", str(tmp_path / "zoo"))
         assert not any(zoo.is_built(micro_spec(n, steps=10**6)) for n in ("slow1", "slow2"))
     finally:
-        if parent.poll() is None:
-            parent.kill()
-        for worker in workers:
-            if Path(f"/proc/{worker}").exists():
-                os.kill(worker, signal.SIGKILL)
+        _stop(parent, workers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
+def test_a_build_worker_that_dies_fails_the_build_instead_of_hanging_it(tmp_path):
+    import signal
+
+    parent, workers, output = _start_slow_build(tmp_path)
+    try:
+        assert len(workers) == 2, output.read_text()[-2000:]
+        os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would
+        parent.wait(timeout=60)
+        assert parent.returncode != 0
+        assert "a build process ended abruptly" in output.read_text()
+        assert _gone(workers), "the other build worker outlived the failed build"
+    finally:
+        _stop(parent, workers)
+
+
+def test_zoo_commands_that_build_stop_their_workers_on_sigterm(monkeypatch):
+    # the handler that turns a SIGTERM into the interrupt that kills a build's workers
+    import signal
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    seen = []
+    monkeypatch.setattr(zoo, "build_zoo", lambda *a, **k: seen.append(signal.getsignal(signal.SIGTERM)) or {})
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(app, ["zoo", "build"])
+        assert result.exit_code == 0, result.output
+        assert seen and seen[0] not in (signal.SIG_DFL, signal.SIG_IGN, previous)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_build_cache_is_atomic_reused_and_keyed_by_settings(tmp_path, monkeypatch):

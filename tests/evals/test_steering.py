@@ -260,3 +260,37 @@ def test_micro_batches_hold_tensors_and_survive_a_failing_key():
 
     asyncio.run(interrupted())
     assert asyncio.run(main())[0] == 3.0  # the next eval's requests are served, not stuck behind it
+
+
+def test_unsteered_answers_shared_after_a_failed_generation_and_across_greedy_seeds():
+    import asyncio
+
+    from crosscoder.steering import Generation
+    from evals.provider import SteeredModel, _Request
+
+    calls = []
+
+    class FlakyBatcher:  # the first generation fails, the next ones succeed
+        async def submit(self, request):
+            calls.append(request)
+            await asyncio.sleep(0.01)
+            if len(calls) == 1:
+                raise RuntimeError("first generation failed")
+            return Generation(text=f"answer {len(calls)}", input_tokens=2, output_tokens=1)
+
+    model = SteeredModel.__new__(SteeredModel)  # the memo only: no model behind it
+    model._unsteered, model._unsteered_pending, model._batcher = {}, {}, FlakyBatcher()
+
+    def request(seed: int, temperature: float = 0.0) -> _Request:
+        return _Request(prompt=[1, 2], vector=None, max_new_tokens=4, temperature=temperature, seed=seed)
+
+    async def ask(requests):
+        return await asyncio.gather(*(model._unsteered_generation(r) for r in requests), return_exceptions=True)
+
+    results = asyncio.run(ask([request(0) for _ in range(5)]))
+    assert isinstance(results[0], RuntimeError)  # the failure reaches the request that generated
+    assert [r.text for r in results[1:]] == ["answer 2"] * 4  # one waiter generated again, for all of them
+    assert len(calls) == 2
+    # greedy answers do not depend on the seed; sampled ones do
+    assert asyncio.run(ask([request(7)]))[0].text == "answer 2" and len(calls) == 2
+    assert asyncio.run(ask([request(7, temperature=1.0)]))[0].text == "answer 3" and len(calls) == 3
