@@ -903,10 +903,49 @@ class AuditRunner:
                            folder / "logs", self.coherence_meter(side, self.spec.verify.max_tokens),
                            on_result=lambda item, result: _write_json(folder / f"feature-{item['feature']}.json", result))
                 progress.advance(task, len(group))
+        self._null_sweeps(folder)
         return {"features": len(plan)}
 
-    def verify_results(self) -> list[dict]:
+    def _null_sweeps(self, folder: Path) -> None:
+        """For each model and rubric with a verified feature, ``verify.null_draws`` random directions of that
+        feature's push size, swept and graded the same way (one file per job, so a rerun resumes)."""
+        from crosscoder import Crosscoder
+        from evals.verify_stage import null_jobs, run_nulls
+
+        draws = self.spec.verify.null_draws
+        results = self.verify_results(folder)
+        if draws == 0 or not any(e["verified"] for r in results for e in r["effects"]):
+            return
+        checkpoint = self.artefacts["train"] / "checkpoint"
+        jobs = null_jobs(results, Crosscoder.load(checkpoint))
+        pending = [job for job in jobs if not self._null_file(folder, job).is_file()]
+        with _progress(self.console, "null sweeps") as (progress, task):
+            progress.update(task, total=len(jobs), completed=len(jobs) - len(pending))
+            for job in pending:
+                side = job["side"]
+                result = run_nulls(job, draws, self.spec, checkpoint, self.loaded_model(side), folder / "logs", folder,
+                                   self.coherence_meter(side, self.spec.verify.max_tokens))
+                _write_json(self._null_file(folder, job), result)
+                progress.advance(task)
+
+    @staticmethod
+    def _null_file(folder: Path, job: dict) -> Path:
+        return folder / f"null-{job['side']}-{_hash(job['rubric'])}.json"
+
+    def null_results(self) -> dict[tuple[str, str], dict]:
+        """``{(model, rubric): null sweep}`` of this run's verify stage."""
         folder = self.artefacts.get("verify")
+        if folder is None:
+            return {}
+        out = {}
+        for path in sorted(folder.glob("null-*.json")):
+            null = json.loads(path.read_text())
+            out[(null["side"], null["rubric"])] = null
+        return out
+
+    def verify_results(self, folder: Path | None = None) -> list[dict]:
+        """The finished sweeps of the verify stage (of ``folder``, default this run's artefact)."""
+        folder = folder or self.artefacts.get("verify")
         if folder is None or not (folder / "plan.json").is_file():
             return []
         plan = json.loads((folder / "plan.json").read_text())
@@ -926,7 +965,12 @@ class AuditRunner:
         results = self.verify_results()
         self.db.replace_rows("generations", self.run_id, [g for r in results for g in r["generations"]])
         self.db.replace_rows("scores", self.run_id, [s for r in results for s in r["scores"]])
-        self.db.replace_rows("effects", self.run_id, [e for r in results for e in r["effects"]])
+        from evals.verify_stage import null_summary
+
+        nulls = self.null_results()
+        effects = [{**e, **null_summary(e, nulls.get((r["item"]["own_model"], e["rubric"])))}
+                   for r in results for e in r["effects"]]
+        self.db.replace_rows("effects", self.run_id, effects)
 
     # ---- stability ------------------------------------------------------------------------------
     def _hash_stability(self) -> str:

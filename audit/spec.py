@@ -214,6 +214,9 @@ class VerifySpec(_Strict):
     temperature: float = Field(default=0.0, ge=0.0)
     samples_per_prompt: int = Field(default=1, gt=0)
     max_prompts: int | None = Field(default=None, gt=0, description="cap on topic and on control prompts per rubric")
+    null_draws: int = Field(default=8, ge=0, le=64, description="per model and rubric with a verified feature, "
+                            "random directions of that feature's push size swept and graded the same way: how often "
+                            "a random push passes the same test (0: none)")
 
     _alphas_have_zero = field_validator("alphas")(_alpha_grid)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -65,7 +65,8 @@ TABLES: dict[str, str] = {
     "effects": """
         run_id VARCHAR, feature INTEGER, rubric VARCHAR, effect DOUBLE, spearman DOUBLE,
         control_effect DOUBLE, coherence_low_alpha DOUBLE, baseline DOUBLE, verified BOOLEAN,
-        curve VARCHAR, onset_margin DOUBLE""",
+        curve VARCHAR, onset_margin DOUBLE, null_draws INTEGER, null_passed INTEGER, null_max_effect DOUBLE,
+        beats_null BOOLEAN""",
     "transfers": """
         run_id VARCHAR, trait VARCHAR, direction VARCHAR, arm VARCHAR, spearman DOUBLE, effect DOUBLE,
         holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, cosines VARCHAR, max_decoder_cosine DOUBLE,
@@ -103,6 +104,9 @@ MIGRATIONS: dict[int, list[str]] = {
     # 9: a seed of the stability stage whose training diverged is recorded as such.
     9: ["ALTER TABLE seed_dictionaries ADD COLUMN IF NOT EXISTS status VARCHAR",
         "ALTER TABLE seed_dictionaries ADD COLUMN IF NOT EXISTS message VARCHAR"],
+    # 10: verified effects are compared with random pushes of the same size (the null sweeps).
+    10: [f"ALTER TABLE effects ADD COLUMN IF NOT EXISTS {column}"
+         for column in ("null_draws INTEGER", "null_passed INTEGER", "null_max_effect DOUBLE", "beats_null BOOLEAN")],
 }
 
 

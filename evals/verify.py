@@ -62,13 +62,32 @@ def sweep_samples(features: list[dict], rubric_names: list[str], alphas: list[fl
     return samples
 
 
+def null_samples(rubric_name: str, vectors: list[str], vectors_file: str, alphas: list[float], side: str,
+                 max_prompts: int | None = None, samples_per_prompt: int = 1) -> list[Sample]:
+    """Samples of a null sweep: each random direction ``vectors[i]`` (a name in ``vectors_file``) swept like a
+    feature (draw ``i`` in the ``feature`` field) on the rubric's prompts × α."""
+    rubric = load_rubric(rubric_name)
+    kinds = load_prompt_set(rubric.prompt_set).swept(max_prompts)
+    return [Sample(id=f"null{draw}-{rubric.name}-{kind}{p_index}-a{alpha:+g}-s{rep}", input=prompt,
+                   metadata={"feature": draw, "own_model": side, "vector": vector, "vectors_file": vectors_file,
+                             "s_max": 0.0, "rubric": rubric.name, "rubric_file": str(rubric_name), "kind": kind,
+                             "prompt": prompt, "alpha": float(alpha), "seed": rep})
+            for draw, vector in enumerate(vectors) for p_index, (kind, prompt) in enumerate(kinds) for alpha in alphas
+            for rep in range(samples_per_prompt)]
+
+
 @solver
 def steered_generation(max_tokens: int = 64, temperature: float = 0.0):
     """Generate with the sample's feature and α (α = 0: the unsteered baseline)."""
 
     async def solve(state: TaskState, generate: Generate) -> TaskState:
         m = state.metadata
-        steer = None if m["alpha"] == 0 else {"feature": m["feature"], "alpha": m["alpha"], "s_max": m["s_max"]}
+        if m["alpha"] == 0:
+            steer = None
+        elif m.get("vector") is not None:  # a null sweep: a random direction from a vectors file
+            steer = {"vector": m["vector"], "file": m["vectors_file"], "alpha": m["alpha"]}
+        else:
+            steer = {"feature": m["feature"], "alpha": m["alpha"], "s_max": m["s_max"]}
         return await generate(state, max_tokens=max_tokens, temperature=temperature, seed=int(m["seed"]),
                               extra_body={"steer": steer})
 
@@ -223,6 +242,19 @@ def verify_task(features: list[dict], rubrics: list[str], alphas: list[float], g
                 samples_per_prompt: int = 1, max_prompts: int | None = None, name: str = "verify") -> Task:
     """``name``: the task's name in its log (the stage names each feature's sweep, ``verify-f934``)."""
     samples = sweep_samples(features, rubrics, alphas, samples_per_prompt, max_prompts)
+    return _verify_task(samples, grader, coherence_meter, max_tokens, temperature, name)
+
+
+def null_task(rubric: str, vectors: list[str], vectors_file: str, alphas: list[float], side: str,
+              grader: str = "offline", coherence_meter=None, max_tokens: int = 64, temperature: float = 0.0,
+              samples_per_prompt: int = 1, max_prompts: int | None = None, name: str = "verify-null") -> Task:
+    """Random directions swept and graded exactly as a feature is (``verify_task``)."""
+    samples = null_samples(rubric, vectors, vectors_file, alphas, side, max_prompts, samples_per_prompt)
+    return _verify_task(samples, grader, coherence_meter, max_tokens, temperature, name)
+
+
+def _verify_task(samples: list[Sample], grader: str, coherence_meter, max_tokens: int, temperature: float,
+                 name: str) -> Task:
     return Task(dataset=MemoryDataset(samples, name="verify"),
                 solver=steered_generation(max_tokens=max_tokens, temperature=temperature),
                 scorer=rubric_scorer(grader=grader, coherence_meter=coherence_meter), name=name)

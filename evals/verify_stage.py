@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from inspect_ai import eval as inspect_eval
 from inspect_ai.model import get_model
 
 from evals import offline  # noqa: F401 - registers the offline provider
 from evals.coherence import CoherenceMeter
-from evals.effects import feature_effects
+from evals.effects import feature_effects, measured
 from evals.onsets import onset_margin
 from evals.provider import share_loaded_model
 from evals.verify import verify_task
@@ -326,3 +330,94 @@ def baseline_summary(rows: list[dict]) -> list[dict]:
         row["difference"] = (row["b_topic"] - row["a_topic"]) if None not in (row["a_topic"], row["b_topic"]) else None
         out.append(row)
     return out
+
+
+# ---- null sweeps: how often a random push of a verified feature's size passes the same test ----------
+
+def null_vectors(width: int, norm: float, draws: int, key: str) -> torch.Tensor:
+    """``[draws, width]`` random directions of length ``norm``, the same for the same ``key`` on every machine."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % (2**63)
+    directions = torch.randn(draws, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (directions / directions.norm(dim=1, keepdim=True) * norm).float()
+
+
+def null_jobs(results: list[dict], crosscoder) -> list[dict]:
+    """One null sweep per (model, rubric) on which a feature was verified: ``{"side", "rubric" (its name),
+    "rubric_file" (what the spec named), "norm", "features"}``, where ``norm`` is the median size of those
+    features' pushes at α = 1 (``s_max · ‖d_j‖``), so a random direction is swept at the same strengths."""
+    from crosscoder.steering import steering_vector
+    from evals.rubrics import load_rubric
+
+    jobs: dict[tuple[str, str], dict] = {}
+    for result in results:
+        item = result["item"]
+        files = {load_rubric(entry).name: entry for entry in item["rubrics"]}
+        for effect in result["effects"]:
+            if not effect["verified"]:
+                continue
+            size = float(steering_vector(crosscoder, item["own_model"], item["feature"], 1.0, item["s_max"]).norm())
+            job = jobs.setdefault((item["own_model"], effect["rubric"]), {
+                "side": item["own_model"], "rubric": effect["rubric"],
+                "rubric_file": files.get(effect["rubric"], effect["rubric"]), "sizes": [], "features": []})
+            job["sizes"].append(size)
+            job["features"].append(item["feature"])
+    out = []
+    for job in jobs.values():
+        sizes = job.pop("sizes")
+        out.append({**job, "norm": statistics.median(sizes)})
+    return out
+
+
+def run_nulls(job: dict, draws: int, spec, crosscoder_path: Path, loaded_model, log_dir: Path, folder: Path,
+              coherence_meter: CoherenceMeter | None = None) -> dict:
+    """Sweep ``draws`` random directions of the job's size on its rubric, as a feature is swept and graded;
+    per draw, its score change, ρ, control change and whether it passes the verify rule."""
+    from safetensors.torch import save_file
+
+    from evals.verify import null_task
+
+    side, v = job["side"], spec.verify
+    key = f"{spec.crosscoder.seed}:{side}:{job['rubric']}:{job['norm']:.6g}"
+    vectors = null_vectors(loaded_model.d_model, job["norm"], draws, key)
+    names = [f"null.{i}" for i in range(draws)]
+    vectors_file = folder / f"null-{side}-{_file_key(job['rubric'])}.safetensors"
+    save_file({name: vectors[i].contiguous() for i, name in enumerate(names)}, str(vectors_file))
+    steered = steered_model(spec.model_entry(side), side, crosscoder_path, loaded_model)
+    grader, meter, roles = grading(v.grader, coherence_meter)
+    task = null_task(job["rubric_file"], names, str(vectors_file), list(v.alphas), side, grader=grader,
+                     coherence_meter=meter, max_tokens=v.max_tokens, temperature=v.temperature,
+                     samples_per_prompt=v.samples_per_prompt, max_prompts=v.max_prompts,
+                     name=f"verify-null-{side}-{_file_key(job['rubric'])}")
+    [log] = run_evals([task], log_dir, model=steered, model_roles=roles or None)
+    check_log(log, f"null sweep of model {side.upper()} on {job['rubric']}")
+    rows = []
+    for sample in log.samples or []:
+        if not sample.scores:
+            continue
+        m, score = sample.metadata, next(iter(sample.scores.values()))
+        for dimension in ("behaviour", "coherence"):
+            rows.append({"feature": m["feature"], "rubric": m["rubric"], "kind": m["kind"], "alpha": m["alpha"],
+                         "dimension": dimension, "score": score.value.get(dimension)})
+    draws_out = [{"draw": e["feature"], "effect": e["effect"], "spearman": e["spearman"],
+                  "control_effect": e["control_effect"], "coherence_low_alpha": e["coherence_low_alpha"],
+                  "verified": e["verified"]} for e in feature_effects(rows)]
+    return {**job, "draws": draws_out, "eval_log": log.location}
+
+
+def _file_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def null_summary(effect: dict, null: dict | None) -> dict:
+    """For an effects row, what the null sweep of its model and rubric says (all None when none ran):
+    ``null_draws`` swept, ``null_passed`` (how many passed the verify rule), ``null_max_effect`` (the
+    largest |score change| among those) and ``beats_null``: the row is verified and no random direction
+    passed with a change at least as large (the sign of a random direction is arbitrary, so sizes are
+    compared)."""
+    if not null or not null.get("draws"):
+        return {"null_draws": None, "null_passed": None, "null_max_effect": None, "beats_null": None}
+    passed = [abs(d["effect"]) for d in null["draws"] if d["verified"] and measured(d["effect"])]
+    size = abs(effect["effect"]) if measured(effect.get("effect")) else 0.0
+    return {"null_draws": len(null["draws"]), "null_passed": len(passed),
+            "null_max_effect": max(passed) if passed else None,
+            "beats_null": bool(effect["verified"]) and all(p < size for p in passed)}

@@ -421,6 +421,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "n_flagged": len(features), "n_artefacts": sum(bool(f["is_artefact"]) for f in features),
         "n_safety": sum(bool(e["safety_critical"]) for e in explanations.values()),
         "n_verified": len({e["feature"] for e in effects if e["verified"]}),
+        "null": null_comparison(effects),
         "graders": graders, "explainers": explainers, "detectors": detectors,
         "relative_norm_plot": relative_norm_plot(_json_list(metrics["relative_norms"]) if metrics else []),
         "exclusivity_plot": exclusivity_plot(features),
@@ -518,6 +519,19 @@ def _scale_ends(rubric_name: str) -> dict | None:
 
 
 EXPECTED_KIND = {"a": "A-exclusive", "b": "B-exclusive"}
+
+
+def null_comparison(effects: list[dict]) -> dict | None:
+    """How the verified sweeps compare with the null sweeps (random pushes of the same size on the same
+    rubric and model): ``checked`` verified sweeps that have a null sweep, how many ``beat`` it (a larger score
+    change than every random push that passed), and the random pushes swept and passing, over the distinct
+    (model, rubric) null sweeps. None when no null sweep ran."""
+    checked = [e for e in effects if e["verified"] and e.get("null_draws")]
+    if not checked:
+        return None
+    groups = {(e["rubric"], e["null_draws"], e["null_passed"], e.get("null_max_effect")) for e in checked}
+    return {"checked": len(checked), "beat": sum(bool(e.get("beats_null")) for e in checked),
+            "draws": sum(g[1] for g in groups), "passed": sum(g[2] or 0 for g in groups)}
 
 
 def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], effects: list[dict],

@@ -418,3 +418,28 @@ def test_a_report_rerendered_from_a_moved_workspace_is_written_in_that_workspace
     assert result.exit_code == 0, result.output
     assert (workspace / "demo" / "r1" / "report.html").is_file() and not Path("x/report.html").exists()
     assert "the run was made in x" in result.output
+
+
+def test_verified_sweeps_are_compared_with_random_pushes_of_their_size(tmp_path):
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    [row] = db.rows("effects", "r1")
+    db.replace_rows("effects", "r1", [{**row, "null_draws": 8, "null_passed": 2, "null_max_effect": 4.5,
+                                       "beats_null": False}])
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    html = " ".join(html_path.read_text().split())
+    assert "passed the same test 2 times in 8; 0 of the 1 verified sweeps moved their rubric more" in html
+    assert "no larger than a random push of its size" in html and "2 of 8" in html and "largest change 4.50" in html
+    md = md_path.read_text()
+    assert "passed the same test 2 times in 8; 0 of 1 verified sweeps" in md
+    assert "yes (no larger than a random push of its size)" in md
+    # a feature that moved its rubric more than every random push that passed
+    db.replace_rows("effects", "r1", [{**row, "null_draws": 8, "null_passed": 1, "null_max_effect": 1.25,
+                                       "beats_null": True}])
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    assert "larger than every random push that passed" in html_path.read_text()
+    assert "1 of 1 verified sweeps moved their rubric more" in md_path.read_text()
+    # no null sweep (verify.null_draws 0, or a run from before): nothing is claimed
+    db.replace_rows("effects", "r1", [row])
+    html_path, _ = render_run(db, "r1", tmp_path / "out")
+    assert "random push" not in html_path.read_text().split("<h2>Summary</h2>")[1].split("<h2>")[0]
