@@ -574,10 +574,16 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
                       default=None)
         if closest is not None:
             closest = {**closest, "why_not": why_not(closest)}
+        # whether each verified feature moved the rubric more than every random push that passed (None: not checked)
+        beats = {}
+        for e in swept:
+            if e["verified"] and e.get("beats_null") is not None:
+                beats[e["feature"]] = bool(beats.get(e["feature"])) or bool(e["beats_null"])
         rows.append({"id": difference["id"], "title": difference["title"], "rubric": ", ".join(rubrics),
                      "planted_in": where,
                      "expected": kind, "verified_on": found_on,
-                     "verified_features": [{"feature": f, "kind": k} for f, k in verified], "found": kind is not None and kind in found_on,
+                     "verified_features": [{"feature": f, "kind": k, "beats_null": beats.get(f)} for f, k in verified],
+                     "found": kind is not None and kind in found_on,
                      "closest": closest, "baseline": unsteered.get(rubrics[0])})
     return rows
 

@@ -273,7 +273,7 @@ def test_cards_show_each_answers_grades_and_the_known_answer_shows_exclusivity(t
     assert "topic match (offline proxy)</span>" in html and "Safety (offline topic proxy, not a safety judgement)" in html
     data = gather(db, "r1")
     narrative = next(k for k in data["known_answer"] if k["id"] == "state-narrative")
-    assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "exclusivity": 0.0,
+    assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "beats_null": None, "exclusivity": 0.0,
                                                "is_artefact": False, "recurrence": ""}]  # no other seed trained
     assert [k["id"] for k in data["found"]] == ["state-narrative"]
 
@@ -433,6 +433,9 @@ def test_verified_sweeps_are_compared_with_random_pushes_of_their_size(tmp_path)
     md = md_path.read_text()
     assert "passed the same test 2 times in 8; 0 of 1 verified sweeps" in md
     assert "yes (no larger than a random push of its size)" in md
+    # and the known-answer table says so next to the feature that found the planted difference
+    known_row = next(line for line in md.splitlines() if line.startswith("| state-narrative"))
+    assert "B-exclusive 9 (" in known_row and "no larger than a random push of its size" in known_row
     # a feature that moved its rubric more than every random push that passed
     db.replace_rows("effects", "r1", [{**row, "null_draws": 8, "null_passed": 1, "null_max_effect": 1.25,
                                        "beats_null": True}])
