@@ -380,7 +380,9 @@ def run_nulls(job: dict, draws: int, spec, crosscoder_path: Path, loaded_model, 
     key = f"{spec.crosscoder.seed}:{side}:{job['rubric']}:{job['norm']:.6g}"
     vectors = null_vectors(loaded_model.d_model, job["norm"], draws, key)
     names = [f"null.{i}" for i in range(draws)]
-    vectors_file = folder / f"null-{side}-{_file_key(job['rubric'])}.safetensors"
+    # named by a hash of the rubric's name: two names a file name would spell alike ("a b", "a_b") must not
+    # share a file (the provider caches vector files by path)
+    vectors_file = folder / f"null-{side}-{hashlib.sha256(job['rubric'].encode()).hexdigest()[:12]}.safetensors"
     save_file({name: vectors[i].contiguous() for i, name in enumerate(names)}, str(vectors_file))
     steered = steered_model(spec.model_entry(side), side, crosscoder_path, loaded_model)
     grader, meter, roles = grading(v.grader, coherence_meter)
@@ -410,14 +412,16 @@ def _file_key(name: str) -> str:
 
 def null_summary(effect: dict, null: dict | None) -> dict:
     """For an effects row, what the null sweep of its model and rubric says (all None when none ran):
-    ``null_draws`` swept, ``null_passed`` (how many passed the verify rule), ``null_max_effect`` (the
-    largest |score change| among those) and ``beats_null``: the row is verified and no random direction
-    passed with a change at least as large (the sign of a random direction is arbitrary, so sizes are
-    compared)."""
+    ``null_draws`` swept, ``null_passed`` (how many passed the verify rule: ``null_passed / null_draws``
+    estimates how often a push of this size passes by itself, the chance that a verdict like this one is
+    a false positive), ``null_max_effect`` (the largest |score change| among those that passed) and, for a
+    verified row only, ``beats_null``: no random direction passed with a change at least as large (the sign
+    of a random direction is arbitrary, so sizes are compared). With no draw passing it is true whatever the
+    size, so it says little unless ``null_passed`` is read with it."""
     if not null or not null.get("draws"):
         return {"null_draws": None, "null_passed": None, "null_max_effect": None, "beats_null": None}
     passed = [abs(d["effect"]) for d in null["draws"] if d["verified"] and measured(d["effect"])]
     size = abs(effect["effect"]) if measured(effect.get("effect")) else 0.0
     return {"null_draws": len(null["draws"]), "null_passed": len(passed),
             "null_max_effect": max(passed) if passed else None,
-            "beats_null": bool(effect["verified"]) and all(p < size for p in passed)}
+            "beats_null": all(p < size for p in passed) if effect["verified"] else None}

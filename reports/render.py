@@ -421,7 +421,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "n_flagged": len(features), "n_artefacts": sum(bool(f["is_artefact"]) for f in features),
         "n_safety": sum(bool(e["safety_critical"]) for e in explanations.values()),
         "n_verified": len({e["feature"] for e in effects if e["verified"]}),
-        "null": null_comparison(effects),
+        "null": null_comparison(effects, {f["feature"]: f["own_model"] for f in features}),
         "graders": graders, "explainers": explainers, "detectors": detectors,
         "relative_norm_plot": relative_norm_plot(_json_list(metrics["relative_norms"]) if metrics else []),
         "exclusivity_plot": exclusivity_plot(features),
@@ -521,17 +521,31 @@ def _scale_ends(rubric_name: str) -> dict | None:
 EXPECTED_KIND = {"a": "A-exclusive", "b": "B-exclusive"}
 
 
-def null_comparison(effects: list[dict]) -> dict | None:
-    """How the verified sweeps compare with the null sweeps (random pushes of the same size on the same
-    rubric and model): ``checked`` verified sweeps that have a null sweep, how many ``beat`` it (a larger score
-    change than every random push that passed), and the random pushes swept and passing, over the distinct
-    (model, rubric) null sweeps. None when no null sweep ran."""
+def null_note(row: dict) -> str:
+    """What the null sweep says of a verified effects row (or a known-answer feature), in words; empty when
+    none ran."""
+    if row.get("beats_null") is None:
+        return ""
+    draws, passed = row.get("null_draws"), row.get("null_passed")
+    if draws and not passed:
+        return f"no random push of this size passed (0 of {draws})"
+    if row["beats_null"]:
+        return "larger than every random push of this size that passed" + (f" ({passed} of {draws})" if draws else "")
+    return "no larger than a random push of this size" + (f" ({passed} of {draws} passed)" if draws else "")
+
+
+def null_comparison(effects: list[dict], own_model: dict[int, str]) -> dict | None:
+    """How the verified sweeps compare with the null sweeps (random pushes of the verified features' size on the
+    same model and rubric): ``checked`` verified sweeps that have a null sweep, ``no_null_passed`` of them with no random
+    push passing, and the random pushes swept and passing over the distinct (model, rubric) null sweeps (one per
+    pair; ``own_model`` maps a feature to its model). None when no null sweep ran."""
     checked = [e for e in effects if e["verified"] and e.get("null_draws")]
     if not checked:
         return None
-    groups = {(e["rubric"], e["null_draws"], e["null_passed"], e.get("null_max_effect")) for e in checked}
-    return {"checked": len(checked), "beat": sum(bool(e.get("beats_null")) for e in checked),
-            "draws": sum(g[1] for g in groups), "passed": sum(g[2] or 0 for g in groups)}
+    sweeps = {(own_model.get(e["feature"]), e["rubric"]): e for e in checked}
+    return {"checked": len(checked), "no_null_passed": sum(not e.get("null_passed") for e in checked),
+            "draws": sum(e["null_draws"] for e in sweeps.values()),
+            "passed": sum(e.get("null_passed") or 0 for e in sweeps.values())}
 
 
 def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], effects: list[dict],
@@ -574,15 +588,16 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
                       default=None)
         if closest is not None:
             closest = {**closest, "why_not": why_not(closest)}
-        # whether each verified feature moved the rubric more than every random push that passed (None: not checked)
+        # what each verified feature's null sweep says (nothing where none ran)
         beats = {}
         for e in swept:
             if e["verified"] and e.get("beats_null") is not None:
-                beats[e["feature"]] = bool(beats.get(e["feature"])) or bool(e["beats_null"])
+                beats[e["feature"]] = e  # a feature verified on two rubrics of one difference: the last one's
         rows.append({"id": difference["id"], "title": difference["title"], "rubric": ", ".join(rubrics),
                      "planted_in": where,
                      "expected": kind, "verified_on": found_on,
-                     "verified_features": [{"feature": f, "kind": k, "beats_null": beats.get(f)} for f, k in verified],
+                     "verified_features": [{"feature": f, "kind": k, "null": null_note(beats[f]) if f in beats else ""}
+                                           for f, k in verified],
                      "found": kind is not None and kind in found_on,
                      "closest": closest, "baseline": unsteered.get(rubrics[0])})
     return rows
@@ -698,6 +713,7 @@ def render_run(db, run_id: str, run_dir: Path, report_spec=None) -> list[Path]:
     env.filters["highlight"] = highlight
     env.filters["fromjson"] = _json_list
     env.filters["num"] = number
+    env.filters["null_note"] = null_note
     env.filters["pct"] = lambda v: "–" if _nan(v) else f"{100 * v:.1f} %"
     env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M") if hasattr(v, "strftime") else str(v or "")
     run_dir = Path(run_dir)

@@ -273,7 +273,7 @@ def test_cards_show_each_answers_grades_and_the_known_answer_shows_exclusivity(t
     assert "topic match (offline proxy)</span>" in html and "Safety (offline topic proxy, not a safety judgement)" in html
     data = gather(db, "r1")
     narrative = next(k for k in data["known_answer"] if k["id"] == "state-narrative")
-    assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "beats_null": None, "exclusivity": 0.0,
+    assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "null": "", "exclusivity": 0.0,
                                                "is_artefact": False, "recurrence": ""}]  # no other seed trained
     assert [k["id"] for k in data["found"]] == ["state-narrative"]
 
@@ -428,21 +428,39 @@ def test_verified_sweeps_are_compared_with_random_pushes_of_their_size(tmp_path)
                                        "beats_null": False}])
     html_path, md_path = render_run(db, "r1", tmp_path / "out")
     html = " ".join(html_path.read_text().split())
-    assert "passed the same test 2 times in 8; 0 of the 1 verified sweeps moved their rubric more" in html
-    assert "no larger than a random push of its size" in html and "2 of 8" in html and "largest change 4.50" in html
+    assert "passed the same test 2 times in 8: that rate estimates how often a verdict" in html
+    assert "For 0 of the 1 verified sweeps no random push passed." in html
+    assert "no larger than a random push of this size (2 of 8 passed)" in html
+    assert "2 of 8" in html and "largest change 4.50" in html
     md = md_path.read_text()
-    assert "passed the same test 2 times in 8; 0 of 1 verified sweeps" in md
-    assert "yes (no larger than a random push of its size)" in md
+    assert "passed the same test 2 times in 8" in md and "for 0 of 1 verified sweeps no random push passed" in md
+    assert "yes (no larger than a random push of this size (2 of 8 passed))" in md
     # and the known-answer table says so next to the feature that found the planted difference
     known_row = next(line for line in md.splitlines() if line.startswith("| state-narrative"))
-    assert "B-exclusive 9 (" in known_row and "no larger than a random push of its size" in known_row
-    # a feature that moved its rubric more than every random push that passed
+    assert "B-exclusive 9 (" in known_row and "no larger than a random push of this size" in known_row
+    # larger than the random pushes that passed; none passed
     db.replace_rows("effects", "r1", [{**row, "null_draws": 8, "null_passed": 1, "null_max_effect": 1.25,
                                        "beats_null": True}])
     html_path, md_path = render_run(db, "r1", tmp_path / "out")
-    assert "larger than every random push that passed" in html_path.read_text()
-    assert "1 of 1 verified sweeps moved their rubric more" in md_path.read_text()
+    assert "larger than every random push of this size that passed (1 of 8)" in html_path.read_text()
+    db.replace_rows("effects", "r1", [{**row, "null_draws": 8, "null_passed": 0, "beats_null": True}])
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    assert "no random push of this size passed (0 of 8)" in html_path.read_text()
+    assert "for 1 of 1 verified sweeps no random push passed" in md_path.read_text()
     # no null sweep (verify.null_draws 0, or a run from before): nothing is claimed
     db.replace_rows("effects", "r1", [row])
     html_path, _ = render_run(db, "r1", tmp_path / "out")
     assert "random push" not in html_path.read_text().split("<h2>Summary</h2>")[1].split("<h2>")[0]
+
+
+def test_null_totals_count_each_models_null_sweep_on_a_rubric():
+    from reports.render import null_comparison
+
+    rows = [{"feature": 3, "rubric": "narrative", "verified": True, "null_draws": 8, "null_passed": 0},
+            {"feature": 40, "rubric": "narrative", "verified": True, "null_draws": 8, "null_passed": 0},
+            {"feature": 41, "rubric": "narrative", "verified": True, "null_draws": 8, "null_passed": 0},
+            {"feature": 5, "rubric": "narrative", "verified": False, "null_draws": 8, "null_passed": 0}]
+    # A 3 and B 40, B 41: two null sweeps of 8 (B's two features share one), three verified sweeps checked
+    assert null_comparison(rows, {3: "a", 40: "b", 41: "b", 5: "a"}) == {"checked": 3, "no_null_passed": 3, "draws": 16,
+                                                                         "passed": 0}
+    assert null_comparison(rows[3:], {5: "a"}) is None  # nothing verified: nothing to compare

@@ -27,7 +27,7 @@ def test_null_summary_counts_random_pushes_that_pass_as_large_a_change():
     assert beaten == {"null_draws": 4, "null_passed": 2, "null_max_effect": 2.5, "beats_null": True}
     # a random push that passed with a change as large (whatever its sign) is as good as the feature
     assert null_summary({"effect": -2.0, "verified": True}, null)["beats_null"] is False
-    assert null_summary({"effect": 2.75, "verified": False}, null)["beats_null"] is False  # not verified: no claim
+    assert null_summary({"effect": 2.75, "verified": False}, null)["beats_null"] is None  # not verified: no claim
     assert null_summary({"effect": 1.0, "verified": True}, {"draws": [{"effect": 0.5, "verified": False}]}) == {
         "null_draws": 1, "null_passed": 0, "null_max_effect": None, "beats_null": True}
     assert null_summary({"effect": 1.0, "verified": True}, None)["beats_null"] is None  # none ran
@@ -87,7 +87,8 @@ def test_a_null_sweep_steers_with_its_random_directions_and_grades_like_a_featur
     assert [d["draw"] for d in result["draws"]] == [0, 1]
     for draw in result["draws"]:  # every answer graded 4: no change, nothing passes
         assert draw["effect"] == 0.0 and draw["verified"] is False
-    vectors = load_file(str(tmp_path / "null-b-zoo_state_narrative.safetensors"))
+    [vectors_file] = tmp_path.glob("null-b-*.safetensors")
+    vectors = load_file(str(vectors_file))
     assert sorted(vectors) == ["null.0", "null.1"]
     assert all(abs(float(v.norm()) - 40.0) < 1e-3 for v in vectors.values())
     # the answers are the model's own, steered with each draw's vector at its α
