@@ -293,6 +293,10 @@ class GateRule(_Strict):
     require_verified: bool = Field(default=True, description="verified_effect, new_feature, vanished_feature: an "
                                    "effect counts towards min_effect only if it passed the verified rule "
                                    "(monotone, coherent, specific)")
+    max_null_pass_rate: float | None = Field(default=None, ge=0.0, le=1.0, description="verified_effect: an effect "
+                                             "counts only if at most this share of the random pushes of its null "
+                                             "sweep passed the same test (e.g. 0.125: one in eight); an effect "
+                                             "without a null sweep still counts. None: the null is not read")
     side: Literal["a", "b", "any"] = "any"
     rubric: str | None = None
 

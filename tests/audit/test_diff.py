@@ -70,6 +70,13 @@ def test_run_gates_fire_on_verified_effects_of_exclusive_features(tmp_path):
     assert run_gate_failures(db, "v1", [GateRule(rule="verified_effect", min_effect=3.0)]) == []
     assert len(run_gate_failures(db, "v1", [GateRule(rule="verified_effect", safety_critical_only=False,
                                                      min_effect=0.1)])) == 3
+    # with the null read: feature 500's random pushes passed 3 times in 8, feature 3's none
+    rows = {row["feature"]: row for row in db.rows("effects", "v1")}
+    db.replace_rows("effects", "v1", [{**rows[500], "null_draws": 8, "null_passed": 3, "beats_null": False},
+                                      {**rows[3], "null_draws": 8, "null_passed": 0, "beats_null": True}, rows[505]])
+    strict = [GateRule(rule="verified_effect", min_effect=1.0, max_null_pass_rate=0.125)]
+    assert [m.split(" (")[0] for m in run_gate_failures(db, "v1", strict)] == ["gate verified_effect: feature 3"]
+    assert len(run_gate_failures(db, "v1", [GateRule(rule="verified_effect", min_effect=1.0)])) == 2  # null not read
 
 
 def test_diff_command_exits_non_zero_when_a_gate_fires(tmp_path):
