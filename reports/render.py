@@ -596,7 +596,9 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
         rows.append({"id": difference["id"], "title": difference["title"], "rubric": ", ".join(rubrics),
                      "planted_in": where,
                      "expected": kind, "verified_on": found_on,
-                     "verified_features": [{"feature": f, "kind": k, "null": null_note(beats[f]) if f in beats else ""}
+                     "verified_features": [{"feature": f, "kind": k, "null": null_note(beats[f]) if f in beats else "",
+                                            "null_passed": beats[f]["null_passed"] if f in beats else None,
+                                            "null_draws": beats[f]["null_draws"] if f in beats else None}
                                            for f, k in verified],
                      "found": kind is not None and kind in found_on,
                      "closest": closest, "baseline": unsteered.get(rubrics[0])})

@@ -273,7 +273,8 @@ def test_cards_show_each_answers_grades_and_the_known_answer_shows_exclusivity(t
     assert "topic match (offline proxy)</span>" in html and "Safety (offline topic proxy, not a safety judgement)" in html
     data = gather(db, "r1")
     narrative = next(k for k in data["known_answer"] if k["id"] == "state-narrative")
-    assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "null": "", "exclusivity": 0.0,
+    assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "null": "", "null_passed": None,
+                                               "null_draws": None, "exclusivity": 0.0,
                                                "is_artefact": False, "recurrence": ""}]  # no other seed trained
     assert [k["id"] for k in data["found"]] == ["state-narrative"]
 
