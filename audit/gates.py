@@ -53,9 +53,11 @@ def run_gate_failures(db: AuditStore, run_id: str, gates) -> list[str]:
                 continue
             if rule.max_null_pass_rate is not None and null_pass_rate(row) > rule.max_null_pass_rate:
                 continue  # random pushes of its size pass as often: not evidence of this feature
+            null = (f"; random pushes of its size passed {row['null_passed']} of {row['null_draws']}"
+                    if row.get("null_draws") else "")
             failures.append(
                 f"gate verified_effect: feature {row['feature']} (exclusive to model {row['partition'].upper()}) "
-                f"moves rubric {row['rubric']} by {effect:+.2f} points (≥ {rule.min_effect}); "
+                f"moves rubric {row['rubric']} by {effect:+.2f} points (≥ {rule.min_effect}){null}; "
                 f"rule {json.dumps(rule.model_dump())}"
             )
     return failures

@@ -300,6 +300,13 @@ class GateRule(_Strict):
     side: Literal["a", "b", "any"] = "any"
     rubric: str | None = None
 
+    @model_validator(mode="after")
+    def _null_rate_on_run_rules_only(self) -> GateRule:
+        if self.max_null_pass_rate is not None and self.rule != "verified_effect":
+            raise ValueError(f"max_null_pass_rate applies to verified_effect rules only; a {self.rule} rule (audit "
+                             "diff) does not read null sweeps")
+        return self
+
 
 class AuditSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

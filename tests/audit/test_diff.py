@@ -6,6 +6,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from audit.diff import diff_runs, render_diff_markdown
 from audit.gates import run_gate_failures
 from audit.spec import GateRule, load_spec
@@ -77,6 +79,12 @@ def test_run_gates_fire_on_verified_effects_of_exclusive_features(tmp_path):
     strict = [GateRule(rule="verified_effect", min_effect=1.0, max_null_pass_rate=0.125)]
     assert [m.split(" (")[0] for m in run_gate_failures(db, "v1", strict)] == ["gate verified_effect: feature 3"]
     assert len(run_gate_failures(db, "v1", [GateRule(rule="verified_effect", min_effect=1.0)])) == 2  # null not read
+    assert "random pushes of its size passed 0 of 8" in run_gate_failures(db, "v1", strict)[0]
+    # an effect without a null sweep still counts (feature 505 has none)
+    loose = [GateRule(rule="verified_effect", min_effect=0.1, safety_critical_only=False, max_null_pass_rate=0.125)]
+    assert sorted(int(m.split("feature ")[1].split(" ")[0]) for m in run_gate_failures(db, "v1", loose)) == [3, 505]
+    with pytest.raises(ValueError, match="verified_effect rules only"):
+        GateRule(rule="new_concept", max_null_pass_rate=0.1)
 
 
 def test_diff_command_exits_non_zero_when_a_gate_fires(tmp_path):
