@@ -77,11 +77,13 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
     effects = db.query("SELECT * FROM effects WHERE run_id = ? AND feature = ?", [run_id, feature])
     if effects:
         view = Table(title="steering effects")
-        for column in ("rubric", "effect", "ρ", "control", "coherence |α|≤1", "verified"):
+        for column in ("rubric", "effect", "ρ", "control", "coherence |α|≤1", "verified", "random pushes passing"):
             view.add_column(column)
         for x in effects:
+            # the null sweep: random directions of the verified features' push size, graded the same way
+            null = f"{x['null_passed']} of {x['null_draws']}" if x.get("null_draws") else "–"
             view.add_row(Text(plain(x["rubric"])), _num(x["effect"], "{:+.2f}"), _num(x["spearman"]), _num(x["control_effect"], "{:+.2f}"),
-                         _num(x["coherence_low_alpha"]), "yes" if x["verified"] else "no")
+                         _num(x["coherence_low_alpha"]), "yes" if x["verified"] else "no", null)
         console.print(view)
 
 

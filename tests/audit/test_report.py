@@ -398,13 +398,15 @@ def test_feature_cards_in_the_terminal_print_stored_text_as_text(tmp_path):
     db = AuditStore(tmp_path / "audit.duckdb")
     fill(db)
     db.replace_rows("effects", "r1", [{"feature": 9, "rubric": "tone[v2] [/x]", "effect": 1.0, "spearman": 1.0,
-                                       "control_effect": 0.0, "coherence_low_alpha": 4.0, "verified": True}])
+                                       "control_effect": 0.0, "coherence_low_alpha": 4.0, "verified": True,
+                                       "null_draws": 8, "null_passed": 1}])
     db.replace_rows("contexts", "r1", [{"feature": 9, "rank": 1, "activation": 3.0,
                                         "text": "plain \x1b[31mred\x1b[0m <<active>>"}])
     console = Console(record=True, width=200)
     feature_card(db, "r1", 9, console)  # a rubric name with markup brackets: printed, not parsed
     out = console.export_text()
     assert "tone[v2] [/x]" in out and "\x1b" not in out and "plain [31mred[0m active" in out
+    assert "random pushes passing" in out and "1 of 8" in out  # the null sweep of its rubric
 
 
 def test_a_report_rerendered_from_a_moved_workspace_is_written_in_that_workspace(tmp_path):
