@@ -923,13 +923,17 @@ class AuditRunner:
             progress.update(task, total=len(jobs), completed=len(jobs) - len(pending))
             for job in pending:
                 side = job["side"]
-                result = run_nulls(job, draws, self.spec, checkpoint, self.loaded_model(side), folder / "logs", folder,
+                result = run_nulls(job, draws, self.spec, checkpoint, self.loaded_model(side), folder / "logs",
+                                   self._null_file(folder, job).with_suffix(".safetensors"),
                                    self.coherence_meter(side, self.spec.verify.max_tokens))
                 _write_json(self._null_file(folder, job), result)
                 progress.advance(task)
 
     @staticmethod
     def _null_file(folder: Path, job: dict) -> Path:
+        """A null sweep's result; its directions lie beside it (``.safetensors``). Named by a hash of the
+        rubric's name: two names a file name would spell alike ("a b", "a_b") must not share a file (the
+        provider caches vector files by path)."""
         return folder / f"null-{job['side']}-{_hash(job['rubric'])}.json"
 
     def null_results(self) -> dict[tuple[str, str], dict]:

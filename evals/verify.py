@@ -39,9 +39,14 @@ _SCORE = re.compile(r"SCORE\s*:\s*\**\s*(\d+(?:\.\d+)?)(?!\d|\.\d|\s*[-–]\s*\d
 
 def sweep_samples(features: list[dict], rubric_names: list[str], alphas: list[float],
                   samples_per_prompt: int = 1, max_prompts: int | None = None) -> list[Sample]:
-    """Samples for ``features`` (``{"feature", "own_model", "s_max"}``) × rubrics × prompts × α."""
+    """Samples for ``features`` (``{"feature", "own_model", "s_max"}``) × rubrics × prompts × α.
+
+    A null sweep's random direction is swept the same way: its entry also names the ``vector`` and the
+    ``vectors_file`` that holds it (its ``feature`` is the draw's number)."""
     samples = []
     for feature in features:
+        direction = {key: feature[key] for key in ("vector", "vectors_file") if key in feature}
+        label = f"null{feature['feature']}" if direction else f"f{feature['feature']}"
         for name in rubric_names:
             rubric = load_rubric(name)
             if rubric.prompt_set is None:
@@ -51,29 +56,15 @@ def sweep_samples(features: list[dict], rubric_names: list[str], alphas: list[fl
                 for alpha in alphas:
                     for rep in range(samples_per_prompt):
                         samples.append(Sample(
-                            id=f"f{feature['feature']}-{rubric.name}-{kind}{p_index}-a{alpha:+g}-s{rep}",
+                            id=f"{label}-{rubric.name}-{kind}{p_index}-a{alpha:+g}-s{rep}",
                             input=prompt,
                             metadata={"feature": int(feature["feature"]), "own_model": feature["own_model"],
                                       "s_max": float(feature["s_max"]), "rubric": rubric.name,
                                       # what the spec named (a file may reuse a shipped rubric's name)
                                       "rubric_file": str(name), "kind": kind,
-                                      "prompt": prompt, "alpha": float(alpha), "seed": rep},
+                                      "prompt": prompt, "alpha": float(alpha), "seed": rep, **direction},
                         ))
     return samples
-
-
-def null_samples(rubric_name: str, vectors: list[str], vectors_file: str, alphas: list[float], side: str,
-                 max_prompts: int | None = None, samples_per_prompt: int = 1) -> list[Sample]:
-    """Samples of a null sweep: each random direction ``vectors[i]`` (a name in ``vectors_file``) swept like a
-    feature (draw ``i`` in the ``feature`` field) on the rubric's prompts × α."""
-    rubric = load_rubric(rubric_name)
-    kinds = load_prompt_set(rubric.prompt_set).swept(max_prompts)
-    return [Sample(id=f"null{draw}-{rubric.name}-{kind}{p_index}-a{alpha:+g}-s{rep}", input=prompt,
-                   metadata={"feature": draw, "own_model": side, "vector": vector, "vectors_file": vectors_file,
-                             "s_max": 0.0, "rubric": rubric.name, "rubric_file": str(rubric_name), "kind": kind,
-                             "prompt": prompt, "alpha": float(alpha), "seed": rep})
-            for draw, vector in enumerate(vectors) for p_index, (kind, prompt) in enumerate(kinds) for alpha in alphas
-            for rep in range(samples_per_prompt)]
 
 
 @solver
@@ -248,8 +239,10 @@ def verify_task(features: list[dict], rubrics: list[str], alphas: list[float], g
 def null_task(rubric: str, vectors: list[str], vectors_file: str, alphas: list[float], side: str,
               grader: str = "offline", coherence_meter=None, max_tokens: int = 64, temperature: float = 0.0,
               samples_per_prompt: int = 1, max_prompts: int | None = None, name: str = "verify-null") -> Task:
-    """Random directions swept and graded exactly as a feature is (``verify_task``)."""
-    samples = null_samples(rubric, vectors, vectors_file, alphas, side, max_prompts, samples_per_prompt)
+    """Random directions (``vectors``: names in ``vectors_file``) swept and graded exactly as a feature is."""
+    draws = [{"feature": i, "own_model": side, "s_max": 0.0, "vector": vector, "vectors_file": vectors_file}
+             for i, vector in enumerate(vectors)]
+    samples = sweep_samples(draws, [rubric], alphas, samples_per_prompt, max_prompts)
     return _verify_task(samples, grader, coherence_meter, max_tokens, temperature, name)
 
 

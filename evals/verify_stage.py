@@ -234,6 +234,18 @@ def _graded_sweeps(items: list[dict], alphas: list[float], spec, crosscoder_path
 
 def _sweep_result(item: dict, log) -> dict:
     """Rows for the generations, scores and effects tables from one feature's finished sweep."""
+    generations, scores = _graded_rows(log)
+    effects = feature_effects(scores)
+    margins = {m["rubric"]: m["margin"] for m in item.get("rubric_match", [])}
+    for effect in effects:  # why this feature was swept on this rubric (None where not measured)
+        effect["onset_margin"] = margins.get(effect["rubric"])
+    return {"feature": item["feature"], "item": item, "generations": generations, "scores": scores,
+            "effects": effects, "eval_log": log.location, "status": log.status}
+
+
+def _graded_rows(log) -> tuple[list[dict], list[dict]]:
+    """``(generations, scores)`` rows of a sweep's log (a feature's, or a null sweep's random directions, whose
+    ``feature`` is the draw's number); samples that failed are left out."""
     generations, scores = [], []
     for sample in log.samples or []:
         if sample.error is not None:
@@ -249,12 +261,7 @@ def _sweep_result(item: dict, log) -> dict:
         for dimension in ("behaviour", "coherence"):
             grader = score.metadata.get("grader" if dimension == "behaviour" else "coherence_grader")
             scores.append({**key, "dimension": dimension, "score": score.value.get(dimension), "grader": grader})
-    effects = feature_effects(scores)
-    margins = {m["rubric"]: m["margin"] for m in item.get("rubric_match", [])}
-    for effect in effects:  # why this feature was swept on this rubric (None where not measured)
-        effect["onset_margin"] = margins.get(effect["rubric"])
-    return {"feature": item["feature"], "item": item, "generations": generations, "scores": scores,
-            "effects": effects, "eval_log": log.location, "status": log.status}
+    return generations, scores
 
 
 def run_sweeps(items: list[dict], spec, crosscoder_path: Path, loaded_model, log_dir: Path,
@@ -368,10 +375,11 @@ def null_jobs(results: list[dict], crosscoder) -> list[dict]:
     return out
 
 
-def run_nulls(job: dict, draws: int, spec, crosscoder_path: Path, loaded_model, log_dir: Path, folder: Path,
+def run_nulls(job: dict, draws: int, spec, crosscoder_path: Path, loaded_model, log_dir: Path, vectors_file: Path,
               coherence_meter: CoherenceMeter | None = None) -> dict:
     """Sweep ``draws`` random directions of the job's size on its rubric, as a feature is swept and graded;
-    per draw, its score change, ρ, control change and whether it passes the verify rule."""
+    per draw, its score change, ρ, control change and whether it passes the verify rule. The directions are
+    written to ``vectors_file`` (safetensors), which the steered model reads."""
     from safetensors.torch import save_file
 
     from evals.verify import null_task
@@ -380,9 +388,6 @@ def run_nulls(job: dict, draws: int, spec, crosscoder_path: Path, loaded_model, 
     key = f"{spec.crosscoder.seed}:{side}:{job['rubric']}:{job['norm']:.6g}"
     vectors = null_vectors(loaded_model.d_model, job["norm"], draws, key)
     names = [f"null.{i}" for i in range(draws)]
-    # named by a hash of the rubric's name: two names a file name would spell alike ("a b", "a_b") must not
-    # share a file (the provider caches vector files by path)
-    vectors_file = folder / f"null-{side}-{hashlib.sha256(job['rubric'].encode()).hexdigest()[:12]}.safetensors"
     save_file({name: vectors[i].contiguous() for i, name in enumerate(names)}, str(vectors_file))
     steered = steered_model(spec.model_entry(side), side, crosscoder_path, loaded_model)
     grader, meter, roles = grading(v.grader, coherence_meter)
@@ -392,17 +397,10 @@ def run_nulls(job: dict, draws: int, spec, crosscoder_path: Path, loaded_model, 
                      name=f"verify-null-{side}-{_file_key(job['rubric'])}")
     [log] = run_evals([task], log_dir, model=steered, model_roles=roles or None)
     check_log(log, f"null sweep of model {side.upper()} on {job['rubric']}")
-    rows = []
-    for sample in log.samples or []:
-        if not sample.scores:
-            continue
-        m, score = sample.metadata, next(iter(sample.scores.values()))
-        for dimension in ("behaviour", "coherence"):
-            rows.append({"feature": m["feature"], "rubric": m["rubric"], "kind": m["kind"], "alpha": m["alpha"],
-                         "dimension": dimension, "score": score.value.get(dimension)})
+    _, scores = _graded_rows(log)
     draws_out = [{"draw": e["feature"], "effect": e["effect"], "spearman": e["spearman"],
                   "control_effect": e["control_effect"], "coherence_low_alpha": e["coherence_low_alpha"],
-                  "verified": e["verified"]} for e in feature_effects(rows)]
+                  "verified": e["verified"]} for e in feature_effects(scores)]
     return {**job, "draws": draws_out, "eval_log": log.location}
 
 

@@ -588,17 +588,14 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
                       default=None)
         if closest is not None:
             closest = {**closest, "why_not": why_not(closest)}
-        # what each verified feature's null sweep says (nothing where none ran)
-        beats = {}
-        for e in swept:
-            if e["verified"] and e.get("beats_null") is not None:
-                beats[e["feature"]] = e  # a feature verified on two rubrics of one difference: the last one's
+        # each verified feature's null sweep (a feature verified on two rubrics of one difference: the last one's)
+        nulls = {e["feature"]: e for e in swept if e["verified"] and e.get("beats_null") is not None}
         rows.append({"id": difference["id"], "title": difference["title"], "rubric": ", ".join(rubrics),
                      "planted_in": where,
                      "expected": kind, "verified_on": found_on,
-                     "verified_features": [{"feature": f, "kind": k, "null": null_note(beats[f]) if f in beats else "",
-                                            "null_passed": beats[f]["null_passed"] if f in beats else None,
-                                            "null_draws": beats[f]["null_draws"] if f in beats else None}
+                     "verified_features": [{"feature": f, "kind": k, "null": null_note(nulls.get(f, {})),
+                                            "null_passed": nulls.get(f, {}).get("null_passed"),
+                                            "null_draws": nulls.get(f, {}).get("null_draws")}
                                            for f, k in verified],
                      "found": kind is not None and kind in found_on,
                      "closest": closest, "baseline": unsteered.get(rubrics[0])})

@@ -213,9 +213,10 @@ def _kill_workers(pool) -> None:
     if hasattr(pool, "terminate_workers"):
         pool.terminate_workers()
         return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
         process.terminate()
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    for process in processes:
         process.join(timeout=5)
 
 

@@ -83,7 +83,8 @@ def test_a_null_sweep_steers_with_its_random_directions_and_grades_like_a_featur
     loaded = load_model(str(tiny_model_dirs["qwen"]), layer=1)
     job = {"side": "b", "rubric": "zoo_state_narrative", "rubric_file": "zoo_state_narrative", "norm": 40.0,
            "features": [9]}
-    result = run_nulls(job, 2, spec, tmp_path / "cc", loaded, tmp_path / "logs", tmp_path)
+    result = run_nulls(job, 2, spec, tmp_path / "cc", loaded, tmp_path / "logs",
+                       tmp_path / "null-b-narrative.safetensors")
     assert [d["draw"] for d in result["draws"]] == [0, 1]
     for draw in result["draws"]:  # every answer graded 4: no change, nothing passes
         assert draw["effect"] == 0.0 and draw["verified"] is False
