@@ -33,11 +33,16 @@ def rubric_problems(spec: AuditSpec) -> list[str]:
     entries = [("verify.rubrics", name) for name in spec.verify.rubrics]
     entries += [(f"verify.features.{feature}", name) for feature, names in spec.verify.features.items()
                 for name in names]
+    prompted_traits: set[str] = set()  # traits with their own eval_prompts: their rubric needs no prompt set
     for name in spec.transfer.traits:
         try:
-            entries.append((f"transfer.traits ({name}'s rubric)", load_trait(name).rubric))
+            trait = load_trait(name)
         except TraitError as exc:
             problems.append(f"transfer.traits: {exc}")
+            continue
+        entries.append((f"transfer.traits ({name}'s rubric)", trait.rubric))
+        if trait.eval_prompts:
+            prompted_traits.add(f"transfer.traits ({name}'s rubric)")
     swept: set[str] = set()  # the names a gate's rubric may give
     for field, name in entries:
         try:
@@ -46,6 +51,11 @@ def rubric_problems(spec: AuditSpec) -> list[str]:
                 load_prompt_set(rubric.prompt_set)
         except (RubricError, PromptSetError) as exc:
             problems.append(f"{field}: {exc}")
+            continue
+        if not rubric.prompt_set and field not in prompted_traits:  # nothing to steer on
+            problems.append(f"{field}: rubric {rubric.name} names no prompt_set, so it cannot drive a steering sweep; "
+                            "add `prompt_set:` to the rubric file" + (" or eval_prompts to the trait"
+                                                                       if field.startswith("transfer.") else ""))
             continue
         if field.startswith("verify."):
             swept.add(rubric.name)  # effects rows carry the rubric's own name, which gates compare with
@@ -91,6 +101,9 @@ def _one_model(side: str, entry: ModelSpec) -> list[str]:
     template = entry.chat_template
     if template and template.endswith((".jinja", ".j2")) and not Path(template).expanduser().is_file():
         problems.append(f"{side}.chat_template: no such file {template!r}")
+    elif template and not template.endswith((".jinja", ".j2")) and "{{" not in template and "{%" not in template:
+        problems.append(f"{side}.chat_template: {template[:40]!r} is neither a Jinja template (it has no {{{{ or {{%) "
+                        "nor a .jinja file")
     return problems
 
 
@@ -133,8 +146,11 @@ def data_problems(spec: AuditSpec) -> list[str]:
             name = source.path.removeprefix("zoo:")
             if name not in DATA_NAMES:
                 problems.append(f"{field}: no zoo data named {name!r}; available: {', '.join(DATA_NAMES)}")
-        elif Path(source.path).suffix in LOCAL_FORMATS and not Path(source.path).expanduser().is_file():
+        elif Path(source.path).suffix.lower() in LOCAL_FORMATS and not Path(source.path).expanduser().is_file():
             problems.append(f"{field}: no such file {source.path!r}")
+        elif Path(source.path).suffix.lower() not in LOCAL_FORMATS and Path(source.path).expanduser().is_file():
+            problems.append(f"{field}: {source.path!r} is a file of a type this tool does not read "
+                            f"({Path(source.path).suffix or 'no suffix'}); use one of {', '.join(LOCAL_FORMATS)}")
     return problems
 
 

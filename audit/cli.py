@@ -129,8 +129,13 @@ def run(
         raise typer.Exit(code=1) from None
     except StageError as exc:
         errors.print("[red]stage failed[/red] " + escape(str(exc)), highlight=False)
-        errors.print(f"finished stages are kept in {runner.cache}; fix the problem and rerun the same command "
-                     f"(stages: {', '.join(STAGES)})", highlight=False, markup=False)
+        if "kept in" not in str(exc):  # the stage's own message may say it already
+            errors.print(f"finished stages are kept in {runner.cache}; fix the problem and rerun the same command "
+                         f"(stages: {', '.join(STAGES)})", highlight=False, markup=False)
+        raise typer.Exit(code=1) from None
+    except OSError as exc:  # before any stage: the workspace's folders cannot be made or written
+        errors.print(f"cannot write the run's files: {_os_error(exc)}; check --workspace and --db", highlight=False,
+                     markup=False)
         raise typer.Exit(code=1) from None
     view = Table(title=f"run {result.run_id}")
     for column in ("stage", "status", "seconds", "artefact"):
@@ -154,10 +159,15 @@ def plan(
 ) -> None:
     """What `audit run` would compute for SPEC: which stages are cached, the size of the rest, and the LLM
     calls of each stage still to run (nothing is loaded or run)."""
+    from .checks import spec_problems
     from .plan import llm_totals, plan_audit, write_plan
     from .runner import AuditRunner, StageError
 
     loaded = _load_or_exit(spec)
+    problems = spec_problems(loaded)  # as `audit validate`: a plan of a run that would fail at once is no plan
+    if problems:
+        errors.print("[red]invalid[/red] " + escape("\n".join(f"{spec}: {p}" for p in problems)), highlight=False)
+        raise typer.Exit(code=1)
     try:
         runner = AuditRunner(loaded, spec, workspace=workspace, console=Console(quiet=True), nproc=nproc)
         plans = plan_audit(runner)
@@ -301,7 +311,9 @@ def runs(
         models = f"{row['model_a']} vs {row['model_b']}" if wide else f"{row['model_a']}\n{row['model_b']}"
         cells = [row["run_id"], models, run_status(row),
                  str(row["updated_at"])[:16], str(row["flagged"]), str(row["verified"])]
-        view.add_row(*cells, *([_relative(row["report_path"])] if wide else []))
+        # a run that stopped before its report stage has a path recorded but no file there
+        report = _relative(row["report_path"]) if row["report_path"] and Path(row["report_path"]).is_file() else "none yet"
+        view.add_row(*cells, *([report] if wide else []))
     console.print(view)
 
 
@@ -322,6 +334,11 @@ def run_status(row: dict) -> str:
     except OSError:  # e.g. another user's process: it exists
         pass
     return status
+
+
+def _os_error(exc: OSError) -> str:
+    """``strerror: filename`` of a failed file operation (what a user can act on), else its text."""
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
 
 
 def _relative(path: str | None) -> str:
@@ -359,7 +376,13 @@ def report(
     if out is None and recorded.resolve() != folder.resolve():
         console.print(f"the run was made in {recorded}; writing its report in this workspace, {folder}",
                       highlight=False, markup=False)
-    for path in render_run(store, run_id, folder, spec.report if spec else None):
+    try:
+        paths = render_run(store, run_id, folder, spec.report if spec else None)
+    except OSError as exc:
+        errors.print(f"cannot write the report into {folder}: {_os_error(exc)}; choose another --out", highlight=False,
+                     markup=False)
+        raise typer.Exit(code=1) from None
+    for path in paths:
         console.print(f"wrote {path}", highlight=False)
 
 
@@ -398,10 +421,15 @@ def diff(
     gates_spec = _load_or_exit(spec) if spec else _stored_spec(store.run(run_b)["spec_json"], run_b)
     result = diff_runs(store, run_a, run_b, gates_spec.gates if gates_spec else [])
     folder = out or workspace / "diffs" / f"{run_a}__{run_b}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "diff.json").write_text(json.dumps(result, indent=2, default=str))
-    (folder / "diff.md").write_text(render_diff_markdown(result))
-    _print_diff(result)
+    _print_diff(result)  # before writing: a folder that cannot be written must not cost the comparison
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "diff.json").write_text(json.dumps(result, indent=2, default=str))
+        (folder / "diff.md").write_text(render_diff_markdown(result))
+    except OSError as exc:
+        errors.print(f"cannot write the diff into {folder}: {_os_error(exc)}; choose another --out", highlight=False,
+                     markup=False)
+        raise typer.Exit(code=1) from None
     for warning in result.get("warnings", []):
         errors.print(f"warning: {warning}", style="yellow", highlight=False, markup=False)
     console.print(f"wrote {folder / 'diff.json'} and {folder / 'diff.md'}", highlight=False)

@@ -202,6 +202,32 @@ def _sweep_groups(items: list[dict], size: int) -> list[list[dict]]:
     return sorted(groups, key=lambda group: position[id(group[0])])
 
 
+#: Suffix of a stage folder set aside while ``--force`` recomputes it (restored if the recompute fails).
+REPLACED_SUFFIX = ".replaced"
+
+
+def check_device(device: str | None) -> None:
+    """Raise ``StageError`` (validate) unless ``device`` (``--device`` or ``compute.device``; None: automatic)
+    is one torch knows and this machine has: checked before any stage runs, so a typo never starts one."""
+    if not device:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise StageError("validate", f"device {device!r} (--device or compute.device) is not a torch device: "
+                         f"{str(exc).splitlines()[0]}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise StageError("validate", f"device {device!r} (--device or compute.device): this machine has no CUDA "
+                         "device that torch can use; use cpu, or leave the device unset to pick one automatically")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise StageError("validate", f"device {device!r} (--device or compute.device): this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise StageError("validate", f"device {device!r} (--device or compute.device): MPS is not available here")
+
+
 class AuditRunner:
     def __init__(self, spec: AuditSpec, spec_path: Path | None = None, workspace: Path = Path("runs"),
                  db_path: Path | None = None, device: str | None = None, console: Console | None = None,
@@ -249,6 +275,7 @@ class AuditRunner:
         for name in (only, start):
             if name is not None and name not in STAGES:
                 raise StageError(name, f"unknown stage; choose one of {', '.join(STAGES)}")
+        check_device(self.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json"))
         previous = self.db.run(self.run_id)  # restored if this invocation turns out to compute nothing
@@ -318,8 +345,14 @@ class AuditRunner:
             if needed:
                 raise MissingStagesError(stage, f"needs the {', '.join(needed)} stage(s), which are not in the cache "
                                          "for these settings; run without --only/--from first")
+            replaced = None
             if force and folder is not None and folder.exists():
-                shutil.rmtree(folder)
+                # set aside, not deleted, until the stage is done again: a forced rerun that fails must not
+                # cost the artefact it was going to replace
+                replaced = folder.with_name(folder.name + REPLACED_SUFFIX)
+                if replaced.exists():
+                    shutil.rmtree(replaced)
+                folder.rename(replaced)
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
             self.console.rule(f"[bold]{stage}[/bold]")
@@ -332,6 +365,10 @@ class AuditRunner:
                     summary = self._mark_done(done, summary)
             except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
                 message = f"{type(exc).__name__}: {exc}"[:2000]
+                if replaced is not None and replaced.exists():  # the artefact this --force run was replacing
+                    shutil.rmtree(folder, ignore_errors=True)
+                    replaced.rename(folder)
+                    message += f"\nthe {stage} artefact from before this --force run is back in place ({folder})"
                 disk_full, full_file = disk_full_path(exc)
                 hint = disk_full_hint(Path(full_file) if full_file else folder or self.cache) if disk_full else None
                 if hint:
@@ -351,6 +388,8 @@ class AuditRunner:
                 if hint and isinstance(exc, StageError):  # a stage's own error that came from a full disk
                     raise StageError(stage, f"{str(exc).removeprefix(stage + ': ')}\n{hint}") from exc
                 raise
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
         if folder is not None:
             self.artefacts[stage] = folder
         seconds = time.perf_counter() - started
@@ -662,8 +701,8 @@ class AuditRunner:
         try:
             return self._train_and_evaluate(folder)
         except TrainingDivergedError as exc:
-            raise StageError("train", f"{exc}\nthe last good checkpoint in {folder} is kept; lower crosscoder.lr "
-                             "or check the data, then rerun") from None
+            # the error says which resumable state, if any, was saved before the divergence
+            raise StageError("train", f"{exc}\nlower crosscoder.lr or check the data, then rerun") from None
 
     def _train_and_evaluate(self, folder: Path, seed: int | None = None) -> dict:
         """Train the spec's crosscoder (with ``seed`` in place of its own, when given) into ``folder``
@@ -703,7 +742,9 @@ class AuditRunner:
             "n_b_only": metrics["n_b_only"], "fve_a": metrics["fve_a"], "fve_b": metrics["fve_b"],
             "mean_l0": metrics["mean_l0"], "dead_fraction": metrics["dead_fraction"], "n_pairs": harvest["n_pairs"],
             "aligned_fraction": harvest["alignment"]["fully_aligned_frac"],
-            "relative_norms": metrics["relative_norm"]}])
+            "relative_norms": metrics["relative_norm"],
+            # the harvest's median activation norms: what a steering push at α = 1 is compared with
+            **{f"activation_norm_{side}": norm for side, norm in self.store().meta.get("median_norm", {}).items()}}])
         self._register_run(status="running")
 
     # ---- distributed stages ---------------------------------------------------------------------

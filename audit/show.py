@@ -41,6 +41,9 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
         raise KeyError(f"no run {run_id!r} in {db.path}; `audit runs` lists them")
     found = db.query("SELECT * FROM features WHERE run_id = ? AND feature = ?", [run_id, feature])
     if not found:
+        size = db.query("SELECT dict_size FROM crosscoder_metrics WHERE run_id = ?", [run_id])
+        if size and size[0]["dict_size"] and not 0 <= feature < size[0]["dict_size"]:
+            raise KeyError(f"feature {feature} is outside run {run_id}'s dictionary (ids 0–{size[0]['dict_size'] - 1})")
         raise KeyError(f"feature {feature} was not flagged in run {run_id} (only exclusive features are analysed)")
     f = found[0]
     side = {"a": "model A only", "b": "model B only"}.get(f["partition"], "shared")
@@ -54,10 +57,15 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
         else:
             console.print(Text("Explainer reply could not be parsed; raw reply:\n" + plain(e["raw"])))
         console.print(Text(f"({plain(e['explainer'])})", style="dim"))
+    metrics = db.query("SELECT * FROM crosscoder_metrics WHERE run_id = ?", [run_id])
+    norm = metrics[0].get(f"activation_norm_{f['own_model']}") if metrics else None
+    push = _num(f.get("push_norm"))
+    if norm and f.get("push_norm") is not None:
+        push += f" ({f['push_norm'] / norm:.2f} × median norm)"
     stats = Table(show_header=True)
-    for column in ("fires on", "s_max", "R² own / other", "exclusivity", "gen. prompts", "merged"):
+    for column in ("fires on", "s_max", "push at α = 1", "R² own / other", "exclusivity", "gen. prompts", "merged"):
         stats.add_column(column, justify="right")
-    stats.add_row(_pct(f["frequency"], "{:.2f} %"), _num(f["s_max"]),
+    stats.add_row(_pct(f["frequency"], "{:.2f} %"), _num(f["s_max"]), push,
                   f"{_num(f['r2_own'], '{:.4f}')} / {_num(f['r2_other'], '{:.4f}')}", _num(f["exclusivity"]),
                   _pct(f["template_share"]), _pct(f["merged_share"]))
     console.print(stats)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -116,6 +117,14 @@ class ComputeSpec(_Strict):
     """Every hardware setting of an audit, and nothing else: where and how the work runs."""
 
     device: str | None = Field(default=None, description="cuda, cuda:1, cpu, mps; default: CUDA when present")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str | None) -> str | None:
+        if device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", device):
+            raise ValueError(f"{device!r} is not a device this tool runs on: use cpu, cuda, cuda:N, mps or xpu "
+                             "(or leave it out: CUDA when present)")
+        return device
     nproc: int = Field(default=1, ge=1, le=1024, description="processes (one per GPU) for harvest and training, "
                        "started with torchrun; 1 runs them in the audit's own process")
     model_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -175,11 +184,27 @@ class CrosscoderSpec(_Strict):
         return self
 
 
-def _alpha_grid(cls, alphas: list[float]) -> list[float]:
-    """An α grid: sorted, without repeats, and containing 0 (the unsteered baseline)."""
+def _alpha_grid(cls, alphas: list[float], info) -> list[float]:
+    """An α grid: sorted, without repeats, and containing 0 (the unsteered baseline). Its field's
+    ``min_length`` counts distinct strengths: ``[0, 0]`` is one point, not two."""
     if 0.0 not in alphas:
         raise ValueError("the α grid must contain 0 (the unsteered baseline)")
-    return sorted(set(alphas))
+    grid = sorted(set(alphas))
+    needed = next((m.min_length for m in cls.model_fields[info.field_name].metadata
+                   if getattr(m, "min_length", None) is not None), 2)
+    if len(grid) < needed:
+        raise ValueError(f"the α grid needs at least {needed} distinct strengths, 0 included; {alphas} has "
+                         f"{len(grid)}")
+    return grid
+
+
+def _model_name(cls, value: str | None) -> str | None:
+    """'offline', or an Inspect model name ``<provider>/<model>`` (e.g. anthropic/claude-opus-4-1): checked here
+    so that a typo fails at validation, not after the stages before the one that calls the model."""
+    if value is None or value == "offline" or re.fullmatch(r"[A-Za-z][\w.-]*/\S+", value):
+        return value
+    raise ValueError(f"{value!r} is neither 'offline' nor an Inspect model name <provider>/<model> "
+                     "(e.g. anthropic/claude-opus-4-1)")
 
 
 class ScreenSpec(_Strict):
@@ -191,6 +216,7 @@ class ScreenSpec(_Strict):
     relative_norm_cut: float = Field(default=0.9, gt=0.5, lt=1.0)
     contexts_per_feature: int = Field(default=20, gt=0)
     max_features: int = Field(default=40, gt=0, description="explain at most this many flagged features (triage order)")
+    _models_are_named = field_validator("explainer", "detector")(_model_name)
     detection_contexts: int = Field(default=5, ge=0, description="activating contexts held out from the explainer "
                                     "(at most half of them), and as many non-activating ones, per feature for the "
                                     "detection score (0: skip it)")
@@ -200,6 +226,7 @@ class VerifySpec(_Strict):
     """Verify stage: steering sweeps graded by rubrics."""
 
     grader: str = Field(default="offline", description="'offline' or an Inspect model, e.g. anthropic/claude-opus-4-1")
+    _grader_is_named = field_validator("grader")(_model_name)
     alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], min_length=2)
     rubrics: list[str] = Field(default_factory=list, description="rubric names (specs/rubrics/<name>.yaml) or paths")
     max_features: int = Field(default=8, ge=0, description="sweep at most this many features: best matches of "
@@ -249,6 +276,7 @@ class TransferSpec(_Strict):
     min_cosine: float = Field(default=0.0, ge=0.0, lt=1.0)
     signed: bool = Field(default=True, description="let anti-aligned features vote with a negative weight")
     grader: str | None = Field(default=None, description="default: verify.grader")
+    _grader_is_named = field_validator("grader")(_model_name)
     max_questions: int | None = Field(default=None, gt=0, description="trait questions used to extract a vector")
     max_prompts: int | None = Field(default=None, gt=0, description="evaluation prompts used (default: all)")
     control_draws: int = Field(default=4, ge=1, le=64,
@@ -344,6 +372,14 @@ class AuditSpec(_Strict):
         if self.crosscoder.seed in self.stability.seeds:
             raise ValueError(f"stability.seeds lists {self.crosscoder.seed}, the seed of the audited dictionary "
                              "(crosscoder.seed): list only the other seeds to compare it with")
+        return self
+
+    @model_validator(mode="after")
+    def _examples_on_the_grid(self) -> AuditSpec:
+        shown = self.report.examples_alpha
+        if shown is not None and not {shown, -shown} & set(self.verify.alphas):
+            raise ValueError(f"report.examples_alpha {shown:g}: the sweeps generate no answers at ±{shown:g} "
+                             f"(verify.alphas: {', '.join(f'{a:g}' for a in self.verify.alphas)})")
         return self
 
     def model_entry(self, side: str) -> ModelSpec:

@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -39,10 +39,11 @@ TABLES: dict[str, str] = {
     "crosscoder_metrics": """
         run_id VARCHAR, architecture VARCHAR, dict_size INTEGER, k INTEGER, n_a_only INTEGER,
         n_shared INTEGER, n_b_only INTEGER, fve_a DOUBLE, fve_b DOUBLE, mean_l0 DOUBLE,
-        dead_fraction DOUBLE, n_pairs BIGINT, aligned_fraction DOUBLE, relative_norms VARCHAR""",
+        dead_fraction DOUBLE, n_pairs BIGINT, aligned_fraction DOUBLE, relative_norms VARCHAR,
+        activation_norm_a DOUBLE, activation_norm_b DOUBLE""",
     "features": """
         run_id VARCHAR, feature INTEGER, partition VARCHAR, own_model VARCHAR, rank INTEGER,
-        frequency DOUBLE, s_max DOUBLE, mean_activation DOUBLE, relative_norm DOUBLE, r2_own DOUBLE,
+        frequency DOUBLE, s_max DOUBLE, mean_activation DOUBLE, push_norm DOUBLE, relative_norm DOUBLE, r2_own DOUBLE,
         r2_other DOUBLE, exclusivity DOUBLE, template_share DOUBLE, template_coverage DOUBLE,
         chat_share DOUBLE, merged_share DOUBLE, start_share DOUBLE, top_token_share DOUBLE,
         is_artefact BOOLEAN, artefact_reasons VARCHAR, top_tokens VARCHAR, promoted_tokens VARCHAR""",
@@ -107,6 +108,11 @@ MIGRATIONS: dict[int, list[str]] = {
     # 10: verified effects are compared with random pushes of the same size (the null sweeps).
     10: [f"ALTER TABLE effects ADD COLUMN IF NOT EXISTS {column}"
          for column in ("null_draws INTEGER", "null_passed INTEGER", "null_max_effect DOUBLE", "beats_null BOOLEAN")],
+    # 11: how hard a sweep pushes: each feature's push at α = 1 (s_max · |d_j|) and each model's median
+    # activation norm at its capture layer, over the harvest.
+    11: ["ALTER TABLE features ADD COLUMN IF NOT EXISTS push_norm DOUBLE",
+         "ALTER TABLE crosscoder_metrics ADD COLUMN IF NOT EXISTS activation_norm_a DOUBLE",
+         "ALTER TABLE crosscoder_metrics ADD COLUMN IF NOT EXISTS activation_norm_b DOUBLE"],
 }
 
 

@@ -53,6 +53,8 @@ class FeatureAnalysis:
     frequency: float
     s_max: float
     mean_activation: float  # over the pairs where it fires
+    # |s_max · d_j| in the own model's raw scale: how far steering at α = 1 moves its activations
+    push_norm: float
     relative_norm: float
     r2_own: float
     r2_other: float
@@ -385,6 +387,7 @@ def analyse_features(
             frequency=float(fired[slot]) / max(n_pairs, 1),
             s_max=float(s_max[slot]),
             mean_activation=float(mass[slot]) / total_fired,
+            push_norm=float(s_max[slot]) * float(direction.norm()),
             relative_norm=float(relative[fid]),
             r2_own=r2_own,
             r2_other=r2_other,

@@ -87,17 +87,21 @@ def _open_source(source: SourceSettings, field: str):
         except KeyError as exc:
             raise DataSourceError(f"{field}.path: {exc.args[0] if exc.args else path}") from None
     local = Path(path).expanduser()
+    suffix = local.suffix.lower()  # data.JSONL is a jsonl file too
     try:
-        if local.suffix in LOCAL_FORMATS:
+        if suffix not in LOCAL_FORMATS and local.is_file():  # else a hub dataset id
+            raise DataSourceError(f"{field}.path: {path!r} is a file of a type this tool does not read "
+                                  f"({suffix or 'no suffix'}); use one of {', '.join(LOCAL_FORMATS)}")
+        if suffix in LOCAL_FORMATS:
             if not local.is_file():
                 raise DataSourceError(f"{field}.path: no such file {path!r}")
-            if local.suffix == ".jsonl":
+            if suffix == ".jsonl":
                 return _jsonl_rows(local, field)
-            if local.suffix == ".txt":
+            if suffix == ".txt":
                 return _paragraph_rows(local, field)
             import datasets
 
-            builder = LOCAL_FORMATS[local.suffix]
+            builder = LOCAL_FORMATS[suffix]
             return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True)
         import datasets
 

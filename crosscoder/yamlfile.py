@@ -21,6 +21,8 @@ def load_yaml_model(path: str | Path, model: type[Model], error: type[Exception]
     ``what`` names the kind of file in messages (e.g. "spec", "rubric").
     """
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder; give the {what} file itself (a .yaml file)")
     if not path.is_file():
         raise error(f"{path}: no such {what} file (path not found)")
     try:

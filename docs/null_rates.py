@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--db", type=Path, default=Path("runs/audit.duckdb"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--alphas", help="comma-separated α grid in place of the run's (e.g. -1,-0.5,0,0.5,1: "
+                        "the same pushes at half the strength of a grid to ±2)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -63,7 +65,9 @@ def main() -> None:
     rubric = load_rubric(args.rubric)
     grader = tuned_grader(rubric)
     kinds = load_prompt_set(rubric.prompt_set).swept(spec.verify.max_prompts)
-    alphas = list(spec.verify.alphas)
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(spec.verify.alphas)
+    if 0.0 not in alphas:
+        sys.exit("--alphas: the grid must contain 0 (the unsteered answers)")
     pick = random.Random(args.seed)
     noise = torch.Generator().manual_seed(args.seed)
     results = []

@@ -88,7 +88,12 @@ def _embed_uncached(texts: list[str], batch_size: int) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, 384)
 
 
-def embed(texts: list[str], batch_size: int = 64) -> Tensor:
+# Texts are batched in order of length, so a smaller batch pads less: on one CPU thread 900 steered
+# answers took 7.5 s in batches of 16 against 8.5 s in batches of 64 (the vectors agree to 2e-7).
+EMBED_BATCH = 16
+
+
+def embed(texts: list[str], batch_size: int = EMBED_BATCH) -> Tensor:
     """Unit-norm sentence embeddings ``[len(texts), 384]``.
 
     Each distinct text is embedded once per process (cached), and new texts are batched in order of

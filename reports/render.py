@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import jinja2
@@ -318,6 +319,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         e["why_not"] = why_not(e)
         e["span"] = effect_span(e["curve"])
         by_feature_effects.setdefault(e["feature"], []).append(e)
+    push = push_strength(features, metrics, set(by_feature_effects))
     cards = []
     for f in features:
         feature_effects = by_feature_effects.get(f["feature"], [])
@@ -422,6 +424,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         "n_safety": sum(bool(e["safety_critical"]) for e in explanations.values()),
         "n_verified": len({e["feature"] for e in effects if e["verified"]}),
         "null": null_comparison(effects, {f["feature"]: f["own_model"] for f in features}),
+        "push": push,
         "graders": graders, "explainers": explainers, "detectors": detectors,
         "relative_norm_plot": relative_norm_plot(_json_list(metrics["relative_norms"]) if metrics else []),
         "exclusivity_plot": exclusivity_plot(features),
@@ -532,6 +535,27 @@ def null_note(row: dict) -> str:
     if row["beats_null"]:
         return "larger than every random push of this size that passed" + (f" ({passed} of {draws})" if draws else "")
     return "no larger than a random push of this size" + (f" ({passed} of {draws} passed)" if draws else "")
+
+
+#: A push at α = 1 at least this large, relative to the model's median activation norm, is flagged as a hard
+#: push: the zoo's sweeps push at 0.5-0.8 of it, and random directions of that size pass the verify rule
+#: about as often as its features do (docs/zoo-findings.md, "Verified is not identified").
+HARD_PUSH = 0.5
+
+
+def push_strength(features: list[dict], metrics: dict | None, swept: set[int]) -> dict | None:
+    """Set each feature's ``push_relative`` (its push at α = 1 over its model's median activation norm; None
+    when a norm is unknown, e.g. a run stored before schema 11) and summarise the swept features':
+    ``{"median", "low", "high", "n", "hard": (it at least HARD_PUSH)}``, None when none is known."""
+    for f in features:
+        norm = (metrics or {}).get(f"activation_norm_{f['own_model']}")
+        push = f.get("push_norm")
+        f["push_relative"] = push / norm if norm and push is not None and not _nan(push) else None
+    values = sorted(f["push_relative"] for f in features if f["feature"] in swept and f["push_relative"] is not None)
+    if not values:
+        return None
+    median = statistics.median(values)
+    return {"median": median, "low": values[0], "high": values[-1], "n": len(values), "hard": median >= HARD_PUSH}
 
 
 def null_comparison(effects: list[dict], own_model: dict[int, str]) -> dict | None:

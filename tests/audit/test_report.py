@@ -467,3 +467,75 @@ def test_null_totals_count_each_models_null_sweep_on_a_rubric():
     assert null_comparison(rows, {3: "a", 40: "b", 41: "b", 5: "a"}) == {"checked": 3, "no_null_passed": 3, "draws": 16,
                                                                          "passed": 0}
     assert null_comparison(rows[3:], {5: "a"}) is None  # nothing verified: nothing to compare
+
+
+def test_the_report_says_how_hard_the_sweeps_push_against_the_models_activations(tmp_path):
+    from rich.console import Console
+
+    from audit.show import feature_card
+
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    [metrics] = db.rows("crosscoder_metrics", "r1")
+    features = db.rows("features", "r1")
+    db.replace_rows("crosscoder_metrics", "r1", [{**metrics, "activation_norm_a": 2.0, "activation_norm_b": 10.0}])
+    # feature 9 (swept) pushes model B by 7.0 at α = 1, 0.7 of its median norm; feature 7 is not swept
+    db.replace_rows("features", "r1", [{**f, "push_norm": {9: 7.0, 7: 1.0}[f["feature"]]} for f in features])
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    summary = " ".join(html_path.read_text().split("<h2>Summary</h2>")[1].split("<h2>")[0].split())
+    assert "push their model's activations by 0.70 times its median activation norm (median of 1; 0.70 to 0.70)" in summary
+    assert "as hard as the activations themselves" in summary
+    html = html_path.read_text()
+    assert "7.00<br><span class=\"muted\">0.70 × median norm</span>" in html
+    assert "0.10 × median norm" in html  # every card shows its own push, swept or not
+    assert "times its median activation norm (0.70 to 0.70): as hard as" in md_path.read_text()
+    console = Console(record=True, width=200)
+    feature_card(db, "r1", 9, console)
+    assert "7.00 (0.70 × median norm)" in console.export_text()
+
+    # a gentle push is stated without the warning
+    db.replace_rows("features", "r1", [{**f, "push_norm": 2.0} for f in features])
+    html_path, _ = render_run(db, "r1", tmp_path / "out")
+    summary = " ".join(html_path.read_text().split("<h2>Summary</h2>")[1].split("<h2>")[0].split())
+    assert "by 0.20 times its median activation norm" in summary and "as hard as the activations" not in summary
+    # a run stored before the norms were kept (schema 10): no claim, and the card shows the push alone
+    db.replace_rows("crosscoder_metrics", "r1", [metrics])
+    html_path, _ = render_run(db, "r1", tmp_path / "out")
+    html = html_path.read_text()
+    assert "median activation norm" not in html.split("<h2>Summary</h2>")[1].split("<h2>")[0]
+    assert "× median norm" not in html and "2.00" in html
+
+
+def test_a_failed_runs_report_says_it_did_not_finish_and_runs_lists_no_report_for_it(tmp_path, monkeypatch):
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    assert "did not finish" not in html_path.read_text()
+    db.upsert_run({**db.run("r1"), "status": "failed at verify", "report_path": str(tmp_path / "never" / "report.html")})
+    html_path, md_path = render_run(db, "r1", tmp_path / "out")
+    assert "This run did not finish: it failed at verify." in html_path.read_text()
+    assert "**This run did not finish: it failed at verify.**" in md_path.read_text()
+    monkeypatch.setattr("audit.cli.console", Console(width=200))  # wide enough for the report column
+    result = CliRunner().invoke(app, ["runs", "--db", str(tmp_path / "audit.duckdb")])
+    assert result.exit_code == 0 and "none yet" in result.output and "never" not in result.output
+
+
+def test_an_unwritable_output_folder_is_a_message_not_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    db = AuditStore(tmp_path / "audit.duckdb")
+    fill(db)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(app, ["report", "r1", "--db", str(tmp_path / "audit.duckdb"), "--out", str(blocker)])
+    assert result.exit_code == 1 and "cannot write the report into" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and blocker.read_text() == "not a folder"
+    result = CliRunner().invoke(app, ["run", "specs/demo.yaml", "--workspace", str(blocker / "ws")])
+    assert result.exit_code == 1 and "cannot write the run's files" in " ".join(result.output.split())

@@ -64,6 +64,10 @@ def test_a_run_fills_every_table_and_writes_the_report(first_run):
     features = db.rows("features", result.run_id)
     assert {f["partition"] for f in features} == {"a", "b"}
     assert len(features) == metrics["n_a_only"] + metrics["n_b_only"]
+    # how hard a sweep pushes: each feature's push at α = 1 and each model's median activation norm
+    median_norm = runner.store().meta["median_norm"]
+    assert (metrics["activation_norm_a"], metrics["activation_norm_b"]) == (median_norm["a"], median_norm["b"])
+    assert all(f["push_norm"] > 0 for f in features)
     assert db.rows("contexts", result.run_id)
     explanations = db.rows("explanations", result.run_id)
     assert len(explanations) >= 6 and all(e["explainer"].startswith("offline") for e in explanations)
@@ -372,6 +376,10 @@ def test_runs_show_and_report_commands(first_run, workspace):
     shown = cli.invoke(app, ["show", result.run_id, str(feature), "--workspace", str(workspace)])
     assert shown.exit_code == 0 and f"Feature {feature}" in shown.output and "Explanation" in shown.output
     missing = cli.invoke(app, ["show", result.run_id, "99999", "--workspace", str(workspace)])
+    assert missing.exit_code == 1 and "is outside run" in " ".join(missing.output.split())
+    flagged = {f["feature"] for f in AuditStore(workspace / "audit.duckdb").rows("features", result.run_id)}
+    shared = min(set(range(runner.spec.crosscoder.dict_size)) - flagged)
+    missing = cli.invoke(app, ["show", result.run_id, str(shared), "--workspace", str(workspace)])
     assert missing.exit_code == 1 and "was not flagged" in missing.output
     out = workspace / "rerendered"
     rendered = cli.invoke(app, ["report", result.run_id, "--workspace", str(workspace), "--out", str(out)])

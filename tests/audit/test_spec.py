@@ -84,6 +84,14 @@ def test_defaults_and_hash(tmp_path):
         (("  layer: 1", "  layer: true"), "model_a.layer: Input should be a valid integer"),
         (("  k: 8", "  k: 8\nverify:\n  features:\n    999: [zoo_sentiment]"),
          "verify.features: feature id(s) [999] outside the dictionary (crosscoder.dict_size 256: ids 0–255)"),
+        # a grid of repeats is one strength; a typo in a model or device name fails here, not stages later
+        (("  k: 8", "  k: 8\nverify:\n  alphas: [0, 0]"), "verify.alphas: the α grid needs at least 2 distinct"),
+        (("  k: 8", "  k: 8\ntransfer:\n  alphas: [0, -0.0, 1]"), "transfer.alphas: the α grid needs at least 3"),
+        (("  k: 8", "  k: 8\nverify:\n  grader: claude"), "verify.grader: 'claude' is neither 'offline' nor an Inspect"),
+        (("  k: 8", "  k: 8\nscreen:\n  explainer: opus"), "screen.explainer: 'opus' is neither"),
+        (("  k: 8", "  k: 8\ncompute:\n  device: tpu"), "compute.device: 'tpu' is not a device this tool runs on"),
+        (("  k: 8", "  k: 8\nverify:\n  alphas: [-1, 0, 1]\nreport:\n  examples_alpha: 5"),
+         "report.examples_alpha 5: the sweeps generate no answers at ±5 (verify.alphas: -1, 0, 1)"),
     ],
 )
 def test_errors_name_file_line_and_field(tmp_path, edit, expected):
@@ -99,6 +107,8 @@ def test_broken_yaml_and_missing_file(tmp_path):
         load_spec(write(tmp_path, "name: x\nmodel_a:\n  id: [unclosed\n"))
     with pytest.raises(SpecError, match="no such spec file"):
         load_spec(tmp_path / "absent.yaml")
+    with pytest.raises(SpecError, match="is a folder; give the spec file itself"):
+        load_spec(tmp_path)
     with pytest.raises(SpecError, match="must be a YAML mapping"):
         load_spec(write(tmp_path, "- a list\n"))
 
@@ -133,12 +143,21 @@ def test_validate_command_exit_codes(tmp_path, monkeypatch):
         # a gate names the rubric as its sweeps record it, by the rubric's own name, not by its file
         (("  k: 8", f"  k: 8\nverify:\n  rubrics: [{SENTIMENT}]\ngates:\n  - rule: new_concept\n"
           f"    rubric: {SENTIMENT}"), "(swept: zoo_sentiment)"),
+        (("  layer: 1", "  layer: 1\n  chat_template: hello"), "model_a.chat_template: 'hello' is neither a Jinja"),
+        (("corpus.jsonl", "table.tsv"), "data.sources.0.path: 'table.tsv' is a file of a type this tool does not read"),
+        # a rubric with nothing to steer on (no prompt set) cannot be swept
+        (("  k: 8", "  k: 8\nverify:\n  rubrics: [coherence_no_prompts.yaml]"),
+         "verify.rubrics: rubric coherence_no_prompts names no prompt_set, so it cannot drive a steering sweep"),
     ],
 )
 def test_validate_checks_what_the_spec_refers_to(tmp_path, monkeypatch, edit, expected):
     """A spec that validates must not fail minutes into a run on a missing file or a bad layer."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "table.tsv").write_text("text\thello\n")
+    rubric = Path(__file__).parents[2] / "specs" / "rubrics" / "coherence.yaml"
+    (tmp_path / "coherence_no_prompts.yaml").write_text(
+        rubric.read_text().replace("name: coherence", "name: coherence_no_prompts").replace("prompt_set: open_questions\n", ""))
     result = CliRunner().invoke(app, ["validate", str(write(tmp_path, GOOD.replace(*edit)))])
     assert result.exit_code == 1, result.output
     assert expected in " ".join(result.output.split()), result.output
@@ -239,3 +258,11 @@ def test_a_folder_named_like_a_shipped_rubric_does_not_shadow_it(tmp_path, monke
 def test_an_unknown_stage_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(app, ["run", str(write(tmp_path, GOOD)), "--only", "bogus"])
     assert result.exit_code == 2 and "--only bogus: no such stage" in result.output
+
+
+def test_plan_refuses_a_spec_that_validate_refuses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    result = CliRunner().invoke(app, ["plan", str(write(tmp_path, GOOD.replace("  layer: 1", "  layer: 99"))),
+                                      "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 1 and "model_a.layer: 99 is out of range" in " ".join(result.output.split())

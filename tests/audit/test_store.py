@@ -106,6 +106,10 @@ def test_a_version_1_file_is_migrated_keeping_its_rows(tmp_path):
     assert [(r["feature"], r["effect"], r["onset_margin"]) for r in db.rows("effects", "old")] == [(7, 1.5, None)]
     db.replace_rows("effects", "new", [{"feature": 8, "rubric": "r", "onset_margin": 0.4}])
     assert db.rows("effects", "new")[0]["onset_margin"] == 0.4  # schema 4's column
+    db.replace_rows("features", "new", [{"feature": 8, "push_norm": 2.5}])
+    db.replace_rows("crosscoder_metrics", "new", [{"activation_norm_a": 7.5, "activation_norm_b": 12.5}])
+    assert db.rows("features", "new")[0]["push_norm"] == 2.5  # schema 11's columns
+    assert db.rows("crosscoder_metrics", "new")[0]["activation_norm_b"] == 12.5
     assert db.rows("contexts", "old") == []  # every other table exists too
     db.replace_rows("baselines", "new", [{"model": "b", "rubric": "r", "kind": "topic", "behaviour": 4.5}])
     assert db.rows("baselines", "new")[0]["behaviour"] == 4.5  # schema 5's table

@@ -86,6 +86,8 @@ def test_statistics_contexts_and_triage_follow_the_planted_activations(store):
     assert kessel.partition == "b" and kessel.own_model == "b"
     assert kessel.frequency == pytest.approx(4 / (12 * 7))
     assert kessel.s_max == pytest.approx(3.0)
+    # steering at α = 1 adds s_max times its decoder, in the model's raw scale
+    assert kessel.push_norm == pytest.approx(3.0 * float(model.decoder_raw("b")[8].norm()))
     assert kessel.template_share == pytest.approx(1.0)
     assert kessel.template_coverage == pytest.approx(4 / 12)  # selective: a content feature
     assert kessel.artefact_reasons == []
@@ -122,7 +124,7 @@ def test_dead_features_are_last_and_named():
     from crosscoder.analysis import FeatureAnalysis
 
     def make(fid, frequency, r2, reasons=()):
-        a = FeatureAnalysis(feature=fid, partition="a", own_model="a", frequency=frequency, s_max=1.0,
+        a = FeatureAnalysis(feature=fid, partition="a", own_model="a", frequency=frequency, s_max=1.0, push_norm=1.0,
                             mean_activation=1.0, relative_norm=1.0, r2_own=r2, r2_other=0.0, exclusivity=0.0,
                             template_share=0.0, template_coverage=0.0, chat_share=0.0, merged_share=0.0,
                             start_share=0.0, top_token_share=0.0)
@@ -159,7 +161,7 @@ def test_format_tokens_are_recognised_from_their_decoded_text(raw, expected):
 def test_a_merged_window_feature_on_one_word_is_content_not_an_artefact():
     from crosscoder.analysis import FeatureAnalysis
 
-    a = FeatureAnalysis(feature=1, partition="a", own_model="a", frequency=0.01, s_max=1.0, mean_activation=1.0,
+    a = FeatureAnalysis(feature=1, partition="a", own_model="a", frequency=0.01, s_max=1.0, push_norm=1.0, mean_activation=1.0,
                         relative_norm=1.0, r2_own=0.1, r2_other=0.0, exclusivity=0.0, template_share=0.0,
                         template_coverage=0.0, chat_share=0.0, merged_share=0.9, start_share=0.0,
                         top_token_share=0.6, top_tokens=[(" Zorvath", 60)])

@@ -195,6 +195,14 @@ def test_data_sources(tiny_corpus, tmp_path):
     txt = tmp_path / "notes.txt"
     txt.write_text("first paragraph\nstill first\n\nsecond paragraph\n")
     assert [r["text"].strip() for r in iter_records([SourceSettings(str(txt))])] == ["first paragraph\nstill first", "second paragraph"]
+    # a suffix in capitals is the same file type; a file of a type we do not read is named as such
+    upper = tmp_path / "CORPUS.JSONL"
+    upper.write_text('{"text": "hello there"}\n')
+    assert [r["text"] for r in iter_records([SourceSettings(str(upper))])] == ["hello there"]
+    tsv = tmp_path / "table.tsv"
+    tsv.write_text("text\thello\n")
+    with pytest.raises(DataSourceError, match=r"is a file of a type this tool does not read \(.tsv\); use one of"):
+        list(iter_records([SourceSettings(str(tsv))]))
 
 
 @pytest.mark.parametrize("lines, message", [
