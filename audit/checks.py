@@ -160,9 +160,35 @@ def missing_api_keys(spec: AuditSpec) -> list[str]:
     roles = [("screen.explainer", spec.screen.explainer), ("screen.detector", spec.screen.detector),
              ("verify.grader", spec.verify.grader),
              ("transfer.grader", spec.transfer.grader if spec.transfer.traits else None)]
-    return [f"{field}: {model} needs ANTHROPIC_API_KEY in the environment (or set it to 'offline' for the "
-            "offline implementation)" for field, model in roles
-            if model and model.startswith("anthropic/") and not os.environ.get("ANTHROPIC_API_KEY")]
+    problems = []
+    for field, model in roles:
+        provider = (model or "").split("/", 1)[0]
+        if provider not in API_PROVIDERS:
+            continue  # offline, or a provider without a key (a local server, Inspect's mockllm)
+        key, module, package = API_PROVIDERS[provider]
+        if not _importable(module):
+            problems.append(f"{field}: {model} needs the Python package {package} (pip install {package}), which "
+                            "is not installed here (or set it to 'offline' for the offline implementation)")
+        if not os.environ.get(key):
+            problems.append(f"{field}: {model} needs {key} in the environment (or set it to 'offline' for the "
+                            "offline implementation)")
+    return problems
+
+
+#: Inspect model providers that call a hosted API: ``provider: (key variable, module, pip package)``.
+API_PROVIDERS = {"anthropic": ("ANTHROPIC_API_KEY", "anthropic", "anthropic"),
+                 "openai": ("OPENAI_API_KEY", "openai", "openai"),
+                 "google": ("GOOGLE_API_KEY", "google.genai", "google-genai"),
+                 "mistral": ("MISTRAL_API_KEY", "mistralai", "mistralai")}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 def model_width(entry) -> int | None:

@@ -164,7 +164,9 @@ def plan(
     from .runner import AuditRunner, StageError
 
     loaded = _load_or_exit(spec)
-    problems = spec_problems(loaded)  # as `audit validate`: a plan of a run that would fail at once is no plan
+    # as the run's validate stage: a plan of a run that would fail at once is no plan (data files are left out,
+    # as there: a cached harvest does not read them again)
+    problems = spec_problems(loaded, data=False)
     if problems:
         errors.print("[red]invalid[/red] " + escape("\n".join(f"{spec}: {p}" for p in problems)), highlight=False)
         raise typer.Exit(code=1)
@@ -312,7 +314,9 @@ def runs(
         cells = [row["run_id"], models, run_status(row),
                  str(row["updated_at"])[:16], str(row["flagged"]), str(row["verified"])]
         # a run that stopped before its report stage has a path recorded but no file there
-        report = _relative(row["report_path"]) if row["report_path"] and Path(row["report_path"]).is_file() else "none yet"
+        written = row["report_path"] and any(Path(row["report_path"]).with_suffix(suffix).is_file()
+                                             for suffix in (".html", ".md"))  # report.formats may be Markdown only
+        report = _relative(row["report_path"]) if written else "none yet"
         view.add_row(*cells, *([report] if wide else []))
     console.print(view)
 

@@ -224,6 +224,8 @@ def check_device(device: str | None) -> None:
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise StageError("validate", f"device {device!r} (--device or compute.device): this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise StageError("validate", f"device {device!r} (--device or compute.device): no XPU is available here")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise StageError("validate", f"device {device!r} (--device or compute.device): MPS is not available here")
 
@@ -330,6 +332,8 @@ class AuditRunner:
         self.hashes[stage] = input_hash
         folder = self._stage_folder(stage, input_hash) if stage not in ("validate", "report") else None
         done = folder / "done.json" if folder is not None else None
+        if folder is not None and not force:
+            self._recover_set_aside(folder)
         started = time.perf_counter()
         cached = done is not None and done.is_file() and not force
         if cached:
@@ -345,14 +349,7 @@ class AuditRunner:
             if needed:
                 raise MissingStagesError(stage, f"needs the {', '.join(needed)} stage(s), which are not in the cache "
                                          "for these settings; run without --only/--from first")
-            replaced = None
-            if force and folder is not None and folder.exists():
-                # set aside, not deleted, until the stage is done again: a forced rerun that fails must not
-                # cost the artefact it was going to replace
-                replaced = folder.with_name(folder.name + REPLACED_SUFFIX)
-                if replaced.exists():
-                    shutil.rmtree(replaced)
-                folder.rename(replaced)
+            replaced = self._set_aside(stage, folder) if force and folder is not None and folder.exists() else None
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
             self.console.rule(f"[bold]{stage}[/bold]")
@@ -365,10 +362,9 @@ class AuditRunner:
                     summary = self._mark_done(done, summary)
             except BaseException as exc:  # also KeyboardInterrupt: the row says where it stopped
                 message = f"{type(exc).__name__}: {exc}"[:2000]
-                if replaced is not None and replaced.exists():  # the artefact this --force run was replacing
-                    shutil.rmtree(folder, ignore_errors=True)
-                    replaced.rename(folder)
-                    message += f"\nthe {stage} artefact from before this --force run is back in place ({folder})"
+                kept = self._after_failed_force(stage, folder, replaced) if replaced is not None else ""
+                if kept:
+                    message += "\n" + kept
                 disk_full, full_file = disk_full_path(exc)
                 hint = disk_full_hint(Path(full_file) if full_file else folder or self.cache) if disk_full else None
                 if hint:
@@ -383,13 +379,18 @@ class AuditRunner:
                     if not wrapped:  # the message below is not raised: say it here
                         self.console.print(f"{stage}: {unrecorded}", style="red", markup=False, highlight=False)
                 if wrapped:
+                    again = ("rerun without --force to resume what this run saved" if force
+                             else "rerun the same command to resume")
                     raise StageError(stage, f"{message}\nfinished artefacts are kept in {self.cache}; fix the "
-                                     "problem and rerun the same command to resume") from exc
-                if hint and isinstance(exc, StageError):  # a stage's own error that came from a full disk
-                    raise StageError(stage, f"{str(exc).removeprefix(stage + ': ')}\n{hint}") from exc
+                                     f"problem and {again}") from exc
+                if (hint or kept) and isinstance(exc, StageError):  # a stage's own error: add what the user needs
+                    extra = "\n".join(x for x in (hint, kept) if x)
+                    raise StageError(stage, f"{str(exc).removeprefix(stage + ': ')}\n{extra}") from exc
+                if kept and not isinstance(exc, Exception):  # Ctrl-C: the row has it, say it here too
+                    self.console.print(f"{stage}: {kept}", style="yellow", markup=False, highlight=False)
                 raise
-            if replaced is not None:
-                shutil.rmtree(replaced, ignore_errors=True)
+            if folder is not None:  # done again (here, or resumed after a failed --force): the old copy goes
+                shutil.rmtree(folder.with_name(folder.name + REPLACED_SUFFIX), ignore_errors=True)
         if folder is not None:
             self.artefacts[stage] = folder
         seconds = time.perf_counter() - started
@@ -406,6 +407,54 @@ class AuditRunner:
         if cached and run:
             self.console.print(f"[dim]{stage}: cached ({folder})[/dim]", highlight=False)
         return StageResult(stage, input_hash, folder, cached, seconds, summary, alongside)
+
+    # ---- --force without losing the artefact it replaces ------------------------------------------
+    def _set_aside(self, stage: str, folder: Path) -> Path | None:
+        """Before a forced recompute: move the stage's folder to ``<folder>.replaced`` (kept until the stage is
+        done again, so a failed recompute does not cost the artefact), or delete it for the harvest, whose
+        store can be too large to keep twice. Returns the folder set aside."""
+        if stage == "harvest":
+            shutil.rmtree(folder)
+            return None
+        aside = folder.with_name(folder.name + REPLACED_SUFFIX)
+        if aside.exists():
+            if (aside / "done.json").is_file() and not (folder / "done.json").is_file():
+                # an earlier --force run was killed: the copy aside is the finished one, the folder its retry
+                shutil.rmtree(folder)
+                return aside
+            shutil.rmtree(aside)
+        folder.rename(aside)
+        return aside
+
+    def _after_failed_force(self, stage: str, folder: Path, aside: Path) -> str:
+        """After a forced recompute failed: the artefact it replaced goes back if the recompute saved nothing;
+        otherwise both stay (its progress resumes in place). What was done, in a sentence for the user."""
+        if not aside.exists():
+            return ""
+        try:
+            if folder.exists() and any(folder.iterdir()):
+                return (f"this --force run's progress stays in {folder} (rerun without --force to resume it); the "
+                        f"{stage} artefact from before it is kept in {aside} (move it back to {folder} to use it)")
+            if folder.exists():
+                folder.rmdir()
+            aside.rename(folder)
+        except OSError as exc:
+            return f"the {stage} artefact from before this --force run is kept in {aside} (not moved back: {exc})"
+        return f"the {stage} artefact from before this --force run is back in place ({folder})"
+
+    @staticmethod
+    def _recover_set_aside(folder: Path) -> None:
+        """A folder set aside by a --force run that was killed (so neither finished nor restored): put it back
+        when the retry saved nothing; drop it once the retry has finished."""
+        aside = folder.with_name(folder.name + REPLACED_SUFFIX)
+        if not aside.exists():
+            return
+        if (folder / "done.json").is_file():
+            shutil.rmtree(aside, ignore_errors=True)
+        elif (aside / "done.json").is_file() and not (folder.exists() and any(folder.iterdir())):
+            if folder.exists():
+                folder.rmdir()
+            aside.rename(folder)
 
     # ---- a stage in a second process --------------------------------------------------------------
     def _transfer_start(self, first: int, force: bool) -> str | None:

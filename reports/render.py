@@ -319,7 +319,7 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
         e["why_not"] = why_not(e)
         e["span"] = effect_span(e["curve"])
         by_feature_effects.setdefault(e["feature"], []).append(e)
-    push = push_strength(features, metrics, set(by_feature_effects))
+    push = push_strength(features, metrics, set(by_feature_effects), spec.get("verify", {}).get("alphas") or [1.0])
     cards = []
     for f in features:
         feature_effects = by_feature_effects.get(f["feature"], [])
@@ -543,10 +543,11 @@ def null_note(row: dict) -> str:
 HARD_PUSH = 0.5
 
 
-def push_strength(features: list[dict], metrics: dict | None, swept: set[int]) -> dict | None:
+def push_strength(features: list[dict], metrics: dict | None, swept: set[int], alphas: list[float]) -> dict | None:
     """Set each feature's ``push_relative`` (its push at α = 1 over its model's median activation norm; None
     when a norm is unknown, e.g. a run stored before schema 11) and summarise the swept features':
-    ``{"median", "low", "high", "n", "hard": (it at least HARD_PUSH)}``, None when none is known."""
+    ``{"median", "low", "high", "n", "top_alpha", "top" (the median at the grid's largest |α|), "hard" (the
+    median at α = 1 is at least HARD_PUSH)}``, None when none is known."""
     for f in features:
         norm = (metrics or {}).get(f"activation_norm_{f['own_model']}")
         push = f.get("push_norm")
@@ -555,7 +556,9 @@ def push_strength(features: list[dict], metrics: dict | None, swept: set[int]) -
     if not values:
         return None
     median = statistics.median(values)
-    return {"median": median, "low": values[0], "high": values[-1], "n": len(values), "hard": median >= HARD_PUSH}
+    top_alpha = max((abs(a) for a in alphas), default=1.0)
+    return {"median": median, "low": values[0], "high": values[-1], "n": len(values), "top_alpha": top_alpha,
+            "top": median * top_alpha, "hard": median >= HARD_PUSH}
 
 
 def null_comparison(effects: list[dict], own_model: dict[int, str]) -> dict | None:

@@ -484,11 +484,11 @@ def test_the_report_says_how_hard_the_sweeps_push_against_the_models_activations
     html_path, md_path = render_run(db, "r1", tmp_path / "out")
     summary = " ".join(html_path.read_text().split("<h2>Summary</h2>")[1].split("<h2>")[0].split())
     assert "push their model's activations by 0.70 times its median activation norm (median of 1; 0.70 to 0.70)" in summary
-    assert "as hard as the activations themselves" in summary
+    assert "and at the grid's largest strength, ±2, by 1.40: pushes of at least half the activations' own size" in summary
     html = html_path.read_text()
     assert "7.00<br><span class=\"muted\">0.70 × median norm</span>" in html
     assert "0.10 × median norm" in html  # every card shows its own push, swept or not
-    assert "times its median activation norm (0.70 to 0.70): as hard as" in md_path.read_text()
+    assert "times its median activation norm (0.70 to 0.70), and at the grid's largest strength, ±2, by 1.40: pushes" in md_path.read_text()
     console = Console(record=True, width=200)
     feature_card(db, "r1", 9, console)
     assert "7.00 (0.70 × median norm)" in console.export_text()
@@ -497,7 +497,7 @@ def test_the_report_says_how_hard_the_sweeps_push_against_the_models_activations
     db.replace_rows("features", "r1", [{**f, "push_norm": 2.0} for f in features])
     html_path, _ = render_run(db, "r1", tmp_path / "out")
     summary = " ".join(html_path.read_text().split("<h2>Summary</h2>")[1].split("<h2>")[0].split())
-    assert "by 0.20 times its median activation norm" in summary and "as hard as the activations" not in summary
+    assert "by 0.20 times its median activation norm" in summary and "at least half" not in summary
     # a run stored before the norms were kept (schema 10): no claim, and the card shows the push alone
     db.replace_rows("crosscoder_metrics", "r1", [metrics])
     html_path, _ = render_run(db, "r1", tmp_path / "out")
@@ -523,6 +523,10 @@ def test_a_failed_runs_report_says_it_did_not_finish_and_runs_lists_no_report_fo
     monkeypatch.setattr("audit.cli.console", Console(width=200))  # wide enough for the report column
     result = CliRunner().invoke(app, ["runs", "--db", str(tmp_path / "audit.duckdb")])
     assert result.exit_code == 0 and "none yet" in result.output and "never" not in result.output
+    (tmp_path / "never").mkdir()
+    (tmp_path / "never" / "report.md").write_text("# a Markdown-only report (report.formats: [markdown])")
+    result = CliRunner().invoke(app, ["runs", "--db", str(tmp_path / "audit.duckdb")])
+    assert "none yet" not in result.output and "report.html" in result.output
 
 
 def test_an_unwritable_output_folder_is_a_message_not_a_traceback(tmp_path):

@@ -201,6 +201,15 @@ def test_a_missing_api_key_is_a_note_for_validate_and_an_error_for_the_run(tmp_p
     assert [m.split(":")[0] for m in missing_api_keys(load_spec(with_traits))] == ["verify.grader", "transfer.grader"]
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
     assert missing_api_keys(load_spec(with_traits)) == []
+    # another hosted provider: its key, and its client package (not a dependency of ours)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    openai = load_spec(write(tmp_path, GOOD + "screen:\n  explainer: openai/gpt-4o\n"))
+    notes = missing_api_keys(openai)
+    assert any("screen.explainer: openai/gpt-4o needs OPENAI_API_KEY" in n for n in notes)
+    import importlib.util
+    if importlib.util.find_spec("openai") is None:
+        assert any("needs the Python package openai (pip install openai)" in n for n in notes)
+    assert missing_api_keys(load_spec(write(tmp_path, GOOD + "screen:\n  explainer: mockllm/model\n"))) == []
 
 
 def test_validate_reads_a_hub_models_depth_from_the_local_hub_cache(tmp_path, monkeypatch):

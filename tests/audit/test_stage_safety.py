@@ -29,11 +29,12 @@ def test_devices_are_checked_before_any_stage_runs():
 def test_a_run_on_a_missing_device_touches_no_artefact(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    runner = AuditRunner(load_spec("specs/demo.yaml"), workspace=tmp_path, device="cuda",
-                         console=Console(quiet=True))
+    runner, folder = _runner_with_a_finished_train_stage(tmp_path)
+    runner.device = "cuda"
     with pytest.raises(StageError, match="no CUDA device"):
         runner.run(only="train", force=True)
-    assert not (tmp_path / "cache").exists()
+    assert (folder / "model.safetensors").read_text() == "the weights of an hour's training"
+    assert not folder.with_name(folder.name + REPLACED_SUFFIX).exists()
 
 
 def _runner_with_a_finished_train_stage(tmp_path):
@@ -47,29 +48,91 @@ def _runner_with_a_finished_train_stage(tmp_path):
     return runner, folder
 
 
-def test_a_forced_stage_that_fails_puts_back_what_it_was_replacing(tmp_path):
+def _unchanged(folder):
+    return ((folder / "model.safetensors").read_text() == "the weights of an hour's training"
+            and json.loads((folder / "done.json").read_text()) == {"fve_a": 0.8})
+
+
+def test_a_forced_stage_that_fails_before_saving_anything_puts_back_what_it_replaced(tmp_path):
     runner, folder = _runner_with_a_finished_train_stage(tmp_path)
 
-    def fails_midway(out):
-        (out / "partial.safetensors").write_text("half")
+    def fails_at_once(out):
         raise RuntimeError("the device went away")
 
-    runner._compute_train = fails_midway
+    runner._compute_train = fails_at_once
     with pytest.raises(StageError, match="artefact from before this --force run is back in place"):
         runner._stage("train", run=True, force=True)
-    assert (folder / "model.safetensors").read_text() == "the weights of an hour's training"
-    assert json.loads((folder / "done.json").read_text()) == {"fve_a": 0.8}
-    assert not (folder / "partial.safetensors").exists()
-    assert not folder.with_name(folder.name + REPLACED_SUFFIX).exists()
+    assert _unchanged(folder) and not folder.with_name(folder.name + REPLACED_SUFFIX).exists()
 
-    # an interrupt (Ctrl-C) too
+    # the stage's own error (a StageError, re-raised as it is) says so too; and Ctrl-C
+    def diverges(out):
+        raise StageError("train", "the loss is NaN at step 3")
+
+    runner._compute_train = diverges
+    with pytest.raises(StageError, match="(?s)the loss is NaN at step 3.*back in place"):
+        runner._stage("train", run=True, force=True)
+    assert _unchanged(folder)
+
     def interrupted(out):
         raise KeyboardInterrupt
 
     runner._compute_train = interrupted
     with pytest.raises(KeyboardInterrupt):
         runner._stage("train", run=True, force=True)
-    assert (folder / "model.safetensors").is_file() and (folder / "done.json").is_file()
+    assert _unchanged(folder)
+
+
+def test_a_forced_stage_that_fails_after_saving_progress_keeps_both(tmp_path):
+    runner, folder = _runner_with_a_finished_train_stage(tmp_path)
+    aside = folder.with_name(folder.name + REPLACED_SUFFIX)
+
+    def fails_midway(out):
+        (out / "state-00000500").write_text("500 steps of the new training")
+        raise RuntimeError("the device went away")
+
+    runner._compute_train = fails_midway
+    with pytest.raises(StageError, match="progress stays in .*rerun without --force to resume it"):
+        runner._stage("train", run=True, force=True)
+    assert (folder / "state-00000500").is_file() and not (folder / "done.json").exists()
+    assert _unchanged(aside)  # the old artefact, whole, beside it
+
+    # a rerun without --force resumes the new training; once it is done the old copy goes
+    def resumes(out):
+        assert (out / "state-00000500").is_file()
+        (out / "model.safetensors").write_text("new weights")
+        return {"fve_a": 0.9}
+
+    runner._compute_train = resumes
+    result = runner._stage("train", run=True, force=False)
+    assert result.summary["fve_a"] == 0.9 and not aside.exists()
+
+
+def test_a_forced_run_killed_before_it_saved_anything_is_undone_by_the_next_run(tmp_path):
+    runner, folder = _runner_with_a_finished_train_stage(tmp_path)
+    aside = folder.with_name(folder.name + REPLACED_SUFFIX)
+    folder.rename(aside)  # what a kill -9 right after the set-aside leaves
+    folder.mkdir()
+
+    def must_not_run(out):
+        raise AssertionError("the finished artefact should have been found")
+
+    runner._compute_train = must_not_run
+    result = runner._stage("train", run=True, force=False)
+    assert result.cached and _unchanged(folder) and not aside.exists()
+
+    # killed after it saved some progress: the next --force keeps the finished copy, not the partial one
+    folder.rename(aside)
+    folder.mkdir()
+    (folder / "state-00000100").write_text("partial")
+
+    def fails_at_once(out):
+        assert not (out / "state-00000100").exists()  # a forced rerun starts afresh
+        raise RuntimeError("still no device")
+
+    runner._compute_train = fails_at_once
+    with pytest.raises(StageError, match="back in place"):
+        runner._stage("train", run=True, force=True)
+    assert _unchanged(folder) and not aside.exists()
 
 
 def test_a_forced_stage_that_finishes_replaces_the_old_artefact_and_keeps_nothing_aside(tmp_path):
