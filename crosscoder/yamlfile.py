@@ -6,6 +6,7 @@ problems the same way: the file, the line of the offending key, the field path, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,11 +49,30 @@ def load_yaml_model(path: str | Path, model: type[Model], error: type[Exception]
         lines = []
         for problem in exc.errors():
             loc = [part for part in problem["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+            message = problem["msg"].removeprefix("Value error, ")
+            named = _named_field(message, raw) if not loc else None
+            if named:  # a check across fields whose message starts with the field to fix: point at its line
+                line = line_of(root, named)
+                lines.append(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+                continue
             field = ".".join(str(part) for part in loc) or "(top level)"
             line = line_of(root, loc)
             where = f"{path}:{line}" if line else str(path)
-            lines.append(f"{where}: {field}: {problem['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{where}: {field}: {message}")
         raise error("\n".join(lines)) from None
+
+
+_LEADING_FIELD = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*)[:\s(]")
+
+
+def _named_field(message: str, raw: dict) -> list[str] | None:
+    """The dotted field a whole-model check's message starts with (``"verify.features: ..."``), as a ``loc``,
+    when its first part is a key of the file; else None."""
+    match = _LEADING_FIELD.match(message)
+    if match is None or "." not in match.group(1):
+        return None
+    parts = match.group(1).split(".")
+    return parts if parts[0] in raw else None
 
 
 def line_of(node: Any, loc: list) -> int | None:

@@ -71,7 +71,8 @@ def test_defaults_and_hash(tmp_path):
          "must be a multiple of compute.nproc (8)"),
         (("  k: 8", "  k: 8\ncompute:\n  nproc: 0"), "compute.nproc: Input should be greater than or equal to 1"),
         (("  k: 8", "  k: 8\ncompute:\n  nproc: 2\n  device_map: auto"), "compute: device_map spreads one model"),
-        (("  k: 8", "  k: 8\nstability:\n  seeds: [1, 0]"), "stability.seeds lists 0, the seed of the audited dictionary"),
+        # a check across fields points at the line of the field its message names
+        (("  k: 8", "  k: 8\nstability:\n  seeds: [1, 0]"), ":15: stability.seeds lists 0, the seed of the audited dictionary"),
         (("  k: 8", "  k: 8\nstability:\n  seeds: [1, 2, 1]"), ":15: stability.seeds: seed(s) [1] listed more than once"),
         (("  k: 8", "  k: 8\nstability:\n  seeds: [1]\n  threshold: 1.5"), "stability.threshold: Input should be less than"),
         # NaN and infinity are never settings; seeds must fit the 64-bit generators; a layer is a number
