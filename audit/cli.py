@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -295,6 +294,7 @@ def runs(
     db: Path | None = typer.Option(None, help="DuckDB file (default <workspace>/audit.duckdb)"),
 ) -> None:
     """List the runs in the workspace's store."""
+    from .store import run_status
 
     store = _store(workspace, db)
     wide = console.width >= 120  # below that the report paths would wrap every row into a tall column
@@ -319,25 +319,6 @@ def runs(
         report = _relative(row["report_path"]) if written else "none yet"
         view.add_row(*cells, *([report] if wide else []))
     console.print(view)
-
-
-def run_status(row: dict) -> str:
-    """A run's stored status; "running" is checked against its process when that ran in this
-    machine's process space (a run killed with -9 or by a crash never writes its final status)."""
-    from .store import process_host
-
-    status = row["status"] or ""
-    if status != "running" or row.get("pid") is None or os.name != "posix":  # signal 0 is POSIX only
-        return status
-    if row.get("host") != process_host():
-        return f"running elsewhere? (recorded on {str(row.get('host')).split(' ')[0]})"
-    try:
-        os.kill(row["pid"], 0)  # signal 0: is the process there (it may be another's, after a reboot)
-    except ProcessLookupError:
-        return "interrupted (its process is gone; rerun the spec to resume)"
-    except OSError:  # e.g. another user's process: it exists
-        pass
-    return status
 
 
 def _os_error(exc: OSError) -> str:

@@ -126,6 +126,23 @@ def process_host() -> str:
         return name
 
 
+def run_status(row: dict) -> str:
+    """A run's stored status; "running" is checked against its process when that ran in this
+    machine's process space (a run killed with -9 or by a crash never writes its final status)."""
+    status = row["status"] or ""
+    if status != "running" or row.get("pid") is None or os.name != "posix":  # signal 0 is POSIX only
+        return status
+    if row.get("host") != process_host():
+        return f"running elsewhere? (recorded on {str(row.get('host')).split(' ')[0]})"
+    try:
+        os.kill(row["pid"], 0)  # signal 0: is the process there (it may be another's, after a reboot)
+    except ProcessLookupError:
+        return "interrupted (its process is gone; rerun the spec to resume)"
+    except OSError:  # e.g. another user's process: it exists
+        pass
+    return status
+
+
 class StoreBusyError(RuntimeError):
     """Another process kept the database locked for longer than the retry window."""
 

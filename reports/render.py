@@ -403,8 +403,12 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     verified_stability = [{"feature": f, "label": labels[f]}
                           for f in sorted({e["feature"] for e in effects if e["verified"]}) if labels.get(f)]
     verify_status = db.query("SELECT status FROM stages WHERE run_id = ? AND stage = 'verify'", [run_id])
+    from audit.store import run_status
+
     return {
         "store_path": str(db.path),
+        # failed, or its process gone while the row still says running (a kill -9): the report says so
+        "unfinished": (lambda state: state if state.startswith(("failed", "interrupted")) else None)(run_status(run)),
         "hold_spearman": HOLD_SPEARMAN, "control_spearman": CONTROL_SPEARMAN,
         # a run stopped before verify must not read as "verified nothing"
         "verify_ran": bool(effects) or bool(verify_status and verify_status[0]["status"] in ("done", "cached")),

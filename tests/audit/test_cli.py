@@ -50,8 +50,7 @@ def test_a_run_whose_process_is_gone_is_shown_as_interrupted(tmp_path):
     import subprocess
     import sys
 
-    from audit.cli import run_status
-    from audit.store import process_host
+    from audit.store import process_host, run_status
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone = int(finished.stdout)  # a process that has exited (a run killed with -9 leaves the same)

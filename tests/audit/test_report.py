@@ -518,11 +518,21 @@ def test_a_failed_runs_report_says_it_did_not_finish_and_runs_lists_no_report_fo
     assert "did not finish" not in html_path.read_text()
     db.upsert_run({**db.run("r1"), "status": "failed at verify", "report_path": str(tmp_path / "never" / "report.html")})
     html_path, md_path = render_run(db, "r1", tmp_path / "out")
-    assert "This run did not finish: it failed at verify." in html_path.read_text()
-    assert "**This run did not finish: it failed at verify.**" in md_path.read_text()
+    assert "This run did not finish (failed at verify)." in html_path.read_text()
+    assert "**This run did not finish (failed at verify).**" in md_path.read_text()
     monkeypatch.setattr("audit.cli.console", Console(width=200))  # wide enough for the report column
     result = CliRunner().invoke(app, ["runs", "--db", str(tmp_path / "audit.duckdb")])
     assert result.exit_code == 0 and "none yet" in result.output and "never" not in result.output
+    # killed with -9 while running: its row still says running, its process is gone
+    import subprocess
+
+    from audit.store import process_host
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    db.upsert_run({**db.run("r1"), "status": "running", "pid": gone.pid, "host": process_host()})
+    html_path, _ = render_run(db, "r1", tmp_path / "out")
+    assert "This run did not finish (interrupted" in html_path.read_text()
     (tmp_path / "never").mkdir()
     (tmp_path / "never" / "report.md").write_text("# a Markdown-only report (report.formats: [markdown])")
     result = CliRunner().invoke(app, ["runs", "--db", str(tmp_path / "audit.duckdb")])
