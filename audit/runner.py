@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -1089,8 +1090,11 @@ class AuditRunner:
             seed_folder = self._stage_folder("train", self._hash_train(seed))
             done = seed_folder / "done.json"
             entry = {"seed": seed, "artefact": str(seed_folder.resolve())}
+            aside = None  # --force: the seed's finished dictionary, kept until it is trained again
             if "stability" in self._forced and seed_folder.exists():
-                shutil.rmtree(seed_folder)
+                aside = self._set_aside("train", seed_folder)
+            else:
+                self._recover_set_aside(seed_folder)
             if not done.is_file():
                 self.console.print(f"stability: training the crosscoder with seed {seed} ({position} of "
                                    f"{len(s.seeds)}) into {seed_folder}", highlight=False)
@@ -1098,11 +1102,19 @@ class AuditRunner:
                 try:
                     summary = self._train_and_evaluate(seed_folder, seed=seed)
                 except TrainingDivergedError as exc:
-                    self.console.print(f"[yellow]stability: seed {seed} diverged ({exc}); it is left out[/yellow]",
-                                       highlight=False)
+                    kept = self._after_failed_force("train", seed_folder, aside) if aside is not None else ""
+                    self.console.print(f"[yellow]stability: seed {seed} diverged ({escape(str(exc))}); it is left "
+                                       f"out{escape('; ' + kept) if kept else ''}[/yellow]", highlight=False)
                     dictionaries.append({**entry, "status": "diverged", "message": str(exc)[:500]})
                     continue
+                except BaseException:
+                    if aside is not None:
+                        self.console.print(f"stability: {self._after_failed_force('train', seed_folder, aside)}",
+                                           markup=False, highlight=False)
+                    raise
                 self._mark_done(done, summary)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
             metrics = json.loads((seed_folder / "metrics.json").read_text())
             dictionaries.append({**entry, "status": "trained",
                                  **{k: metrics[k] for k in ("fve_a", "fve_b", "mean_l0", "dead_fraction")}})

@@ -90,6 +90,8 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
         for x in effects:
             # the null sweep: random directions of the verified features' push size, graded the same way
             null = f"{x['null_passed']} of {x['null_draws']}" if x.get("null_draws") else "–"
+            if x.get("null_draws") and x.get("null_as_large") is not None:
+                null += f" ({x['null_as_large']} moved it as much)"
             view.add_row(Text(plain(x["rubric"])), _num(x["effect"], "{:+.2f}"), _num(x["spearman"]), _num(x["control_effect"], "{:+.2f}"),
                          _num(x["coherence_low_alpha"]), "yes" if x["verified"] else "no", null)
         console.print(view)

@@ -67,7 +67,7 @@ TABLES: dict[str, str] = {
         run_id VARCHAR, feature INTEGER, rubric VARCHAR, effect DOUBLE, spearman DOUBLE,
         control_effect DOUBLE, coherence_low_alpha DOUBLE, baseline DOUBLE, verified BOOLEAN,
         curve VARCHAR, onset_margin DOUBLE, null_draws INTEGER, null_passed INTEGER, null_max_effect DOUBLE,
-        beats_null BOOLEAN""",
+        beats_null BOOLEAN, null_as_large INTEGER""",
     "transfers": """
         run_id VARCHAR, trait VARCHAR, direction VARCHAR, arm VARCHAR, spearman DOUBLE, effect DOUBLE,
         holds BOOLEAN, vector_norm DOUBLE, features VARCHAR, cosines VARCHAR, max_decoder_cosine DOUBLE,
@@ -109,8 +109,10 @@ MIGRATIONS: dict[int, list[str]] = {
     10: [f"ALTER TABLE effects ADD COLUMN IF NOT EXISTS {column}"
          for column in ("null_draws INTEGER", "null_passed INTEGER", "null_max_effect DOUBLE", "beats_null BOOLEAN")],
     # 11: how hard a sweep pushes: each feature's push at α = 1 (s_max · |d_j|) and each model's median
-    # activation norm at its capture layer, over the harvest.
-    11: ["ALTER TABLE features ADD COLUMN IF NOT EXISTS push_norm DOUBLE",
+    # activation norm at its capture layer, over the harvest; and how many random pushes of a null sweep
+    # changed the score as much as the feature did.
+    11: ["ALTER TABLE effects ADD COLUMN IF NOT EXISTS null_as_large INTEGER",
+         "ALTER TABLE features ADD COLUMN IF NOT EXISTS push_norm DOUBLE",
          "ALTER TABLE crosscoder_metrics ADD COLUMN IF NOT EXISTS activation_norm_a DOUBLE",
          "ALTER TABLE crosscoder_metrics ADD COLUMN IF NOT EXISTS activation_norm_b DOUBLE"],
 }

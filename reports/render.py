@@ -533,12 +533,15 @@ def null_note(row: dict) -> str:
     none ran."""
     if row.get("beats_null") is None:
         return ""
-    draws, passed = row.get("null_draws"), row.get("null_passed")
+    draws, passed, as_large = row.get("null_draws"), row.get("null_passed"), row.get("null_as_large")
+    # how many of the draws, passing or not, moved the score as much: the rank of this change among them
+    rank = f"; {as_large} of {draws} moved the score as much" if draws and as_large is not None else ""
     if draws and not passed:
-        return f"no random push of this size passed (0 of {draws})"
+        return f"no random push of this size passed (0 of {draws}){rank}"
     if row["beats_null"]:
-        return "larger than every random push of this size that passed" + (f" ({passed} of {draws})" if draws else "")
-    return "no larger than a random push of this size" + (f" ({passed} of {draws} passed)" if draws else "")
+        return ("larger than every random push of this size that passed" + (f" ({passed} of {draws})" if draws else "")
+                + rank)
+    return "no larger than a random push of this size" + (f" ({passed} of {draws} passed)" if draws else "") + rank
 
 
 #: A push at α = 1 at least this large, relative to the model's median activation norm, is flagged as a hard

@@ -428,16 +428,17 @@ def test_verified_sweeps_are_compared_with_random_pushes_of_their_size(tmp_path)
     fill(db)
     [row] = db.rows("effects", "r1")
     db.replace_rows("effects", "r1", [{**row, "null_draws": 8, "null_passed": 2, "null_max_effect": 4.5,
-                                       "beats_null": False}])
+                                       "beats_null": False, "null_as_large": 3}])
     html_path, md_path = render_run(db, "r1", tmp_path / "out")
     html = " ".join(html_path.read_text().split())
+    assert "3 of 8 moved the score as much" in html
     assert "passed the same test 2 times in 8: that rate estimates how often a verdict" in html
     assert "For 0 of the 1 verified sweeps no random push passed." in html
     assert "no larger than a random push of this size (2 of 8 passed)" in html
     assert "2 of 8" in html and "largest change 4.50" in html
     md = md_path.read_text()
     assert "passed the same test 2 times in 8" in md and "for 0 of 1 verified sweeps no random push passed" in md
-    assert "yes (no larger than a random push of this size (2 of 8 passed))" in md
+    assert "yes (no larger than a random push of this size (2 of 8 passed); 3 of 8 moved the score as much)" in md
     # and the known-answer table says so next to the feature that found the planted difference
     known_row = next(line for line in md.splitlines() if line.startswith("| state-narrative"))
     assert "B-exclusive 9 (" in known_row and "no larger than a random push of this size" in known_row

@@ -147,3 +147,26 @@ def test_a_forced_stage_that_finishes_replaces_the_old_artefact_and_keeps_nothin
     assert not result.cached and result.summary["fve_a"] == 0.9
     assert (folder / "model.safetensors").read_text() == "new weights"
     assert not folder.with_name(folder.name + REPLACED_SUFFIX).exists()
+
+
+def test_a_forced_stability_seed_that_diverges_keeps_that_seeds_old_dictionary(tmp_path):
+    from crosscoder import TrainingDivergedError
+
+    runner = AuditRunner(load_spec("specs/demo.yaml"), workspace=tmp_path, console=Console(quiet=True))
+    runner._hash_train = lambda seed=None: f"seed{seed}"
+    seed_folder = runner._stage_folder("train", "seed1")
+    seed_folder.mkdir(parents=True)
+    (seed_folder / "done.json").write_text("{}")
+    (seed_folder / "model.safetensors").write_text("seed 1, trained yesterday")
+
+    def diverges(folder, seed=None):
+        raise TrainingDivergedError("the loss is NaN at step 1")
+
+    runner._train_and_evaluate = diverges
+    runner._forced = {"stability"}
+    out = tmp_path / "stability"
+    out.mkdir()
+    runner._compute_stability(out)
+    assert json.loads((out / "stability.json").read_text())["dictionaries"][0]["status"] == "diverged"
+    assert (seed_folder / "model.safetensors").read_text() == "seed 1, trained yesterday"
+    assert (seed_folder / "done.json").is_file() and not seed_folder.with_name(seed_folder.name + REPLACED_SUFFIX).exists()
