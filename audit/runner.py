@@ -15,6 +15,7 @@ a stage found in the cache still gives this run its rows.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -398,7 +399,19 @@ class AuditRunner:
         if run or cached:
             loader = getattr(self, f"_load_{stage}", None)
             if loader is not None and (run or cached):
-                loader(folder, summary)
+                try:
+                    loader(folder, summary)
+                except StageError:
+                    raise
+                except Exception as exc:  # e.g. a store another version made: the artefact itself is whole
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    message = (f"its artefact is complete ({folder}), but its rows could not be written to "
+                               f"{self.db.path}: {type(exc).__name__}: {first}")
+                    with contextlib.suppress(Exception):
+                        self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, message)
+                        self._register_run(status=f"failed at {stage}")
+                    raise StageError(stage, f"{message}\nfix the problem and rerun the same command: the stage is "
+                                     "loaded from its artefact, not computed again") from exc
         alongside = cached and made_elsewhere is not None
         if alongside:
             cached, seconds = False, made_elsewhere

@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 LOCK_RETRY_SECONDS = 120.0
 
 TABLES: dict[str, str] = {
@@ -109,12 +109,12 @@ MIGRATIONS: dict[int, list[str]] = {
     10: [f"ALTER TABLE effects ADD COLUMN IF NOT EXISTS {column}"
          for column in ("null_draws INTEGER", "null_passed INTEGER", "null_max_effect DOUBLE", "beats_null BOOLEAN")],
     # 11: how hard a sweep pushes: each feature's push at α = 1 (s_max · |d_j|) and each model's median
-    # activation norm at its capture layer, over the harvest; and how many random pushes of a null sweep
-    # changed the score as much as the feature did.
-    11: ["ALTER TABLE effects ADD COLUMN IF NOT EXISTS null_as_large INTEGER",
-         "ALTER TABLE features ADD COLUMN IF NOT EXISTS push_norm DOUBLE",
+    # activation norm at its capture layer, over the harvest.
+    11: ["ALTER TABLE features ADD COLUMN IF NOT EXISTS push_norm DOUBLE",
          "ALTER TABLE crosscoder_metrics ADD COLUMN IF NOT EXISTS activation_norm_a DOUBLE",
          "ALTER TABLE crosscoder_metrics ADD COLUMN IF NOT EXISTS activation_norm_b DOUBLE"],
+    # 12: how many random pushes of a null sweep changed the score as much as the feature did.
+    12: ["ALTER TABLE effects ADD COLUMN IF NOT EXISTS null_as_large INTEGER"],
 }
 
 

@@ -170,3 +170,18 @@ def test_a_forced_stability_seed_that_diverges_keeps_that_seeds_old_dictionary(t
     assert json.loads((out / "stability.json").read_text())["dictionaries"][0]["status"] == "diverged"
     assert (seed_folder / "model.safetensors").read_text() == "seed 1, trained yesterday"
     assert (seed_folder / "done.json").is_file() and not seed_folder.with_name(seed_folder.name + REPLACED_SUFFIX).exists()
+
+
+def test_a_store_that_refuses_a_stages_rows_is_a_message_and_the_artefact_stays(tmp_path):
+    runner, folder = _runner_with_a_finished_train_stage(tmp_path)
+
+    def store_refuses(folder, summary):
+        raise RuntimeError('Binder Error: Table "effects" does not have a column with name "x"')
+
+    runner._load_train = store_refuses
+    with pytest.raises(StageError, match=r"its artefact is complete \(.*train-fixed\), but its rows could not be "
+                                         r"written to .*audit.duckdb: RuntimeError: Binder Error"):
+        runner._stage("train", run=True, force=False)
+    assert _unchanged(folder)
+    [row] = [r for r in runner.db.rows("stages", runner.run_id) if r["stage"] == "train"]
+    assert row["status"] == "failed" and "rows could not be written" in row["message"]

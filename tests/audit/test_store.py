@@ -108,6 +108,8 @@ def test_a_version_1_file_is_migrated_keeping_its_rows(tmp_path):
     assert db.rows("effects", "new")[0]["onset_margin"] == 0.4  # schema 4's column
     db.replace_rows("features", "new", [{"feature": 8, "push_norm": 2.5}])
     db.replace_rows("crosscoder_metrics", "new", [{"activation_norm_a": 7.5, "activation_norm_b": 12.5}])
+    db.replace_rows("effects", "newer", [{"feature": 8, "rubric": "r", "null_as_large": 3}])
+    assert db.rows("effects", "newer")[0]["null_as_large"] == 3  # schema 12's column
     assert db.rows("features", "new")[0]["push_norm"] == 2.5  # schema 11's columns
     assert db.rows("crosscoder_metrics", "new")[0]["activation_norm_b"] == 12.5
     assert db.rows("contexts", "old") == []  # every other table exists too
