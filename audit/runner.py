@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -42,7 +43,7 @@ from rich.progress import (
 )
 
 from .spec import AuditSpec, harvest_settings
-from .store import AuditStore, process_host
+from .store import AuditStore, StoreBusyError, process_host
 
 STAGES = ("validate", "models", "harvest", "train", "stability", "analyse", "screen", "verify", "transfer", "report")
 #: The earlier stages whose artefacts a stage reads, where that is not all of them: a transfer moves a
@@ -206,6 +207,13 @@ def _sweep_groups(items: list[dict], size: int) -> list[list[dict]]:
 
 #: Suffix of a stage folder set aside while ``--force`` recomputes it (restored if the recompute fails).
 REPLACED_SUFFIX = ".replaced"
+#: What a stage writes into its folder before it has done any work (its plan, Inspect's log folder): not progress.
+BOOKKEEPING = ("plan.json", "logs")
+
+
+def _saved_progress(folder: Path) -> bool:
+    """Whether a stage folder holds work a rerun would resume (anything but bookkeeping)."""
+    return folder.is_dir() and any(entry.name not in BOOKKEEPING for entry in folder.iterdir())
 
 
 def check_device(device: str | None) -> None:
@@ -401,17 +409,16 @@ class AuditRunner:
             if loader is not None and (run or cached):
                 try:
                     loader(folder, summary)
-                except StageError:
-                    raise
-                except Exception as exc:  # e.g. a store another version made: the artefact itself is whole
+                except (duckdb.Error, StoreBusyError) as exc:  # the artefact itself is whole
                     first = (str(exc).strip().splitlines() or [""])[0]
                     message = (f"its artefact is complete ({folder}), but its rows could not be written to "
                                f"{self.db.path}: {type(exc).__name__}: {first}")
                     with contextlib.suppress(Exception):
                         self._record_stage(stage, input_hash, folder, "failed", time.perf_counter() - started, message)
+                    with contextlib.suppress(Exception):
                         self._register_run(status=f"failed at {stage}")
-                    raise StageError(stage, f"{message}\nfix the problem and rerun the same command: the stage is "
-                                     "loaded from its artefact, not computed again") from exc
+                    raise StageError(stage, f"{message}\nfix the problem and rerun without --force: the stage is "
+                                     "then loaded from its artefact, not computed again") from exc
         alongside = cached and made_elsewhere is not None
         if alongside:
             cached, seconds = False, made_elsewhere
@@ -445,12 +452,17 @@ class AuditRunner:
         otherwise both stay (its progress resumes in place). What was done, in a sentence for the user."""
         if not aside.exists():
             return ""
+        if _saved_progress(folder):
+            return (f"this --force run's progress stays in {folder} (rerun without --force to resume it); the "
+                    f"{stage} artefact from before it is kept in {aside} (move it back to {folder} to use it)")
+        return self._put_back(stage, folder, aside)
+
+    @staticmethod
+    def _put_back(stage: str, folder: Path, aside: Path) -> str:
+        """Replace ``folder`` (what a failed --force run left) by the artefact set aside before it."""
         try:
-            if folder.exists() and any(folder.iterdir()):
-                return (f"this --force run's progress stays in {folder} (rerun without --force to resume it); the "
-                        f"{stage} artefact from before it is kept in {aside} (move it back to {folder} to use it)")
             if folder.exists():
-                folder.rmdir()
+                shutil.rmtree(folder)
             aside.rename(folder)
         except OSError as exc:
             return f"the {stage} artefact from before this --force run is kept in {aside} (not moved back: {exc})"
@@ -465,10 +477,11 @@ class AuditRunner:
             return
         if (folder / "done.json").is_file():
             shutil.rmtree(aside, ignore_errors=True)
-        elif (aside / "done.json").is_file() and not (folder.exists() and any(folder.iterdir())):
-            if folder.exists():
-                folder.rmdir()
-            aside.rename(folder)
+        elif (aside / "done.json").is_file() and not _saved_progress(folder):
+            with contextlib.suppress(OSError):  # e.g. another process's --force run took the folder meanwhile
+                if folder.exists():
+                    shutil.rmtree(folder)
+                aside.rename(folder)
 
     # ---- a stage in a second process --------------------------------------------------------------
     def _transfer_start(self, first: int, force: bool) -> str | None:
@@ -1115,19 +1128,23 @@ class AuditRunner:
                 try:
                     summary = self._train_and_evaluate(seed_folder, seed=seed)
                 except TrainingDivergedError as exc:
-                    kept = self._after_failed_force("train", seed_folder, aside) if aside is not None else ""
+                    # a diverged retraining is nothing to resume: the dictionary it was replacing goes back
+                    kept = self._put_back("train", seed_folder, aside) if aside is not None else ""
                     self.console.print(f"[yellow]stability: seed {seed} diverged ({escape(str(exc))}); it is left "
                                        f"out{escape('; ' + kept) if kept else ''}[/yellow]", highlight=False)
                     dictionaries.append({**entry, "status": "diverged", "message": str(exc)[:500]})
                     continue
                 except BaseException:
                     if aside is not None:
+                        # the stage's own folder must not read as untouched, or the stage around this would put
+                        # its old result back and a rerun would skip this seed's retraining
+                        _write_json(folder / "interrupted.json", {"seed": seed, "folder": str(seed_folder)})
                         self.console.print(f"stability: {self._after_failed_force('train', seed_folder, aside)}",
                                            markup=False, highlight=False)
                     raise
                 self._mark_done(done, summary)
-            if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
+            # trained again (now, or resumed after a failed --force): the copy set aside goes
+            shutil.rmtree(seed_folder.with_name(seed_folder.name + REPLACED_SUFFIX), ignore_errors=True)
             metrics = json.loads((seed_folder / "metrics.json").read_text())
             dictionaries.append({**entry, "status": "trained",
                                  **{k: metrics[k] for k in ("fve_a", "fve_b", "mean_l0", "dead_fraction")}})

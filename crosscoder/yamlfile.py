@@ -50,9 +50,8 @@ def load_yaml_model(path: str | Path, model: type[Model], error: type[Exception]
         for problem in exc.errors():
             loc = [part for part in problem["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
             message = problem["msg"].removeprefix("Value error, ")
-            named = _named_field(message, raw) if not loc else None
-            if named:  # a check across fields whose message starts with the field to fix: point at its line
-                line = line_of(root, named)
+            if not loc:  # a check across fields: point at the first field its message names that the file sets
+                line = next((line_of(root, named) for named in _named_fields(message) if _sets(raw, named)), None)
                 lines.append(f"{path}:{line}: {message}" if line else f"{path}: {message}")
                 continue
             field = ".".join(str(part) for part in loc) or "(top level)"
@@ -62,17 +61,21 @@ def load_yaml_model(path: str | Path, model: type[Model], error: type[Exception]
         raise error("\n".join(lines)) from None
 
 
-_LEADING_FIELD = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*)[:\s(]")
+_DOTTED_FIELD = re.compile(r"\b([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)\b")
 
 
-def _named_field(message: str, raw: dict) -> list[str] | None:
-    """The dotted field a whole-model check's message starts with (``"verify.features: ..."``), as a ``loc``,
-    when its first part is a key of the file; else None."""
-    match = _LEADING_FIELD.match(message)
-    if match is None or "." not in match.group(1):
-        return None
-    parts = match.group(1).split(".")
-    return parts if parts[0] in raw else None
+def _named_fields(message: str) -> list[list[str]]:
+    """The dotted field names a message mentions (``verify.features``, ``compute.nproc``), in order."""
+    return [match.split(".") for match in _DOTTED_FIELD.findall(message)]
+
+
+def _sets(raw: Any, parts: list[str]) -> bool:
+    """Whether the parsed file sets the field ``parts`` (every key along the path present)."""
+    for part in parts:
+        if not isinstance(raw, dict) or part not in raw:
+            return False
+        raw = raw[part]
+    return True
 
 
 def line_of(node: Any, loc: list) -> int | None:

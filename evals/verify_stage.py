@@ -413,19 +413,20 @@ def null_summary(effect: dict, null: dict | None) -> dict:
     ``null_draws`` swept, ``null_passed`` (how many passed the verify rule: ``null_passed / null_draws``
     estimates how often a push of this size passes by itself, the chance that a verdict like this one is
     a false positive), ``null_max_effect`` (the largest |score change| among those that passed),
-    ``null_as_large`` (how many draws, passing or not, changed the score at least as much as this row: with
-    ``n`` draws, ``(null_as_large + 1) / (n + 1)`` is the rank p-value of its change among pushes of its size;
-    a draw whose change could not be measured counts as smaller) and, for a verified row only,
-    ``beats_null``: no random direction passed with a change at least as large (the sign of a random
-    direction is arbitrary, so sizes are compared). With no draw passing it is true whatever the size, so it
-    says little unless ``null_passed`` is read with it."""
+    and, for a verified row only (the draws have the verified features' push size): ``null_as_large``, how
+    many draws, passing or not, changed the score at least as much as this row (with ``n`` draws,
+    ``(null_as_large + 1) / (n + 1)`` is the rank p-value of its change among pushes of its size; a draw
+    whose change could not be measured, too few coherent strengths, counts as at least as large, so the
+    value errs against the feature), and ``beats_null``: no random direction passed with a change at least
+    as large (the sign of a random direction is arbitrary, so sizes are compared). With no draw passing it
+    is true whatever the size, so it says little unless ``null_passed`` is read with it."""
     if not null or not null.get("draws"):
         return {"null_draws": None, "null_passed": None, "null_max_effect": None, "null_as_large": None,
                 "beats_null": None}
     passed = [abs(d["effect"]) for d in null["draws"] if d["verified"] and measured(d["effect"])]
     size = abs(effect["effect"]) if measured(effect.get("effect")) else 0.0
-    changes = [abs(d["effect"]) for d in null["draws"] if measured(d["effect"])]
+    as_large = sum(not measured(d["effect"]) or abs(d["effect"]) >= size for d in null["draws"])
     return {"null_draws": len(null["draws"]), "null_passed": len(passed),
             "null_max_effect": max(passed) if passed else None,
-            "null_as_large": sum(change >= size for change in changes) if measured(effect.get("effect")) else None,
+            "null_as_large": as_large if effect["verified"] and measured(effect.get("effect")) else None,
             "beats_null": all(p < size for p in passed) if effect["verified"] else None}

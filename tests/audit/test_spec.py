@@ -70,6 +70,8 @@ def test_defaults_and_hash(tmp_path):
         (("  k: 8", "  k: 8\n  train:\n    batch_size: 100\ncompute:\n  nproc: 8"),
          "must be a multiple of compute.nproc (8)"),
         (("  k: 8", "  k: 8\ncompute:\n  nproc: 0"), "compute.nproc: Input should be greater than or equal to 1"),
+        # the message names a field the file does not set first: the line is that of the one it sets
+        (("  k: 8", "  k: 8\ncompute:\n  nproc: 7"), ":15: crosscoder.train.batch_size (256) must be a multiple of compute.nproc (7)"),
         (("  k: 8", "  k: 8\ncompute:\n  nproc: 2\n  device_map: auto"), "compute: device_map spreads one model"),
         # a check across fields points at the line of the field its message names
         (("  k: 8", "  k: 8\nstability:\n  seeds: [1, 0]"), ":15: stability.seeds lists 0, the seed of the audited dictionary"),

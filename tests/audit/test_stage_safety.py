@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import pytest
 import torch
 from rich.console import Console
@@ -176,12 +177,48 @@ def test_a_store_that_refuses_a_stages_rows_is_a_message_and_the_artefact_stays(
     runner, folder = _runner_with_a_finished_train_stage(tmp_path)
 
     def store_refuses(folder, summary):
-        raise RuntimeError('Binder Error: Table "effects" does not have a column with name "x"')
+        raise duckdb.BinderException('Binder Error: Table "effects" does not have a column with name "x"')
 
     runner._load_train = store_refuses
     with pytest.raises(StageError, match=r"its artefact is complete \(.*train-fixed\), but its rows could not be "
-                                         r"written to .*audit.duckdb: RuntimeError: Binder Error"):
+                                         r"written to .*audit.duckdb: BinderException: Binder Error"):
         runner._stage("train", run=True, force=False)
     assert _unchanged(folder)
     [row] = [r for r in runner.db.rows("stages", runner.run_id) if r["stage"] == "train"]
     assert row["status"] == "failed" and "rows could not be written" in row["message"]
+
+
+def test_a_loader_that_cannot_read_its_artefact_is_not_blamed_on_the_store(tmp_path):
+    runner, folder = _runner_with_a_finished_train_stage(tmp_path)
+
+    def artefact_broken(folder, summary):
+        raise KeyError("fve_a")
+
+    runner._load_train = artefact_broken
+    with pytest.raises(KeyError):
+        runner._stage("train", run=True, force=False)
+
+
+def test_a_forced_stability_stage_interrupted_mid_seed_resumes_that_seed_and_not_the_old_result(tmp_path):
+    runner = AuditRunner(load_spec("specs/demo.yaml"), workspace=tmp_path, console=Console(quiet=True))
+    runner._hash_train = lambda seed=None: f"seed{seed}"
+    runner._hash_stability = lambda: "fixed"
+    runner._load_stability = lambda folder, summary: None
+    seed_folder = runner._stage_folder("train", "seed1")
+    seed_folder.mkdir(parents=True)
+    (seed_folder / "done.json").write_text("{}")
+    stage_folder = runner._stage_folder("stability", "fixed")
+    stage_folder.mkdir(parents=True)
+    (stage_folder / "done.json").write_text("{}")
+
+    def interrupted_after_saving(folder, seed=None):
+        (folder / "state-00000100").write_text("100 steps")
+        raise KeyboardInterrupt
+
+    runner._train_and_evaluate = interrupted_after_saving
+    runner._forced = {"stability"}
+    with pytest.raises(KeyboardInterrupt):
+        runner._stage("stability", run=True, force=True)
+    # the stage is not taken as done again: its old result stays aside, and so does the seed's old dictionary
+    assert not (stage_folder / "done.json").exists() and (seed_folder / "state-00000100").is_file()
+    assert (stage_folder.with_name(stage_folder.name + REPLACED_SUFFIX) / "done.json").is_file()

@@ -24,15 +24,16 @@ def test_null_summary_counts_random_pushes_that_pass_as_large_a_change():
              {"effect": 3.0, "verified": False}, {"effect": float("nan"), "verified": False}]
     null = {"draws": draws}
     beaten = null_summary({"effect": 2.75, "verified": True}, null)
-    # the 3.0 that did not pass (its controls moved, say) still changed the score more: 1 of 4 as large
-    assert beaten == {"null_draws": 4, "null_passed": 2, "null_max_effect": 2.5, "null_as_large": 1,
+    # the 3.0 that did not pass (its controls moved, say) still changed the score more, and the draw whose
+    # change could not be measured counts against the feature: 2 of 4 as large
+    assert beaten == {"null_draws": 4, "null_passed": 2, "null_max_effect": 2.5, "null_as_large": 2,
                       "beats_null": True}
     # a random push that passed with a change as large (whatever its sign) is as good as the feature
     assert null_summary({"effect": -2.0, "verified": True}, null)["beats_null"] is False
-    assert null_summary({"effect": -2.0, "verified": True}, null)["null_as_large"] == 2  # 2.5 and 3.0, not NaN
-    assert null_summary({"effect": 2.75, "verified": False}, null)["beats_null"] is None  # not verified: no claim
-    assert null_summary({"effect": 2.75, "verified": False}, null)["null_as_large"] == 1  # ranked all the same
-    assert null_summary({"effect": float("nan"), "verified": False}, null)["null_as_large"] is None
+    assert null_summary({"effect": -2.0, "verified": True}, null)["null_as_large"] == 3  # 2.5, 3.0 and the NaN
+    # not verified: the draws have the verified features' push size, not its own, so no comparison is claimed
+    assert null_summary({"effect": 2.75, "verified": False}, null)["beats_null"] is None
+    assert null_summary({"effect": 2.75, "verified": False}, null)["null_as_large"] is None
     assert null_summary({"effect": 1.0, "verified": True}, {"draws": [{"effect": 0.5, "verified": False}]}) == {
         "null_draws": 1, "null_passed": 0, "null_max_effect": None, "null_as_large": 0, "beats_null": True}
     assert null_summary({"effect": 1.0, "verified": True}, None)["beats_null"] is None  # none ran
