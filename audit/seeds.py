@@ -101,7 +101,9 @@ def pool_seeds(db: AuditStore, runs: dict[int, str]) -> dict:
             entry = known.setdefault(row["id"], {"id": row["id"], "title": row["title"], "expected": row["expected"],
                                                  "by_seed": {}, "found_in": []})
             entry["by_seed"][str(seed)] = {"found": row["found"], "features": [
-                f"{v['kind']} {v['feature']}" + (f" [random pushes passing: {v['null_passed']} of {v['null_draws']}]"
+                f"{v['kind']} {v['feature']}" + (f" [random pushes passing: {v['null_passed']} of {v['null_draws']}"
+                                                 + (f"; as large a change: {v['null_as_large']}"
+                                                    if v.get("null_as_large") is not None else "") + "]"
                                                  if v.get("null_draws") else "")
                 for v in row["verified_features"]]}
             if row["found"]:

@@ -629,7 +629,8 @@ def known_answer(model_a: str, model_b: str, spec: dict, baselines: list[dict], 
                      "expected": kind, "verified_on": found_on,
                      "verified_features": [{"feature": f, "kind": k, "null": null_note(nulls.get(f, {})),
                                             "null_passed": nulls.get(f, {}).get("null_passed"),
-                                            "null_draws": nulls.get(f, {}).get("null_draws")}
+                                            "null_draws": nulls.get(f, {}).get("null_draws"),
+                                            "null_as_large": nulls.get(f, {}).get("null_as_large")}
                                            for f, k in verified],
                      "found": kind is not None and kind in found_on,
                      "closest": closest, "baseline": unsteered.get(rubrics[0])})

@@ -54,6 +54,10 @@ def test_pooling_says_which_seeds_verified_each_concept_and_planted_difference(t
     db.replace_rows("effects", "s1", [{**row, "null_draws": 8, "null_passed": 2, "beats_null": True}])
     md = render_seeds_markdown("demo", pool_seeds(db, {0: "s0", 1: "s1"}))
     assert "yes (B-exclusive 510 [random pushes passing: 2 of 8])" in md
+    db.replace_rows("effects", "s1", [{**row, "null_draws": 8, "null_passed": 2, "beats_null": True,
+                                       "null_as_large": 4}])
+    md = render_seeds_markdown("demo", pool_seeds(db, {0: "s0", 1: "s1"}))
+    assert "yes (B-exclusive 510 [random pushes passing: 2 of 8; as large a change: 4])" in md
 
 
 def test_a_pair_outside_the_zoo_counts_its_seeds_by_what_verify_stored(tmp_path):
