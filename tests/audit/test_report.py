@@ -274,7 +274,7 @@ def test_cards_show_each_answers_grades_and_the_known_answer_shows_exclusivity(t
     data = gather(db, "r1")
     narrative = next(k for k in data["known_answer"] if k["id"] == "state-narrative")
     assert narrative["verified_features"] == [{"feature": 9, "kind": "B-exclusive", "null": "", "null_passed": None,
-                                               "null_draws": None, "exclusivity": 0.0,
+                                               "null_draws": None, "null_as_large": None, "exclusivity": 0.0,
                                                "is_artefact": False, "recurrence": ""}]  # no other seed trained
     assert [k["id"] for k in data["found"]] == ["state-narrative"]
 
