@@ -136,7 +136,7 @@ def _config_int(config_path: Path, keys: tuple[str, ...]) -> int | None:
 
 
 def data_problems(spec: AuditSpec) -> list[str]:
-    from crosscoder.data import LOCAL_FORMATS
+    from crosscoder.data import local_file_problem
     from crosscoder.zoo import DATA_NAMES
 
     problems = []
@@ -146,11 +146,8 @@ def data_problems(spec: AuditSpec) -> list[str]:
             name = source.path.removeprefix("zoo:")
             if name not in DATA_NAMES:
                 problems.append(f"{field}: no zoo data named {name!r}; available: {', '.join(DATA_NAMES)}")
-        elif Path(source.path).suffix.lower() in LOCAL_FORMATS and not Path(source.path).expanduser().is_file():
-            problems.append(f"{field}: no such file {source.path!r}")
-        elif Path(source.path).suffix.lower() not in LOCAL_FORMATS and Path(source.path).expanduser().is_file():
-            problems.append(f"{field}: {source.path!r} is a file of a type this tool does not read "
-                            f"({Path(source.path).suffix or 'no suffix'}); use one of {', '.join(LOCAL_FORMATS)}")
+        elif problem := local_file_problem(source.path):
+            problems.append(f"{field}: {problem}")
     return problems
 
 

@@ -211,6 +211,11 @@ REPLACED_SUFFIX = ".replaced"
 BOOKKEEPING = ("plan.json", "logs")
 
 
+def _aside(folder: Path) -> Path:
+    """Where ``--force`` keeps a stage folder's finished artefact while the stage is computed again."""
+    return folder.with_name(folder.name + REPLACED_SUFFIX)
+
+
 def _saved_progress(folder: Path) -> bool:
     """Whether a stage folder holds work a rerun would resume (anything but bookkeeping)."""
     return folder.is_dir() and any(entry.name not in BOOKKEEPING for entry in folder.iterdir())
@@ -400,7 +405,7 @@ class AuditRunner:
                     self.console.print(f"{stage}: {kept}", style="yellow", markup=False, highlight=False)
                 raise
             if folder is not None:  # done again (here, or resumed after a failed --force): the old copy goes
-                shutil.rmtree(folder.with_name(folder.name + REPLACED_SUFFIX), ignore_errors=True)
+                shutil.rmtree(_aside(folder), ignore_errors=True)
         if folder is not None:
             self.artefacts[stage] = folder
         seconds = time.perf_counter() - started
@@ -437,7 +442,7 @@ class AuditRunner:
         if stage == "harvest":
             shutil.rmtree(folder)
             return None
-        aside = folder.with_name(folder.name + REPLACED_SUFFIX)
+        aside = _aside(folder)
         if aside.exists():
             if (aside / "done.json").is_file() and not (folder / "done.json").is_file():
                 # an earlier --force run was killed: the copy aside is the finished one, the folder its retry
@@ -472,16 +477,14 @@ class AuditRunner:
     def _recover_set_aside(folder: Path) -> None:
         """A folder set aside by a --force run that was killed (so neither finished nor restored): put it back
         when the retry saved nothing; drop it once the retry has finished."""
-        aside = folder.with_name(folder.name + REPLACED_SUFFIX)
+        aside = _aside(folder)
         if not aside.exists():
             return
         if (folder / "done.json").is_file():
             shutil.rmtree(aside, ignore_errors=True)
         elif (aside / "done.json").is_file() and not _saved_progress(folder):
-            with contextlib.suppress(OSError):  # e.g. another process's --force run took the folder meanwhile
-                if folder.exists():
-                    shutil.rmtree(folder)
-                aside.rename(folder)
+            # if that fails (another process's --force run took the folder meanwhile), the copy stays aside
+            AuditRunner._put_back("", folder, aside)
 
     # ---- a stage in a second process --------------------------------------------------------------
     def _transfer_start(self, first: int, force: bool) -> str | None:
@@ -1144,7 +1147,7 @@ class AuditRunner:
                     raise
                 self._mark_done(done, summary)
             # trained again (now, or resumed after a failed --force): the copy set aside goes
-            shutil.rmtree(seed_folder.with_name(seed_folder.name + REPLACED_SUFFIX), ignore_errors=True)
+            shutil.rmtree(_aside(seed_folder), ignore_errors=True)
             metrics = json.loads((seed_folder / "metrics.json").read_text())
             dictionaries.append({**entry, "status": "trained",
                                  **{k: metrics[k] for k in ("fve_a", "fve_b", "mean_l0", "dead_fraction")}})

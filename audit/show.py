@@ -57,11 +57,11 @@ def feature_card(db: AuditStore, run_id: str, feature: int, console: Console) ->
         else:
             console.print(Text("Explainer reply could not be parsed; raw reply:\n" + plain(e["raw"])))
         console.print(Text(f"({plain(e['explainer'])})", style="dim"))
+    from reports.render import push_relative
+
     metrics = db.query("SELECT * FROM crosscoder_metrics WHERE run_id = ?", [run_id])
-    norm = metrics[0].get(f"activation_norm_{f['own_model']}") if metrics else None
-    push = _num(f.get("push_norm"))
-    if norm and f.get("push_norm") is not None:
-        push += f" ({f['push_norm'] / norm:.2f} × median norm)"
+    relative = push_relative(f, metrics[0] if metrics else None)
+    push = _num(f.get("push_norm")) + (f" ({relative:.2f} × median norm)" if relative is not None else "")
     stats = Table(show_header=True)
     for column in ("fires on", "s_max", "push at α = 1", "R² own / other", "exclusivity", "gen. prompts", "merged"):
         stats.add_column(column, justify="right")

@@ -72,6 +72,20 @@ def _paragraph_rows(path: Path, field: str) -> Iterator[dict]:
         yield {"text": "".join(lines), "_line": first}
 
 
+def local_file_problem(path: str) -> str | None:
+    """What is wrong with a data source path that names a local file, or None: a file suffix we read
+    (case-insensitive) with no file there, or an existing file of a type we do not read. Any other path
+    is taken for a hub dataset id."""
+    local = Path(path).expanduser()
+    suffix = local.suffix.lower()
+    if suffix in LOCAL_FORMATS and not local.is_file():
+        return f"no such file {path!r}"
+    if suffix not in LOCAL_FORMATS and local.is_file():
+        return (f"{path!r} is a file of a type this tool does not read ({local.suffix or 'no suffix'}); use one of "
+                f"{', '.join(LOCAL_FORMATS)}")
+    return None
+
+
 def _open_source(source: SourceSettings, field: str):
     """An iterable of raw rows (dicts) for one source.
 
@@ -89,12 +103,10 @@ def _open_source(source: SourceSettings, field: str):
     local = Path(path).expanduser()
     suffix = local.suffix.lower()  # data.JSONL is a jsonl file too
     try:
-        if suffix not in LOCAL_FORMATS and local.is_file():  # else a hub dataset id
-            raise DataSourceError(f"{field}.path: {path!r} is a file of a type this tool does not read "
-                                  f"({suffix or 'no suffix'}); use one of {', '.join(LOCAL_FORMATS)}")
+        problem = local_file_problem(path)
+        if problem:
+            raise DataSourceError(f"{field}.path: {problem}")
         if suffix in LOCAL_FORMATS:
-            if not local.is_file():
-                raise DataSourceError(f"{field}.path: no such file {path!r}")
             if suffix == ".jsonl":
                 return _jsonl_rows(local, field)
             if suffix == ".txt":

@@ -405,10 +405,10 @@ def gather(db, run_id: str, examples_alpha: float | None = None) -> dict:
     verify_status = db.query("SELECT status FROM stages WHERE run_id = ? AND stage = 'verify'", [run_id])
     from audit.store import run_status
 
+    state = run_status(run)  # failed, or its process gone while the row still says running (a kill -9)
     return {
         "store_path": str(db.path),
-        # failed, or its process gone while the row still says running (a kill -9): the report says so
-        "unfinished": (lambda state: state if state.startswith(("failed", "interrupted")) else None)(run_status(run)),
+        "unfinished": state if state.startswith(("failed", "interrupted")) else None,
         "hold_spearman": HOLD_SPEARMAN, "control_spearman": CONTROL_SPEARMAN,
         # a run stopped before verify must not read as "verified nothing"
         "verify_ran": bool(effects) or bool(verify_status and verify_status[0]["status"] in ("done", "cached")),
@@ -550,15 +550,21 @@ def null_note(row: dict) -> str:
 HARD_PUSH = 0.5
 
 
+def push_relative(feature: dict, metrics: dict | None) -> float | None:
+    """A feature's push at α = 1 over its model's median activation norm; None when either is unknown (a run
+    stored before schema 11)."""
+    norm = (metrics or {}).get(f"activation_norm_{feature['own_model']}")
+    push = feature.get("push_norm")
+    return push / norm if norm and push is not None and not _nan(push) else None
+
+
 def push_strength(features: list[dict], metrics: dict | None, swept: set[int], alphas: list[float]) -> dict | None:
     """Set each feature's ``push_relative`` (its push at α = 1 over its model's median activation norm; None
     when a norm is unknown, e.g. a run stored before schema 11) and summarise the swept features':
     ``{"median", "low", "high", "n", "top_alpha", "top" (the median at the grid's largest |α|), "hard" (the
     median at α = 1 is at least HARD_PUSH)}``, None when none is known."""
     for f in features:
-        norm = (metrics or {}).get(f"activation_norm_{f['own_model']}")
-        push = f.get("push_norm")
-        f["push_relative"] = push / norm if norm and push is not None and not _nan(push) else None
+        f["push_relative"] = push_relative(f, metrics)
     values = sorted(f["push_relative"] for f in features if f["feature"] in swept and f["push_relative"] is not None)
     if not values:
         return None
